@@ -1,0 +1,3 @@
+"""compeff: distil large language models into small, fast sentiment-analysis students."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,312 @@
+"""The ``compeff`` command line: parse flags, load the recipe, call one function. Nothing else.
+
+Each stage command's flags are derived from the pydantic settings of its recipe section, so the help
+text and defaults are written once (in :mod:`compeff.config`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import typer
+from pydantic import BaseModel
+
+from compeff.config import ConfigError, Recipe, load_recipe
+from compeff.data import DataError
+from compeff.runs import StageConflict
+from compeff.stages import StageNotImplemented, get_stage, implemented_stages
+from compeff.teachers.base import TeacherUnavailable
+
+app = typer.Typer(
+    help="compeff: distil large language models into small, fast sentiment-analysis students.\n\n"
+    "Every command reads a YAML recipe (--config) with --set key.path=value overrides; flags win over both.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: the teacher client, encoder students.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+EXIT_USAGE = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print an error on stderr and return the Exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body, turning known errors into one clear message and a non-zero exit."""
+    try:
+        return fn()
+    except (ConfigError, DataError, TeacherUnavailable) as exc:
+        raise fail(str(exc)) from None
+    except StageConflict as exc:
+        raise fail(str(exc)) from None
+    except StageNotImplemented as exc:
+        raise fail(str(exc), EXIT_NOT_IMPLEMENTED) from None
+
+
+# -------------------------------------------------------------------- flags derived from settings
+def _plain_type(annotation: Any) -> tuple[type | None, bool, list[str] | None]:
+    """(click-friendly type, is_list, choices) of a pydantic field annotation; None type = no flag."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _plain_type(args[0])
+        return None, False, None
+    if origin is Literal:
+        return str, False, [str(a) for a in typing.get_args(annotation)]
+    if origin is list:
+        inner, _, choices = _plain_type(typing.get_args(annotation)[0])
+        return (inner, True, choices) if inner is str else (None, False, None)
+    if annotation in (int, float, str, bool):
+        return annotation, False, None
+    return None, False, None
+
+
+def settings_options(
+    section: str, model: type[BaseModel], prefix: str = ""
+) -> list[tuple[str, inspect.Parameter]]:
+    """Typer parameters for the scalar fields of one recipe section, with the field help and default."""
+    params = []
+    for field_name, info in model.model_fields.items():
+        kind, is_list, choices = _plain_type(info.annotation)
+        if kind is None:
+            continue
+        flag = "--" + (prefix + field_name).replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        help_text = (info.description or "") + (f" Choices: {', '.join(choices)}." if choices else "")
+        help_text += f" Default: {default!r}. Recipe key: {section}.{field_name}."
+        py_name = f"{section}__{field_name}"
+        if kind is bool:
+            option = typer.Option(
+                None,
+                f"{flag}/--no-{(prefix + field_name).replace('_', '-')}",
+                help=help_text,
+                show_default=False,
+            )
+            annotation: Any = Optional[bool]
+        elif is_list:
+            option = typer.Option(
+                None, flag, help=help_text + " Repeat the flag for several.", show_default=False
+            )
+            annotation = Optional[list[str]]
+        else:
+            option = typer.Option(None, flag, help=help_text, show_default=False)
+            annotation = Optional[kind]
+        params.append(
+            (
+                py_name,
+                inspect.Parameter(
+                    py_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+                ),
+            )
+        )
+    return params
+
+
+def common_options() -> list[tuple[str, inspect.Parameter]]:
+    """--config, --set, --run-name, --run-dir, --force: on every stage command."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    spec = [
+        ("config", Optional[Path], typer.Option(None, "--config", "-c", help="YAML recipe (see recipes/).")),
+        (
+            "set_",
+            Optional[list[str]],
+            typer.Option(None, "--set", help="Override a recipe key: --set sample.ratio=0.3 (repeatable)."),
+        ),
+        (
+            "run_name",
+            Optional[str],
+            typer.Option(None, "--run-name", help="Run folder name (recipe key run.name)."),
+        ),
+        (
+            "run_dir",
+            Optional[str],
+            typer.Option(None, "--run-dir", help="Folder of run folders (recipe key run.dir)."),
+        ),
+        (
+            "force",
+            bool,
+            typer.Option(False, "--force", help="Start this stage over, discarding its earlier results."),
+        ),
+    ]
+    return [(name, inspect.Parameter(name, kw, default=opt, annotation=ann)) for name, ann, opt in spec]
+
+
+def recipe_from_flags(kwargs: dict[str, Any]) -> Recipe:
+    """Load the recipe named by --config, apply --set overrides, then explicit flags."""
+    extra: dict[str, Any] = {}
+    if kwargs.get("run_name"):
+        extra["run.name"] = kwargs["run_name"]
+    if kwargs.get("run_dir"):
+        extra["run.dir"] = kwargs["run_dir"]
+    for key, value in kwargs.items():
+        if "__" in key and value is not None and value != []:
+            section, field_name = key.split("__", 1)
+            extra[f"{section}.{field_name}"] = value
+    return load_recipe(kwargs.get("config"), kwargs.get("set_") or [], extra)
+
+
+TEACHER_FLAGS = (
+    "backend",
+    "model",
+    "base_urls",
+    "concurrency",
+    "timeout_s",
+    "temperature",
+    "max_tokens",
+    "cache",
+)
+
+
+def stage_command(name: str, help_text: str, sections: list[str], teacher: bool = False) -> None:
+    """Register ``compeff NAME`` with flags for the named recipe sections (and key teacher flags)."""
+    params = common_options()
+    for section in sections:
+        params += settings_options(section, Recipe.model_fields[section].annotation)
+    if teacher:
+        teacher_params = settings_options(
+            "teacher", Recipe.model_fields["teacher"].annotation, prefix="teacher_"
+        )
+        params += [p for p in teacher_params if p[0].split("__", 1)[1] in TEACHER_FLAGS]
+
+    def command(**kwargs: Any) -> None:
+        def body() -> None:
+            recipe = recipe_from_flags(kwargs)  # validated before any model loads
+            run = get_stage(name)
+            manifest = run(recipe, force=kwargs.get("force", False))
+            counts = manifest.get("counts", {})
+            typer.echo(
+                f"{name}: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
+                f"{recipe.run_dir / (getattr(getattr(recipe, name, None), 'stage', None) or name)}"
+            )
+
+        guarded(body)
+
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = help_text
+    command.__signature__ = inspect.Signature([p for _, p in params])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for _, p in params}
+    app.command(name, help=help_text)(command)
+
+
+stage_command(
+    "teach",
+    "Answer a jsonl of chat requests with the recipe's teacher (resumable; failures kept).",
+    ["teach"],
+    teacher=True,
+)
+stage_command(
+    "enumerate",
+    "User texts -> sentiment attributes named by the teacher (name, description, count).",
+    ["enumerate", "data"],
+    teacher=True,
+)
+stage_command(
+    "cluster",
+    "Attributes -> analytical perspectives (embeddings + frequency-weighted affinity propagation).",
+    ["cluster", "embedder"],
+)
+stage_command(
+    "tasks",
+    "Perspectives -> tasks with output formats and demonstrations, written by the teacher.",
+    ["tasks"],
+    teacher=True,
+)
+stage_command(
+    "generate",
+    "Tasks x user texts -> the distillation set (chat messages + metadata).",
+    ["generate"],
+    teacher=True,
+)
+stage_command(
+    "score",
+    "Per-sample difficulty under a student (rank score, IFD, perplexity, length).",
+    ["score", "student"],
+)
+stage_command(
+    "sample",
+    "Keep the most informative share of the scored set (difficulty-prioritised sampling).",
+    ["sample"],
+)
+stage_command("sft", "Fine-tune the student on the retained set (TRL; LoRA or full).", ["sft", "student"])
+stage_command(
+    "eval", "Accuracy / macro-F1 of a model on labelled sets (k-shot label-word scoring).", ["eval"]
+)
+stage_command("kd", "Distil encoder classifiers from a teacher's soft labels.", ["kd"])
+
+
+@bench_app.command("encoders")
+def bench_encoders(
+    models: list[str] = typer.Argument(None, help="Encoder classifier folders or names."),
+) -> None:
+    """Latency / throughput / memory / power / accuracy of encoder students."""
+    guarded(lambda: get_stage("bench"))
+
+
+@bench_app.command("teacher")
+def bench_teacher(
+    concurrency: list[int] = typer.Option(
+        [1, 32, 256], "--concurrency", help="Requests in flight (repeatable)."
+    ),
+    latency_ms: list[float] = typer.Option(
+        [0.0, 50.0], "--latency-ms", help="Server latency per request (repeatable)."
+    ),
+    requests: int = typer.Option(
+        3000, "--requests", help="Requests per cell (shortened to ~4 s of work where latency makes cells slow)."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Write teacher_bench.json and teacher_bench.md here."),
+    bare: bool = typer.Option(
+        True, "--bare/--no-bare", help="Also time a bare aiohttp loop in each cell (the transport's ceiling here)."
+    ),
+) -> None:
+    """Requests/s the openai backend sustains against a loopback server answering at once or after a delay."""
+    from compeff.bench.teacher import run_teacher_bench
+
+    def body() -> None:
+        run_teacher_bench(concurrency=concurrency, latency_ms=latency_ms, n_requests=requests, out_dir=out, bare=bare)
+
+    guarded(body)
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Start every stage over."),
+) -> None:
+    """Run the recipe's stages in order (run.stages; default: every implemented stage), resumably."""
+
+    def body() -> None:
+        config = load_recipe(recipe, set_ or [])
+        stages = config.run.stages or implemented_stages()
+        for name in stages:
+            get_stage(name)  # fail before any work if a stage is missing
+        for name in stages:
+            typer.secho(f"== {name}", bold=True, err=True)
+            manifest = get_stage(name)(config, force=force)
+            counts = manifest.get("counts", {})
+            typer.echo(f"{name}: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed")
+        typer.echo(f"run folder: {config.run_dir}")
+
+    guarded(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="compeff")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

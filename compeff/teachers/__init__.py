@@ -1,0 +1,73 @@
+"""Teachers: one interface (:class:`Teacher`), three backends, one cache."""
+
+from __future__ import annotations
+
+import os
+
+from compeff.teachers.base import (
+    ChatRequest,
+    SamplingParams,
+    Teacher,
+    TeacherError,
+    TeacherResult,
+    TeacherUnavailable,
+    Usage,
+)
+from compeff.teachers.cache import TeacherCache
+
+__all__ = [
+    "ChatRequest",
+    "SamplingParams",
+    "Teacher",
+    "TeacherCache",
+    "TeacherError",
+    "TeacherResult",
+    "TeacherUnavailable",
+    "Usage",
+    "make_teacher",
+    "sampling_params",
+]
+
+
+def sampling_params(settings, **override) -> SamplingParams:
+    """SamplingParams from a recipe's TeacherSettings, with per-call overrides."""
+    base = dict(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        n=settings.n,
+        logprobs=settings.logprobs,
+        top_logprobs=settings.top_logprobs,
+    )
+    base.update(override)
+    return SamplingParams(**base)
+
+
+def make_teacher(settings) -> Teacher:
+    """Build the backend a recipe's ``teacher`` section names (heavy imports happen only here)."""
+    if settings.backend == "openai":
+        from compeff.teachers.openai_api import OpenAITeacher
+
+        return OpenAITeacher(
+            model=settings.model,
+            base_urls=settings.base_urls,
+            api_key=os.environ.get(settings.api_key_env, ""),
+            concurrency=settings.concurrency,
+            timeout_s=settings.timeout_s,
+            max_retries=settings.max_retries,
+            backoff_s=settings.backoff_s,
+            backoff_max_s=settings.backoff_max_s,
+        )
+    if settings.backend == "vllm":
+        from compeff.teachers.vllm_engine import VLLMTeacher
+
+        return VLLMTeacher(
+            settings.model, tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype
+        )
+    if settings.backend == "hf":
+        from compeff.teachers.hf_local import HFTeacher
+
+        return HFTeacher(
+            settings.model, batch_size=settings.batch_size, device=settings.device, dtype=settings.dtype
+        )
+    raise ValueError(f"teacher.backend: unknown backend '{settings.backend}'")

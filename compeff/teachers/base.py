@@ -1,0 +1,193 @@
+"""The one Teacher interface: chat requests in, one result per request out, nothing dropped."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+# ----------------------------------------------------------------------------------- exceptions
+class TeacherError(Exception):
+    """Base of every teacher failure; ``kind`` is a short machine-readable label."""
+
+    kind = "error"
+    retryable = False
+
+
+class TeacherTimeout(TeacherError):
+    """The request did not finish before its deadline."""
+
+    kind = "timeout"
+    retryable = True
+
+
+class TeacherConnectionError(TeacherError):
+    """The server could not be reached or dropped the connection."""
+
+    kind = "connection"
+    retryable = True
+
+
+class TeacherStatusError(TeacherError):
+    """The server answered with an HTTP error status."""
+
+    kind = "status"
+
+    def __init__(self, status: int, body: str = "", retry_after: float | None = None):
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = status == 429 or status >= 500 or status == 408
+
+
+class TeacherProtocolError(TeacherError):
+    """The server's body was not a valid chat-completions answer (malformed JSON, missing fields)."""
+
+    kind = "protocol"
+    retryable = True
+
+
+class TeacherUnavailable(TeacherError):
+    """A backend cannot be used here (library missing, model not loadable)."""
+
+    kind = "unavailable"
+
+
+# ------------------------------------------------------------------------------------ requests
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings that are part of a request (and of its cache key)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ChatRequest:
+    """One chat-completions request with a caller-chosen stable id."""
+
+    id: str
+    messages: list[dict[str, str]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherResult:
+    """The outcome of one request: ok with texts, or failed with a reason. Always one per request."""
+
+    id: str
+    ok: bool
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None
+    attempts: int = 1
+    cached: bool = False
+    latency_s: float = 0.0
+    finish_reasons: list[str | None] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The first answer's text ('' if none)."""
+        return self.texts[0] if self.texts else ""
+
+    def failure_record(self) -> dict[str, Any]:
+        """The line this result contributes to ``failures.jsonl``."""
+        return {
+            "id": self.id,
+            "reason": self.error,
+            "kind": self.error_kind,
+            "attempts": self.attempts,
+            **self.meta,
+        }
+
+
+@dataclass
+class Usage:
+    """Running totals of a teacher's work, for manifests and reports."""
+
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    cached: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, result: TeacherResult) -> None:
+        self.requests += 1
+        self.ok += result.ok
+        self.failed += not result.ok
+        self.cached += result.cached
+        self.retries += max(0, result.attempts - 1)
+        if not result.cached:
+            self.prompt_tokens += int(result.usage.get("prompt_tokens", 0))
+            self.completion_tokens += int(result.usage.get("completion_tokens", 0))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Teacher(abc.ABC):
+    """A model that answers chat requests. Backends differ in transport, never in this contract:
+    ``generate`` yields exactly one :class:`TeacherResult` per request (in completion order)."""
+
+    model: str
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    @abc.abstractmethod
+    def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
+        """Backend work: answer every request (order free), failures as failed results."""
+
+    def generate(self, requests: Iterable[ChatRequest], cache: Any = None) -> Iterator[TeacherResult]:
+        """Answer requests, serving identical ones from ``cache`` (a TeacherCache) when given."""
+        todo: list[ChatRequest] = []
+        for request in requests:
+            hit = cache.get(self.model, request) if cache is not None else None
+            if hit is not None:
+                self.usage.add(hit)
+                yield hit
+            else:
+                todo.append(request)
+        by_id = {request.id: request for request in todo}
+        seen: set[str] = set()
+        for result in self._generate(list(by_id.values())):
+            if result.id in seen:
+                continue
+            seen.add(result.id)
+            if cache is not None and result.ok:
+                cache.put(self.model, by_id[result.id], result)
+            self.usage.add(result)
+            yield result
+        for request in by_id.values():  # a backend bug must not lose requests silently
+            if request.id not in seen:
+                lost = TeacherResult(
+                    id=request.id, ok=False, error="backend returned no result", error_kind="lost"
+                )
+                self.usage.add(lost)
+                yield lost
+
+    def close(self) -> None:
+        """Release connections, threads or GPU memory."""
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

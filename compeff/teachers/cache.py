@@ -1,0 +1,95 @@
+"""SQLite cache of teacher requests -> answers, shared safely by threads and processes (WAL mode)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from compeff.teachers.base import ChatRequest, TeacherResult
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created REAL NOT NULL DEFAULT (julianday('now'))
+)
+"""
+
+
+def request_key(model: str, request: ChatRequest) -> str:
+    """Cache key: sha256 over model, messages and sampling parameters (not the caller's id)."""
+    blob = json.dumps(
+        {"model": model, "messages": request.messages, "params": request.params.to_dict()},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class TeacherCache:
+    """Answers identical requests without calling the teacher. Only successful answers are kept."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=60000")
+        self._conn.execute(_SCHEMA)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, model: str, request: ChatRequest) -> TeacherResult | None:
+        """The cached answer to an identical request, re-labelled with this request's id, or None."""
+        key = request_key(model, request)
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        value = json.loads(row[0])
+        return TeacherResult(
+            id=request.id,
+            ok=True,
+            texts=value["texts"],
+            logprobs=value.get("logprobs"),
+            usage=value.get("usage", {}),
+            finish_reasons=value.get("finish_reasons", []),
+            cached=True,
+            attempts=0,
+            meta=request.meta,
+        )
+
+    def put(self, model: str, request: ChatRequest, result: TeacherResult) -> None:
+        """Store a successful answer (first writer wins; concurrent writers are safe)."""
+        if not result.ok:
+            return
+        value = json.dumps(
+            {
+                "texts": result.texts,
+                "logprobs": result.logprobs,
+                "usage": result.usage,
+                "finish_reasons": result.finish_reasons,
+            },
+            ensure_ascii=False,
+        )
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO answers (key, model, value) VALUES (?, ?, ?)",
+                (request_key(model, request), model, value),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

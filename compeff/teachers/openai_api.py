@@ -1,0 +1,246 @@
+"""Backend for any OpenAI-compatible chat-completions server (vLLM's ``vllm serve`` is the reference).
+
+Many requests stay in flight (asyncio, ``concurrency`` workers), each with a deadline; 429s, 5xx,
+timeouts, dropped connections and malformed bodies are retried with exponential backoff (honouring
+``Retry-After``), each attempt going to the next base URL (round-robin over replicas). Transport is
+aiohttp: on this project's benchmark httpx's pool fell to ~150 requests/s at 256 in flight while
+aiohttp sustained several thousand (see README, Results).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+
+from compeff.teachers.base import (
+    ChatRequest,
+    Teacher,
+    TeacherConnectionError,
+    TeacherError,
+    TeacherProtocolError,
+    TeacherResult,
+    TeacherStatusError,
+    TeacherTimeout,
+)
+
+_DONE = object()
+
+
+def run_loop(coro: Any) -> Any:
+    """Run a coroutine on a fresh event loop: uvloop where installed (about 30% more requests/s)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _request_body(model: str, request: ChatRequest) -> dict[str, Any]:
+    p = request.params
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": request.messages,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens,
+        "n": p.n,
+    }
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.logprobs:
+        body["logprobs"] = True
+        if p.top_logprobs:
+            body["top_logprobs"] = p.top_logprobs
+    return body
+
+
+def parse_completion(raw: bytes) -> tuple[list[str], list[str | None], list[Any] | None, dict[str, int]]:
+    """Texts, finish reasons, logprobs and usage of a chat-completions body; TeacherProtocolError if malformed."""
+    try:
+        data = json.loads(raw)
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        texts = [c["message"].get("content") or "" for c in choices]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TeacherProtocolError(f"malformed JSON body: {exc}: {raw[:200]!r}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise TeacherProtocolError(f"body is not a chat completion (missing {exc}): {raw[:200]!r}") from None
+    if not choices:
+        raise TeacherProtocolError("answer has no choices")
+    reasons = [c.get("finish_reason") for c in choices]
+    logprobs = [c.get("logprobs") for c in choices] if any(c.get("logprobs") for c in choices) else None
+    usage = {k: int(v) for k, v in (data.get("usage") or {}).items() if isinstance(v, int)}
+    return texts, reasons, logprobs, usage
+
+
+class OpenAITeacher(Teacher):
+    """Teacher served over the OpenAI chat-completions protocol by one or more base URLs."""
+
+    def __init__(
+        self,
+        model: str,
+        base_urls: list[str] | str = "http://127.0.0.1:8000/v1",
+        api_key: str | None = None,
+        concurrency: int = 64,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("base_urls: at least one URL is needed")
+        self.model = model
+        self.endpoints = [u.rstrip("/") + "/chat/completions" for u in urls]
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.extra_body = extra_body or {}
+        self._next_endpoint = itertools.count()
+
+    # ------------------------------------------------------------------ one request
+    async def _attempt(self, session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> TeacherResult:
+        try:
+            async with session.post(url, json=body) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    retry_after = resp.headers.get("Retry-After")
+                    try:
+                        wait = float(retry_after) if retry_after else None
+                    except ValueError:
+                        wait = None
+                    raise TeacherStatusError(resp.status, raw.decode("utf-8", "replace"), wait)
+        except asyncio.TimeoutError:
+            raise TeacherTimeout(f"no answer within {self.timeout_s:g}s from {url}") from None
+        except aiohttp.ClientPayloadError as exc:
+            raise TeacherProtocolError(f"broken body from {url}: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise TeacherConnectionError(f"{type(exc).__name__} talking to {url}: {exc}") from None
+        texts, reasons, logprobs, usage = parse_completion(raw)
+        return TeacherResult(
+            id="", ok=True, texts=texts, finish_reasons=reasons, logprobs=logprobs, usage=usage
+        )
+
+    def _delay(self, attempt: int, error: TeacherError) -> float:
+        delay = min(self.backoff_max_s, self.backoff_s * (2 ** (attempt - 1))) * (0.5 + random.random())
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            delay = max(delay, min(float(retry_after), self.backoff_max_s))
+        return delay
+
+    async def complete(self, session: aiohttp.ClientSession, request: ChatRequest) -> TeacherResult:
+        """Answer one request with retries; never raises, a failure comes back as a failed result."""
+        body = {**_request_body(self.model, request), **self.extra_body}
+        started = time.perf_counter()
+        error: TeacherError | None = None
+        attempt = 0
+        for attempt in range(1, self.max_retries + 2):
+            url = self.endpoints[next(self._next_endpoint) % len(self.endpoints)]
+            try:
+                result = await self._attempt(session, url, body)
+            except TeacherError as exc:
+                error = exc
+                if not exc.retryable or attempt > self.max_retries:
+                    break
+                await asyncio.sleep(self._delay(attempt, exc))
+                continue
+            except Exception as exc:  # a bug or odd input must fail this request, not the whole batch
+                error = TeacherError(f"{type(exc).__name__}: {exc}")
+                break
+            result.id, result.attempts, result.meta = request.id, attempt, request.meta
+            result.latency_s = time.perf_counter() - started
+            return result
+        assert error is not None
+        return TeacherResult(
+            id=request.id,
+            ok=False,
+            error=str(error),
+            error_kind=error.kind,
+            attempts=attempt,
+            latency_s=time.perf_counter() - started,
+            meta=request.meta,
+        )
+
+    # ------------------------------------------------------------------ many requests
+    def _session(self) -> aiohttp.ClientSession:
+        headers = {"Authorization": f"Bearer {self.api_key or 'EMPTY'}"}
+        connector = aiohttp.TCPConnector(
+            limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300
+        )
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+
+    async def run_all(self, requests: list[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
+        """Answer every request with ``concurrency`` workers, calling ``emit`` with each result."""
+        todo = iter(requests)
+
+        async def worker(session: aiohttp.ClientSession) -> None:
+            for request in todo:
+                emit(await self.complete(session, request))
+
+        async with self._session() as session:
+            await asyncio.gather(*(worker(session) for _ in range(min(self.concurrency, len(requests)))))
+
+    async def agenerate(self, requests: list[ChatRequest]) -> AsyncIterator[TeacherResult]:
+        """Async form for notebooks and servers: yields results as they complete (no cache)."""
+        out: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(self.run_all(requests, out.put_nowait))
+        for _ in range(len(requests)):
+            yield await out.get()
+        await task
+
+    def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
+        if not requests:
+            return
+        results: queue.Queue = queue.Queue()
+        buffer: list[TeacherResult] = []
+
+        def emit(result: TeacherResult) -> None:
+            # hand results over in small lists: one thread wake-up per burst, not per request
+            buffer.append(result)
+            if len(buffer) >= 64:
+                results.put(buffer[:])
+                buffer.clear()
+
+        async def main() -> None:
+            work = asyncio.create_task(self.run_all(requests, emit))
+            while not work.done():
+                await asyncio.wait([work], timeout=0.02)
+                if buffer:
+                    results.put(buffer[:])
+                    buffer.clear()
+            work.result()
+
+        def run() -> None:
+            try:
+                run_loop(main())
+            except BaseException as exc:  # surface loop crashes to the caller
+                results.put(exc)
+            finally:
+                results.put(_DONE)
+
+        thread = threading.Thread(target=run, name="openai-teacher", daemon=True)
+        thread.start()
+        while True:
+            item = results.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield from item

@@ -1,0 +1,75 @@
+"""Backend on an in-process ``vllm.LLM``, for one GPU box without a separate server (optional extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import groupby
+
+from compeff.models import resolve_model
+from compeff.teachers.base import ChatRequest, Teacher, TeacherResult, TeacherUnavailable
+
+
+class VLLMTeacher(Teacher):
+    """Teacher run by vLLM's offline engine; requests with equal sampling params go in one ``chat`` call."""
+
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        batch_size: int = 256,
+        **engine_kwargs,
+    ):
+        super().__init__()
+        try:
+            import vllm
+        except ImportError as exc:
+            raise TeacherUnavailable(
+                "the 'vllm' backend needs vLLM in this environment: pip install 'compeff[vllm]' "
+                "(or serve the model with `vllm serve` and use backend 'openai')"
+            ) from exc
+        self._vllm = vllm
+        self.model = model
+        self.batch_size = batch_size
+        self.llm = vllm.LLM(
+            model=resolve_model(model),
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            **engine_kwargs,
+        )
+
+    def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
+        ordered = sorted(requests, key=lambda r: repr(r.params))
+        for params, group in groupby(ordered, key=lambda r: r.params):
+            group = list(group)
+            sp = self._vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                seed=params.seed,
+                stop=list(params.stop) or None,
+                logprobs=params.top_logprobs if params.logprobs else None,
+            )
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                try:
+                    outputs = self.llm.chat([r.messages for r in chunk], sp, use_tqdm=False)
+                except Exception as exc:
+                    for r in chunk:
+                        yield TeacherResult(
+                            id=r.id, ok=False, error=f"vllm: {exc}", error_kind="backend", meta=r.meta
+                        )
+                    continue
+                for r, out in zip(chunk, outputs):
+                    yield TeacherResult(
+                        id=r.id,
+                        ok=True,
+                        texts=[c.text for c in out.outputs],
+                        finish_reasons=[c.finish_reason for c in out.outputs],
+                        usage={
+                            "prompt_tokens": len(out.prompt_token_ids or []),
+                            "completion_tokens": sum(len(c.token_ids) for c in out.outputs),
+                        },
+                        meta=r.meta,
+                    )

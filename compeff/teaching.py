@@ -1,0 +1,179 @@
+"""Driving a teacher over many requests inside a stage: resume, batch-wise appends, failures, usage.
+
+Every stage that calls a teacher goes through :func:`answer_requests`, so none writes its own
+bookkeeping. ``compeff teach`` exposes it directly: a jsonl of chat requests in, answers out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compeff.config import Recipe, TeacherSettings
+from compeff.data import DataError
+from compeff.progress import Tracker
+from compeff.runs import Stage, iter_jsonl
+from compeff.teachers import ChatRequest, Teacher, TeacherCache, TeacherResult, make_teacher, sampling_params
+
+RecordFn = Callable[[ChatRequest, TeacherResult], dict[str, Any]]
+
+
+class AnswerRejected(ValueError):
+    """Raised by a stage's record function when a teacher answer cannot be used (e.g. unparseable)."""
+
+
+def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
+    """The part of the teacher config that changes answers (model, backend, sampling), not transport."""
+    keys = ("backend", "model", "temperature", "top_p", "max_tokens", "n", "logprobs", "top_logprobs")
+    return {k: getattr(settings, k) for k in keys}
+
+
+def open_cache(settings: TeacherSettings) -> TeacherCache | None:
+    """The recipe's request cache, or None when disabled."""
+    return TeacherCache(settings.cache) if settings.cache else None
+
+
+def answer_requests(
+    stage: Stage,
+    teacher: Teacher,
+    requests: list[ChatRequest],
+    to_record: RecordFn,
+    cache: TeacherCache | None = None,
+    flush_every: int = 64,
+    flush_seconds: float = 1.0,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Answer the requests a stage has not finished yet; append results batch by batch.
+
+    ``to_record`` turns an ok answer into the stage's record (it may raise :class:`AnswerRejected`, and
+    the raw answer then goes to ``failures.jsonl``). Returns counts of this call.
+    """
+    seen: set[str] = set()
+    for request in requests:
+        if request.id in seen:
+            raise ValueError(f"{stage.name}: request id '{request.id}' appears twice")
+        seen.add(request.id)
+    todo = [r for r in requests if r.id not in stage.done_ids]
+    by_id = {r.id: r for r in todo}
+    ok_buf: list[dict[str, Any]] = []
+    fail_buf: list[dict[str, Any]] = []
+    counts = {
+        "asked": len(todo),
+        "skipped_done": len(requests) - len(todo),
+        "ok": 0,
+        "failed": 0,
+        "rejected": 0,
+    }
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        counts["ok"] += stage.append(ok_buf)
+        stage.fail(fail_buf)
+        ok_buf.clear()
+        fail_buf.clear()
+        last_flush = time.monotonic()
+
+    with Tracker(stage.name, total=len(requests), done=counts["skipped_done"], enabled=progress) as tracker:
+        for result in teacher.generate(todo, cache=cache):
+            request = by_id[result.id]
+            if result.ok:
+                try:
+                    ok_buf.append(to_record(request, result))
+                    tracker.advance(ok=1)
+                except AnswerRejected as exc:
+                    counts["rejected"] += 1
+                    counts["failed"] += 1
+                    fail_buf.append(
+                        {
+                            **result.failure_record(),
+                            "reason": f"rejected: {exc}",
+                            "kind": "rejected",
+                            "raw": result.texts,
+                        }
+                    )
+                    tracker.advance(failed=1)
+            else:
+                counts["failed"] += 1
+                fail_buf.append(result.failure_record())
+                tracker.advance(failed=1)
+            if len(ok_buf) + len(fail_buf) >= flush_every or time.monotonic() - last_flush > flush_seconds:
+                flush()
+        flush()
+    return counts
+
+
+# ---------------------------------------------------------------------------------- compeff teach
+def read_chat_requests(
+    path: str | Path, settings: TeacherSettings, system: str | None = None
+) -> list[ChatRequest]:
+    """Read a jsonl of {id, messages} or {id, prompt}; a bad line raises DataError naming file:line."""
+    params = sampling_params(settings)
+    requests = []
+    try:
+        for lineno, row in enumerate(iter_jsonl(path), 1):
+            if "id" not in row:
+                raise DataError(f"{path}:{lineno}: missing 'id'")
+            if isinstance(row.get("messages"), list):
+                messages = row["messages"]
+            elif isinstance(row.get("prompt"), str):
+                messages = [{"role": "user", "content": row["prompt"]}]
+            else:
+                raise DataError(f"{path}:{lineno}: needs 'messages' (a list) or 'prompt' (a string)")
+            if system:
+                messages = [{"role": "system", "content": system}, *messages]
+            requests.append(ChatRequest(id=str(row["id"]), messages=messages, params=params))
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(str(exc)) from None
+    return requests
+
+
+def run_teach_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Answer every request of ``teach.input`` with the recipe's teacher into ``<run>/<teach.stage>/``."""
+    settings = recipe.teach
+    if not settings.input:
+        raise DataError("teach.input: no input file given (a jsonl of {id, messages} or {id, prompt})")
+    requests = read_chat_requests(settings.input, recipe.teacher, settings.system)
+    stage = Stage.open(
+        recipe.run_dir,
+        settings.stage,
+        config={"teach": settings.model_dump(exclude={"input"}), "teacher": teacher_identity(recipe.teacher)},
+        inputs={"input": settings.input},
+        force=force,
+    )
+    with stage:
+        if all(r.id in stage.done_ids for r in requests):  # nothing left: do not load a model
+            stage.extra.update(call={"asked": 0, "skipped_done": len(requests)}, total_requests=len(requests))
+        else:
+            _answer_teach_requests(recipe, stage, requests, progress)
+    assert stage.manifest is not None
+    return stage.manifest
+
+
+def _answer_teach_requests(recipe: Recipe, stage: Stage, requests: list[ChatRequest], progress: bool) -> None:
+    teacher = make_teacher(recipe.teacher)
+    cache = open_cache(recipe.teacher)
+    try:
+
+        def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+            return {
+                "id": request.id,
+                "messages": request.messages,
+                "response": result.text,
+                "responses": result.texts if len(result.texts) > 1 else None,
+                "finish_reason": result.finish_reasons[0] if result.finish_reasons else None,
+                "usage": result.usage,
+                "cached": result.cached,
+                "teacher": teacher.model,
+            }
+
+        counts = answer_requests(stage, teacher, requests, to_record, cache=cache, progress=progress)
+        stage.extra.update(teacher_usage=teacher.usage.to_dict(), call=counts, total_requests=len(requests))
+    finally:
+        teacher.close()
+        if cache is not None:
+            cache.close()

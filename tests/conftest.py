@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny local chat LM built from scratch, a loopback OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from compeff.models import build_tiny_chat_model
+from compeff.teachers.fake_server import FakeServer
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a BPE tokenizer trained here and a ChatML template, saved by path."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """The same, as a Qwen2 config."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen"), arch="qwen2")
+
+
+@pytest.fixture
+def server():
+    """A fault-free loopback server answering at once."""
+    with FakeServer(max_seconds=120) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Keep built-in models and caches of a test inside its tmp folder."""
+    monkeypatch.setenv("COMPEFF_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+def compeff_cmd(*args: str) -> list[str]:
+    """Command line running the installed CLI with this interpreter."""
+    return [sys.executable, "-m", "compeff.cli", *args]
