@@ -264,18 +264,26 @@ def bench_teacher(
         [0.0, 50.0], "--latency-ms", help="Server latency per request (repeatable)."
     ),
     requests: int = typer.Option(
-        3000, "--requests", help="Requests per cell (shortened to ~4 s of work where latency makes cells slow)."
+        3000,
+        "--requests",
+        help="Requests per cell (shortened to ~4 s of work where latency makes cells slow).",
     ),
-    out: Path | None = typer.Option(None, "--out", help="Write teacher_bench.json and teacher_bench.md here."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write teacher_bench.json and teacher_bench.md here."
+    ),
     bare: bool = typer.Option(
-        True, "--bare/--no-bare", help="Also time a bare aiohttp loop in each cell (the transport's ceiling here)."
+        True,
+        "--bare/--no-bare",
+        help="Also time a bare aiohttp loop in each cell (the transport's ceiling here).",
     ),
 ) -> None:
     """Requests/s the openai backend sustains against a loopback server answering at once or after a delay."""
     from compeff.bench.teacher import run_teacher_bench
 
     def body() -> None:
-        run_teacher_bench(concurrency=concurrency, latency_ms=latency_ms, n_requests=requests, out_dir=out, bare=bare)
+        run_teacher_bench(
+            concurrency=concurrency, latency_ms=latency_ms, n_requests=requests, out_dir=out, bare=bare
+        )
 
     guarded(body)
 

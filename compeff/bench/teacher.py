@@ -101,7 +101,11 @@ def measure_bare(base_url: str, concurrency: int, n_requests: int) -> float:
     from compeff.teachers.openai_api import run_loop
 
     url = base_url + "/chat/completions"
-    body = {"model": "bench", "messages": [{"role": "user", "content": "Which attributes?"}], "max_tokens": 16}
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": "Which attributes?"}],
+        "max_tokens": 16,
+    }
 
     async def main() -> float:
         todo = iter(range(n_requests))
@@ -170,7 +174,16 @@ def run_teacher_bench(
             proc.kill()
             proc.wait()
     table = Table(title="openai backend vs loopback server")
-    for col in ("latency ms", "concurrency", "requests", "failed", "req/s", "ideal c/L", "measured/ideal", "bare req/s"):
+    for col in (
+        "latency ms",
+        "concurrency",
+        "requests",
+        "failed",
+        "req/s",
+        "ideal c/L",
+        "measured/ideal",
+        "bare req/s",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(

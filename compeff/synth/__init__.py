@@ -1,0 +1,1 @@
+"""Data synthesis from user texts: attributes, perspectives, tasks, instructions."""
