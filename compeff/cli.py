@@ -255,6 +255,34 @@ def bench_encoders(
     guarded(lambda: get_stage("bench"))
 
 
+@bench_app.command("cluster")
+def bench_cluster(
+    n_attributes: int = typer.Option(
+        2000, "--n-attributes", help="Synthetic attributes (Zipf counts, max ~13,000)."
+    ),
+    percentile: float = typer.Option(0.5, "--percentile", help="Preference percentile (paper: 0.5)."),
+    max_iter: int = typer.Option(1000, "--max-iter", help="Affinity propagation iterations."),
+    out: Path | None = typer.Option(None, "--out", help="Write cluster_bench.json here."),
+    noise_floor: bool = typer.Option(
+        True,
+        "--noise-floor/--no-noise-floor",
+        help="Run the reference with a second seed to measure its own ARI.",
+    ),
+) -> None:
+    """Weighted affinity propagation vs the paper's repeated embeddings: time, peak memory, ARI."""
+    from compeff.bench.cluster import run_cluster_bench
+
+    guarded(
+        lambda: run_cluster_bench(
+            n_attributes=n_attributes,
+            percentile=percentile,
+            max_iter=max_iter,
+            out_dir=out,
+            noise_floor=noise_floor,
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

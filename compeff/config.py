@@ -186,6 +186,9 @@ class EnumerateSettings(Section):
         le=1,
         description="Relative form of min_count for small runs (share of texts); wins if set.",
     )
+    max_chars: int = Field(
+        4000, ge=100, description="Longer texts are cut to this many characters in the prompt."
+    )
 
 
 class ClusterSettings(Section):
@@ -196,6 +199,14 @@ class ClusterSettings(Section):
     )
     n_perspectives_hint: int | None = Field(
         None, ge=1, description="Search the preference to land near this many clusters."
+    )
+    method: Literal["weighted", "repeat"] = Field(
+        "weighted",
+        description="weighted: copies folded into the messages (memory in distinct attributes); "
+        "repeat: the paper's repeated embeddings through scikit-learn (memory in total copies).",
+    )
+    input: str | None = Field(
+        None, description="attributes.jsonl to cluster (default: the run's enumerate/attributes.jsonl)."
     )
 
 

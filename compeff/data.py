@@ -255,3 +255,47 @@ def load_labelled(
     records = [r for r in records if 0 <= r["label"] < len(names)]
     report.kept = len(records)
     return records, list(names), report
+
+
+def select_user_texts(
+    sources: list[str],
+    n_texts: int,
+    seed: int = 42,
+    text_field: str = "text",
+    root: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], list[LoadReport]]:
+    """A seeded sample of ``n_texts`` user texts stratified over sources (domains).
+
+    Each source gets an equal share; a source with fewer texts gives its unused share to the others.
+    Ids are prefixed by the source's short name so they stay unique across sources.
+    """
+    import random
+
+    rng = random.Random(seed)
+    pools: list[list[dict[str, Any]]] = []
+    reports = []
+    for spec in sources:
+        records, report = load_texts(spec, text_field=text_field, root=root)
+        prefix = dataset_name(spec) or Path(spec).name.split(".")[0]
+        for r in records:
+            r["text_id"] = r["id"]
+            r["id"] = f"{prefix}:{r['id']}"
+        pools.append(records)
+        reports.append(report)
+    quotas = [0] * len(pools)
+    remaining = n_texts
+    open_sources = [i for i, pool in enumerate(pools) if pool]
+    while remaining > 0 and open_sources:
+        share = max(1, remaining // len(open_sources))
+        for i in list(open_sources):
+            take = min(share, len(pools[i]) - quotas[i], remaining)
+            quotas[i] += take
+            remaining -= take
+            if quotas[i] >= len(pools[i]):
+                open_sources.remove(i)
+            if remaining == 0:
+                break
+    chosen: list[dict[str, Any]] = []
+    for pool, quota in zip(pools, quotas):
+        chosen.extend(rng.sample(pool, quota))
+    return chosen, reports

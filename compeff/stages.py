@@ -28,6 +28,8 @@ STAGE_NAMES: tuple[str, ...] = (
 # name -> "module:function"; a stage appears here once it is implemented.
 IMPLEMENTED: dict[str, str] = {
     "teach": "compeff.teaching:run_teach_stage",
+    "enumerate": "compeff.synth.enumerate:run_enumerate_stage",
+    "cluster": "compeff.synth.cluster:run_cluster_stage",
 }
 
 

@@ -35,10 +35,16 @@ def server():
         yield srv
 
 
+@pytest.fixture(scope="session")
+def compeff_home(tmp_path_factory) -> Path:
+    """One home for built-in models per test session (the tiny chat LM is built once, ~30 s)."""
+    return tmp_path_factory.mktemp("compeff-home")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """Keep built-in models and caches of a test inside its tmp folder."""
-    monkeypatch.setenv("COMPEFF_HOME", str(tmp_path / "home"))
+def _isolated_home(tmp_path, monkeypatch, compeff_home):
+    """Built-in models in the session's home; each test runs in its own tmp folder."""
+    monkeypatch.setenv("COMPEFF_HOME", str(compeff_home))
     monkeypatch.chdir(tmp_path)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -102,11 +104,23 @@ def test_model_without_chat_template_is_refused(tiny_lm, tmp_path):
         HFTeacher(str(target), device="cpu")
 
 
-def test_builtin_tiny_chat_is_built_once(tmp_path):
+def test_builtin_tiny_chat_is_built_once_and_speaks_the_list_format(compeff_home):
     from compeff.models import resolve_model
+    from compeff.prompts import render_prompt
+    from compeff.synth.attributes import parse_attributes
 
     path = resolve_model("builtin:tiny-chat")
-    assert (tmp_path / "home") in __import__("pathlib").Path(path).parents
+    assert compeff_home in Path(path).parents
+    stamp = (Path(path) / "config.json").stat().st_mtime
     assert resolve_model("builtin:tiny-chat") == path
-    [result] = list(HFTeacher("builtin:tiny-chat", device="cpu").generate(reqs(["hi"])))
-    assert result.ok
+    assert (Path(path) / "config.json").stat().st_mtime == stamp  # not rebuilt
+    prompt = render_prompt("enumerate", text="What a wonderful film, I cried at the end.")
+    ask = [
+        ChatRequest(
+            id="e",
+            messages=[{"role": "user", "content": prompt}],
+            params=SamplingParams(temperature=0, max_tokens=120),
+        )
+    ]
+    [result] = list(HFTeacher("builtin:tiny-chat", device="cpu").generate(ask))
+    assert len(parse_attributes(result.text)) >= 2

@@ -2,10 +2,14 @@
 
 The paper repeats each attribute's embedding ``int(log1p(count))`` extra times before affinity
 propagation, so the similarity matrix grows with the square of the total repeats. Here the copies
-are folded into the messages instead: a point of multiplicity m stands for m identical copies, and
-the responsibilities and availabilities between copies are computed in closed form (copies of one
-point exchange the same messages by symmetry). Memory then grows with the number of distinct
-attributes only, and the message passing is the same as on the repeated matrix.
+are folded into the messages instead: a point of multiplicity m stands for one leader copy and m - 1
+follower copies whose messages are computed once per point (followers of one point are identical,
+so they exchange identical messages). Memory grows with the number of distinct attributes only.
+
+Identical copies are a degenerate case for affinity propagation: with exact symmetry none of them
+can become the exemplar and the run oscillates; scikit-learn escapes through the tiny random noise
+it adds to the similarities, after which one copy leads and the others follow. The weighted form
+makes that outcome explicit (only the leader may be an exemplar) instead of leaving it to noise.
 
 ``repeat_affinity_propagation`` keeps the paper's repeat-based version (scikit-learn on the
 repeated embeddings) as the reference.
@@ -87,81 +91,81 @@ def weighted_affinity_propagation(
 ) -> APResult:
     """Affinity propagation where point i stands for ``weights[i]`` identical copies.
 
-    Same updates, damping and stopping rule as scikit-learn's ``affinity_propagation`` run on the
-    repeated matrix (minus its tie-breaking noise), with O(n^2) memory in distinct points.
+    Each point is a leader copy plus ``weights[i] - 1`` follower copies. Followers send and receive
+    messages like any point (so they weigh in every availability), but only the leader may become an
+    exemplar. This is the symmetry that scikit-learn's tie-breaking noise settles into on the
+    repeated matrix, where identical copies otherwise cannot decide which of them leads and the run
+    oscillates. Memory is a handful of n x n arrays in distinct points; updates, damping and the
+    stopping rule are scikit-learn's.
     """
     n = s.shape[0]
     m = np.asarray(weights, dtype=np.float64)
-    if n == 0:
-        return APResult(np.zeros(0, dtype=int), np.zeros(0, dtype=int), 0, True, preference)
+    if n <= 1:
+        return APResult(np.zeros(n, dtype=int), np.arange(n), 0, True, preference)
+    followers = m - 1
     S = np.array(s, dtype=np.float64, copy=True)
     np.fill_diagonal(S, preference)
-    if n == 1:
-        return APResult(np.zeros(1, dtype=int), np.zeros(1, dtype=int), 0, True, preference)
-    R = np.zeros((n, n))
-    A = np.zeros((n, n))
+    RL = np.zeros((n, n))  # leader copy of i -> candidate k
+    AL = np.zeros((n, n))
+    RF = np.zeros((n, n))  # a follower copy of i -> candidate k (diagonal: its own leader)
+    AF = np.zeros((n, n))
     tmp = np.empty((n, n))
-    r_sib = np.zeros(n)  # responsibility from a copy to a sibling copy (same point)
-    a_sib = np.zeros(n)  # availability of a sibling copy to a copy
-    has_sib = m >= 2
-    sib_count = m - 1
+    tmp2 = np.empty((n, n))
     ind = np.arange(n)
     diag = np.diag_indices(n)
-    col_count = np.broadcast_to(m, (n, n))  # entry (i, k) stands for m_k candidate copies
     history = np.zeros((n, convergence_iter), dtype=bool)
     converged = False
     it = 0
-    for it in range(max_iter):
-        # ---- responsibilities: r(i,k) = s(i,k) - max over the other candidates of a + s
+
+    def responsibilities(A: np.ndarray, R: np.ndarray, own: float) -> None:
+        """Damped update of R; ``own`` is the similarity on the diagonal (the preference for a leader's
+        own candidacy, 0 for a follower's own leader), so S itself is shared by both kinds of rows."""
         np.add(A, S, tmp)
-        sib_val = np.where(has_sib, a_sib, -np.inf)  # sibling candidates: a_sib + s(copy, copy) = a_sib + 0
+        tmp[diag] += own - preference
         top = np.argmax(tmp, axis=1)
         y1 = tmp[ind, top]
         tmp[ind, top] = -np.inf
         y2 = np.max(tmp, axis=1)
-        sib_top = sib_val > y1
-        v1 = np.where(sib_top, sib_val, y1)
-        v2 = np.where(sib_top, y1, np.maximum(y2, sib_val))
-        top_count = np.where(sib_top, sib_count, np.where(top == ind, 1.0, col_count[ind, top]))
-        without_top = np.where(
-            top_count >= 2, v1, v2
-        )  # the max once one copy of the top candidate is left out
-        np.subtract(S, v1[:, None], tmp)
-        rows = ind[~sib_top]
-        tmp[rows, top[rows]] = S[rows, top[rows]] - without_top[rows]
-        new_r_sib = -np.where(sib_top, without_top, v1)
-        tmp *= 1 - damping
+        np.subtract(S, y1[:, None], tmp)
+        tmp[diag] += own - preference
+        s_top = np.where(top == ind, own, S[ind, top])
+        tmp[ind, top] = s_top - y2
+        np.multiply(tmp, 1 - damping, out=tmp)
         R *= damping
         R += tmp
-        r_sib = damping * r_sib + (1 - damping) * new_r_sib
 
-        # ---- availabilities
-        r_kk = R[diag].copy()
-        np.maximum(R, 0, out=tmp)
-        tmp[diag] = 0.0
-        pos_sum = m @ tmp  # P(k) = sum over other points j of m_j * max(0, r(j, k))
-        r_sib_pos = np.where(has_sib, np.maximum(r_sib, 0.0), 0.0)
-        base = r_kk + pos_sum + (m - 1) * r_sib_pos
+    for it in range(max_iter):
+        responsibilities(AL, RL, preference)
+        responsibilities(AF, RF, 0.0)
+        # column sums of positive responsibilities over every copy except the candidate itself
+        np.maximum(RL, 0, out=tmp2)
+        tmp2[diag] = 0.0
+        np.maximum(RF, 0, out=tmp)
+        col = tmp2.sum(axis=0) + followers @ tmp
+        r_kk = RL[diag].copy()
+        base = r_kk + col
+        # followers' availabilities
         np.subtract(base[None, :], tmp, out=tmp)
         np.minimum(tmp, 0.0, out=tmp)
-        tmp[diag] = pos_sum + (m - 1) * r_sib_pos
-        new_a_sib = np.minimum(0.0, r_kk + pos_sum + (m - 2) * r_sib_pos)
         tmp *= 1 - damping
-        A *= damping
-        A += tmp
-        a_sib = damping * a_sib + (1 - damping) * new_a_sib
+        AF *= damping
+        AF += tmp
+        # leaders' availabilities
+        np.subtract(base[None, :], tmp2, out=tmp2)
+        np.minimum(tmp2, 0.0, out=tmp2)
+        tmp2[diag] = col
+        tmp2 *= 1 - damping
+        AL *= damping
+        AL += tmp2
 
-        # ---- stopping rule (as scikit-learn: exemplar set unchanged for convergence_iter rounds)
-        exemplar = (A[diag] + R[diag]) > 0
+        exemplar = (AL[diag] + RL[diag]) > 0
         history[:, it % convergence_iter] = exemplar
-        k = int(exemplar.sum())
         if it >= convergence_iter:
             stable = history.sum(axis=1)
-            unconverged = np.sum((stable == convergence_iter) + (stable == 0)) != n
-            if not unconverged and k > 0:
+            if np.sum((stable == convergence_iter) + (stable == 0)) == n and exemplar.any():
                 converged = True
                 break
-    raw_exemplars = np.flatnonzero((A[diag] + R[diag]) > 0)
+    raw_exemplars = np.flatnonzero((AL[diag] + RL[diag]) > 0)
     labels, exemplars = _assign(S, m, raw_exemplars)
     return APResult(
         labels, exemplars, it + 1, converged, preference, extra={"message_exemplars": raw_exemplars.tolist()}
@@ -169,31 +173,24 @@ def weighted_affinity_propagation(
 
 
 def _assign(S: np.ndarray, m: np.ndarray, exemplars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels from the message exemplars, as scikit-learn assigns them on the repeated matrix.
-
-    Nearest exemplar first; then each cluster's exemplar moves to its medoid (follower copies weigh
-    m_g, the exemplar's own cluster holds one of its copies); then nearest again, where the other
-    copies of a multi-copy exemplar are still candidates (scikit-learn keeps them as exemplars).
-    -1 for all when there is no exemplar.
-    """
+    """Labels from exemplars as scikit-learn assigns them: nearest exemplar, then each cluster's
+    exemplar moved to its weighted medoid (copies of g weigh m_g), then nearest again.
+    -1 for all when there is no exemplar."""
     n = S.shape[0]
     if exemplars.size == 0:
         return np.full(n, -1), exemplars
+    exemplars = exemplars.copy()
     c = np.argmax(S[:, exemplars], axis=1)
     c[exemplars] = np.arange(exemplars.size)
     pref = S[0, 0]
-    medoids = exemplars.copy()
-    for k, e in enumerate(exemplars):
+    for k in range(exemplars.size):
         members = np.flatnonzero(c == k)
-        w = m[members].copy()
-        w[members == e] = 1.0
-        block = S[np.ix_(members, members)] * w[:, None]
-        np.fill_diagonal(block, pref)  # one copy of a candidate is itself; its siblings are at distance 0
-        medoids[k] = members[np.argmax(block.sum(axis=0))]
-    candidates = np.unique(np.concatenate([medoids, exemplars[m[exemplars] >= 2]]))
-    c = np.argmax(S[:, candidates], axis=1)
-    c[candidates] = np.arange(candidates.size)
-    labels = candidates[c]
+        block = S[np.ix_(members, members)] * m[members][:, None]
+        np.fill_diagonal(block, pref)  # the candidate's leader is itself (p); its followers are at 0
+        exemplars[k] = members[np.argmax(block.sum(axis=0))]
+    c = np.argmax(S[:, exemplars], axis=1)
+    c[exemplars] = np.arange(exemplars.size)
+    labels = exemplars[c]
     centers = np.unique(labels)
     return np.searchsorted(centers, labels), centers
 
@@ -201,7 +198,7 @@ def _assign(S: np.ndarray, m: np.ndarray, exemplars: np.ndarray) -> tuple[np.nda
 def repeat_affinity_propagation(
     x: np.ndarray,
     weights: np.ndarray,
-    preference_percentile: float,
+    preference: float,
     damping: float = 0.9,
     max_iter: int = 1000,
     seed: int = 0,
@@ -215,7 +212,6 @@ def repeat_affinity_propagation(
 
     owner = np.repeat(np.arange(len(weights)), weights)
     s_rep = neg_sq_distances(np.asarray(x)[owner])
-    preference = float(np.percentile(s_rep, preference_percentile))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, rep_labels, n_iter = affinity_propagation(
@@ -255,44 +251,44 @@ def cluster_attributes(
 ) -> APResult:
     """Frequency-weighted affinity propagation of attribute embeddings (weighted or repeat method).
 
-    With ``n_clusters_hint`` the preference percentile is searched (bisection) so the number of
-    clusters lands near the target; the result closest to it is returned.
+    The preference is the given percentile of the (repeated) similarities. With ``n_clusters_hint``
+    the preference is searched by bisection, below the smallest similarity too, so the number of
+    clusters lands near the target; the run closest to it is returned.
     """
     weights = multiplicities(counts)
+    s = neg_sq_distances(embeddings)
     if method == "repeat":
 
-        def run(q: float) -> APResult:
-            return repeat_affinity_propagation(embeddings, weights, q, damping, max_iter, seed)
+        def run(pref: float) -> APResult:
+            return repeat_affinity_propagation(embeddings, weights, pref, damping, max_iter, seed)
 
     elif method == "weighted":
-        s = neg_sq_distances(embeddings)
 
-        def run(q: float) -> APResult:
-            pref = weighted_percentile(s, weights, q)
+        def run(pref: float) -> APResult:
             return weighted_affinity_propagation(s, weights, pref, damping, max_iter)
 
     else:
         raise ValueError(f"cluster.method: unknown method '{method}' (weighted or repeat)")
-    if not n_clusters_hint:
-        result = run(preference_percentile)
-        result.extra["percentile"] = preference_percentile
+    pref = weighted_percentile(s, weights, preference_percentile) if len(weights) > 1 else 0.0
+    result = run(pref)
+    result.extra["percentile"] = preference_percentile
+    if not n_clusters_hint or len(weights) < 2:
         return result
-    lo, hi = 0.0, 100.0
-    best: APResult | None = None
-    tried = []
-    for _ in range(12):
-        q = (lo + hi) / 2 if best is not None else preference_percentile
-        result = run(q)
-        result.extra["percentile"] = q
-        tried.append((q, result.n_clusters))
-        if best is None or abs(result.n_clusters - n_clusters_hint) < abs(best.n_clusters - n_clusters_hint):
-            best = result
+    lo, hi = 4.0 * float(s.min()), 0.0  # preference bounds: one cluster ... every point its own
+    best = result
+    tried = [(pref, result.n_clusters)]
+    for _ in range(16):
         if result.n_clusters == n_clusters_hint:
             break
         if result.n_clusters < n_clusters_hint:
-            lo = q
+            lo = pref
         else:
-            hi = q
-    assert best is not None
+            hi = pref
+        pref = (lo + hi) / 2
+        result = run(pref)
+        result.extra["percentile"] = None
+        tried.append((pref, result.n_clusters))
+        if abs(result.n_clusters - n_clusters_hint) < abs(best.n_clusters - n_clusters_hint):
+            best = result
     best.extra["search"] = tried
     return best
