@@ -59,6 +59,8 @@ def guarded(fn: Callable[[], Any]) -> Any:
 def _plain_type(annotation: Any) -> tuple[type | None, bool, list[str] | None]:
     """(click-friendly type, is_list, choices) of a pydantic field annotation; None type = no flag."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _plain_type(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:

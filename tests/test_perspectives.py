@@ -121,7 +121,7 @@ def obvious():
 
 def test_minilm_groups_obvious_attributes(obvious):
     names, truth, emb, counts = obvious
-    assert emb.shape == (9, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    assert emb.shape == (9, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
     result = cluster_attributes(emb, counts, n_clusters_hint=3)
     assert result.n_clusters == 3
     assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0), dict(zip(names, result.labels))
@@ -131,5 +131,5 @@ def test_cls_pooling_option_gives_normalised_vectors():
     settings = EmbedderSettings(pooling="cls")
     cls = embed_texts(["tone", "irony"], settings)
     mean = embed_texts(["tone", "irony"], EmbedderSettings())
-    assert cls.shape == (2, 384) and np.allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-4)
+    assert cls.shape == (2, 384) and np.allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-3)
     assert not np.allclose(cls, mean)  # a different pooling, not the shipped mean pooling
