@@ -211,13 +211,51 @@ class ClusterSettings(Section):
 
 
 class TasksSettings(Section):
-    demo_calls: int = Field(16, ge=1, description="Demonstration calls per task (two demos each).")
-    analysis_instructions: int = Field(3, ge=0, description="Open analysis instructions per perspective.")
+    analysis_instructions: int = Field(
+        3, ge=0, description="Open analysis instructions asked per perspective."
+    )
+    ideas_per_perspective: int = Field(8, ge=1, description="Task ideas asked per perspective.")
+    min_examples: int = Field(8, ge=1, description="Valid input/output examples a standardised task needs.")
+    demo_calls: int = Field(16, ge=0, description="Demonstration calls per task (two demos each, paper: 16).")
+    min_demos: int = Field(8, ge=0, description="Tasks left with fewer valid demonstrations are dropped.")
+    dedup_threshold: float = Field(
+        0.92, gt=0, le=1.0, description="Cosine of task name + description above which tasks merge (1 = off)."
+    )
+    max_perspectives: int | None = Field(None, ge=1, description="Use only the largest N perspectives.")
 
 
 class GenerateSettings(Section):
-    n_samples: int = Field(100000, ge=1, description="Instruction-text pairs answered by the teacher.")
+    n_samples: int = Field(
+        100000, ge=1, description="Instruction-text pairs answered by the teacher (paper: 100k)."
+    )
     k_demos: int = Field(2, ge=0, description="Demonstrations inlined in each instruction.")
+    task_cap: float = Field(
+        2.0, ge=1.0, description="No task gets more than task_cap times its even share of the samples."
+    )
+    analysis_share: float = Field(
+        0.1, ge=0, le=1, description="Share of samples that use open analysis instructions."
+    )
+    qc: bool = Field(
+        True, description="Drop answers that break their task's format (labels, JSON schema, rating number)."
+    )
+    shard: str | None = Field(
+        None, description="Do only shard K of N of the samples, written as 'K/N' (K from 0)."
+    )
+    merge: bool = Field(False, description="Join the finished shards into the generate stage.")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split("/")
+        if (
+            len(parts) != 2
+            or not all(p.strip().isdigit() for p in parts)
+            or not 0 <= int(parts[0]) < int(parts[1])
+        ):
+            raise ValueError(f"expected K/N with 0 <= K < N, got {value!r}")
+        return f"{int(parts[0])}/{int(parts[1])}"
 
 
 class ScoreSettings(Section):

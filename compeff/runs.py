@@ -18,7 +18,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -218,6 +218,13 @@ class Stage:
     def was_complete(self) -> bool:
         """True when an earlier run of this exact stage (same fingerprint) finished."""
         return self.previous_status == "complete"
+
+    def pending(self, items: list[Any], key: Callable[[Any], str] = lambda item: item.id) -> list[Any]:
+        """Items still to do: none when an earlier run of this exact stage completed (its failures stand
+        until ``--force``); otherwise those without a record yet (earlier failures are tried again)."""
+        if self.was_complete:
+            return []
+        return [item for item in items if str(key(item)) not in self.done_ids]
 
     def keep_previous_extra(self) -> None:
         """Carry a finished run's stage-specific manifest fields over (when a stage is up to date)."""

@@ -30,6 +30,8 @@ IMPLEMENTED: dict[str, str] = {
     "teach": "compeff.teaching:run_teach_stage",
     "enumerate": "compeff.synth.enumerate:run_enumerate_stage",
     "cluster": "compeff.synth.cluster:run_cluster_stage",
+    "tasks": "compeff.synth.tasks_stage:run_tasks_stage",
+    "generate": "compeff.synth.generate:run_generate_stage",
 }
 
 

@@ -55,7 +55,7 @@ def answer_requests(
         if request.id in seen:
             raise ValueError(f"{stage.name}: request id '{request.id}' appears twice")
         seen.add(request.id)
-    todo = [r for r in requests if r.id not in stage.done_ids]
+    todo = stage.pending(requests)
     by_id = {r.id: r for r in todo}
     ok_buf: list[dict[str, Any]] = []
     fail_buf: list[dict[str, Any]] = []
@@ -146,7 +146,7 @@ def run_teach_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
         force=force,
     )
     with stage:
-        if all(r.id in stage.done_ids for r in requests):  # nothing left: do not load a model
+        if not stage.pending(requests):  # nothing left: do not load a model
             stage.extra.update(call={"asked": 0, "skipped_done": len(requests)}, total_requests=len(requests))
         else:
             _answer_teach_requests(recipe, stage, requests, progress)

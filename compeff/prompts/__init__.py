@@ -12,6 +12,6 @@ def load_prompt(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.txt").read_text(encoding="utf-8")
 
 
-def render_prompt(name: str, **fields: str) -> str:
+def render_prompt(template: str, **fields: str) -> str:
     """Fill a template's placeholders; a missing field raises KeyError naming it."""
-    return load_prompt(name).format(**fields)
+    return load_prompt(template).format(**fields)

@@ -76,7 +76,7 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
     stage = Stage.open(recipe.run_dir, "enumerate", config=config, inputs=inputs, force=force)
     with stage:
         requests = build_requests(texts, recipe)
-        pending = [r for r in requests if r.id not in stage.done_ids]
+        pending = stage.pending(requests)
         if pending:
             teacher = make_teacher(recipe.teacher)
             cache = open_cache(recipe.teacher)

@@ -259,10 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--script", choices=["echo", "pipeline"], default="echo", help="how to answer")
     args = parser.parse_args(argv)
+    from compeff.teachers.scripted import RESPONDERS
+
+    responder = RESPONDERS[args.script] or default_responder
 
     async def serve() -> None:
-        runner = web.AppRunner(make_app(args.latency_ms), access_log=None)
+        runner = web.AppRunner(make_app(args.latency_ms, responder=responder), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port, backlog=2048)
         await site.start()

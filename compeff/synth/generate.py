@@ -1,0 +1,264 @@
+"""``compeff generate``: tasks x user texts -> the distillation set.
+
+Each sample is a chat (`messages`: the instruction with inlined demonstrations and the text, then the
+teacher's answer) with metadata, in ``runs/<name>/generate/data.jsonl``: loadable with
+``datasets.load_dataset("json", ...)`` and trainable by TRL's SFTTrainer as is. Answers that break
+their task's format are dropped by the optional QC and counted per task in ``failures.jsonl`` and the
+report. ``--shard K/N`` does one part in ``generate-shard-K-of-N``; ``--merge`` joins the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from compeff.config import Recipe
+from compeff.data import DataError, select_user_texts
+from compeff.progress import console
+from compeff.runs import Stage, iter_jsonl, read_manifest
+from compeff.synth.instructions import plan_pairings, qc_reason, render_instruction, shard_of, task_definition
+from compeff.synth.tasks import match_label
+from compeff.synth.tasks_stage import TASKS_FILE
+from compeff.teachers import ChatRequest, TeacherResult, make_teacher, sampling_params
+from compeff.teaching import AnswerRejected, answer_requests, open_cache, teacher_identity
+
+
+def load_tasks(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no tasks (run `compeff tasks` first)")
+    tasks = list(iter_jsonl(path))
+    if not tasks:
+        raise DataError(f"{path}: the tasks stage kept no task; nothing to generate")
+    return tasks
+
+
+def _stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "generate": recipe.generate.model_dump(exclude={"shard", "merge"}),
+        "seed": recipe.run.seed,
+        "teacher": teacher_identity(recipe.teacher),
+        "sources": recipe.data.user_texts,
+    }
+
+
+def shard_stage_name(shard: str) -> str:
+    k, n = shard.split("/")
+    return f"generate-shard-{k}-of-{n}"
+
+
+def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pair, answer, check and write the distillation set (or one shard of it, or merge the shards)."""
+    settings = recipe.generate
+    tasks_file = recipe.run_dir / "tasks" / TASKS_FILE
+    if settings.merge:
+        return merge_shards(recipe, force)
+    tasks = load_tasks(tasks_file)
+    texts, _ = select_user_texts(
+        recipe.data.user_texts,
+        settings.n_samples,
+        recipe.run.seed + 1,
+        recipe.data.text_field,
+        recipe.data.data_dir,
+    )
+    if not texts:
+        raise DataError(f"data.user_texts: no usable text in {', '.join(recipe.data.user_texts)}")
+    plan = plan_pairings(
+        tasks,
+        len(texts),
+        settings.n_samples,
+        settings.k_demos,
+        recipe.run.seed,
+        settings.task_cap,
+        settings.analysis_share,
+    )
+    name = "generate"
+    if settings.shard:
+        k, n = (int(x) for x in settings.shard.split("/"))
+        plan = [p for p in plan if shard_of(p.id, n) == k]
+        name = shard_stage_name(settings.shard)
+    by_id = {t["id"]: t for t in tasks}
+    definitions = {t["id"]: task_definition(t) for t in tasks}
+    params = sampling_params(recipe.teacher)
+    sampling = params.to_dict()
+    requests = []
+    for p in plan:
+        task = by_id[p.task_id]
+        text = texts[p.text_index]
+        demos = [task["demos"][i] for i in p.demo_indices]
+        content = render_instruction(task, text["text"], demos)
+        requests.append(
+            ChatRequest(
+                id=p.id,
+                messages=[{"role": "user", "content": content}],
+                params=params,
+                meta={"task_id": p.task_id, "text_id": text["id"]},
+            )
+        )
+    stage = Stage.open(
+        recipe.run_dir, name, config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
+    )
+    with stage:
+        pending = stage.pending(requests)
+        if pending:
+            teacher = make_teacher(recipe.teacher)
+            cache = open_cache(recipe.teacher)
+            try:
+
+                def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+                    task = by_id[request.meta["task_id"]]
+                    if settings.qc:
+                        reason = qc_reason(task, result.text, definitions[task["id"]])
+                        if reason:
+                            raise AnswerRejected(f"qc: {reason}")
+                    return {
+                        "id": request.id,
+                        "messages": [*request.messages, {"role": "assistant", "content": result.text}],
+                        "perspective_id": task["perspective_id"],
+                        "task_id": task["id"],
+                        "task_name": task["name"],
+                        "task_type": task["type"],
+                        "text_id": request.meta["text_id"],
+                        "teacher": teacher.model,
+                        "sampling": sampling,
+                    }
+
+                counts = answer_requests(stage, teacher, pending, to_record, cache=cache, progress=progress)
+                stage.extra.update(call=counts, teacher_usage=teacher.usage.to_dict())
+            finally:
+                teacher.close()
+                if cache is not None:
+                    cache.close()
+        report = build_report(stage.data_path, stage.failures_path, by_id, len(plan))
+        stage.write_artifact("report.json", report)
+        stage.write_artifact("report.md", report_markdown(report))
+        stage.extra.update(
+            planned=len(plan),
+            report_summary={k: report[k] for k in ("samples", "rejected_qc", "failed_calls")},
+        )
+        console.print(
+            f"{name}: {report['samples']}/{len(plan)} samples, {report['rejected_qc']} dropped by QC, "
+            f"{report['failed_calls']} failed calls -> {stage.data_path}"
+        )
+    assert stage.manifest is not None
+    return stage.manifest
+
+
+def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
+    """Join every finished ``generate-shard-K-of-N`` into ``generate`` (in sample order)."""
+    shards = sorted(recipe.run_dir.glob("generate-shard-*-of-*"))
+    if not shards:
+        raise DataError(f"{recipe.run_dir}: no generate shards to merge (run `compeff generate --shard K/N`)")
+    totals = {int(p.name.rsplit("-of-", 1)[1]) for p in shards}
+    if len(totals) != 1:
+        raise DataError(
+            f"{recipe.run_dir}: shards of different splits ({sorted(totals)}); remove the stale ones"
+        )
+    n = totals.pop()
+    expected = {f"generate-shard-{k}-of-{n}" for k in range(n)}
+    missing = sorted(expected - {p.name for p in shards})
+    unfinished = sorted(p.name for p in shards if (read_manifest(p) or {}).get("status") != "complete")
+    if missing or unfinished:
+        raise DataError(
+            f"cannot merge: missing shards {missing or '-'}, unfinished shards {unfinished or '-'}"
+        )
+    configs = {json.dumps((read_manifest(p) or {}).get("config"), sort_keys=True) for p in shards}
+    if len(configs) != 1:
+        raise DataError("cannot merge: the shards were made with different settings")
+    tasks_file = recipe.run_dir / "tasks" / TASKS_FILE
+    stage = Stage.open(
+        recipe.run_dir, "generate", config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
+    )
+    with stage:
+        rows = [row for p in shards for row in iter_jsonl(p / "data.jsonl")]
+        rows.sort(key=lambda r: r["id"])
+        stage.append(rows)
+        failures = [
+            row for p in shards if (p / "failures.jsonl").exists() for row in iter_jsonl(p / "failures.jsonl")
+        ]
+        done = stage.done_ids
+        stage.fail(f for f in failures if f["id"] not in done)
+        by_id = {t["id"]: t for t in load_tasks(tasks_file)}
+        planned = sum((read_manifest(p) or {}).get("planned", 0) for p in shards)
+        report = build_report(stage.data_path, stage.failures_path, by_id, planned)
+        stage.write_artifact("report.json", report)
+        stage.write_artifact("report.md", report_markdown(report))
+        stage.extra.update(merged_shards=[p.name for p in shards], planned=planned)
+        console.print(f"generate: merged {len(shards)} shards, {len(rows)} samples -> {stage.data_path}")
+    assert stage.manifest is not None
+    return stage.manifest
+
+
+def build_report(
+    data_path: Path, failures_path: Path, tasks: dict[str, dict[str, Any]], planned: int
+) -> dict[str, Any]:
+    """Counts per task, answer lengths, and class balance of closed-set answers."""
+    per_task: dict[str, Counter] = defaultdict(Counter)
+    balance: dict[str, Counter] = defaultdict(Counter)
+    lengths = []
+    samples = 0
+    ok_ids = set()
+    if data_path.exists():
+        for row in iter_jsonl(data_path):
+            samples += 1
+            ok_ids.add(row["id"])
+            answer = row["messages"][-1]["content"]
+            lengths.append(len(answer.split()))
+            per_task[row["task_id"]]["ok"] += 1
+            task = tasks.get(row["task_id"], {})
+            if task.get("type") == "closed_classification" and task.get("labels"):
+                balance[row["task_id"]][match_label(answer, task["labels"]) or "(other)"] += 1
+    rejected = failed = 0
+    seen_failures = set()
+    if failures_path.exists():
+        for row in iter_jsonl(failures_path):
+            if row["id"] in ok_ids or row["id"] in seen_failures:
+                continue
+            seen_failures.add(row["id"])
+            key = "rejected" if row.get("kind") == "rejected" else "failed"
+            per_task[row.get("task_id", "?")][key] += 1
+            rejected += key == "rejected"
+            failed += key == "failed"
+    return {
+        "planned": planned,
+        "samples": samples,
+        "rejected_qc": rejected,
+        "failed_calls": failed,
+        "answer_words": {
+            "mean": round(statistics.fmean(lengths), 2) if lengths else 0,
+            "median": statistics.median(lengths) if lengths else 0,
+            "max": max(lengths, default=0),
+        },
+        "per_task": {t: dict(c) for t, c in sorted(per_task.items())},
+        "closed_set_balance": {t: dict(c) for t, c in sorted(balance.items())},
+        "by_type": dict(
+            Counter(tasks[t]["type"] for t, c in per_task.items() if t in tasks for _ in range(c["ok"]))
+        ),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a short markdown page."""
+    lines = [
+        "# Distillation set",
+        "",
+        f"- samples: {report['samples']} of {report['planned']} planned",
+        f"- dropped by QC: {report['rejected_qc']}; failed teacher calls: {report['failed_calls']}",
+        f"- answer length (words): mean {report['answer_words']['mean']}, median {report['answer_words']['median']}, "
+        f"max {report['answer_words']['max']}",
+        f"- by task type: {', '.join(f'{k}: {v}' for k, v in sorted(report['by_type'].items())) or '-'}",
+        "",
+        "| task | ok | dropped by QC | failed |",
+        "|---|---:|---:|---:|",
+    ]
+    for task_id, counts in report["per_task"].items():
+        lines.append(
+            f"| {task_id} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | {counts.get('failed', 0)} |"
+        )
+    if report["closed_set_balance"]:
+        lines += ["", "## Closed-set answers", "", "| task | label counts |", "|---|---|"]
+        for task_id, counts in report["closed_set_balance"].items():
+            lines.append(f"| {task_id} | {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""Instructions: seeded pairing of tasks with user texts, the prompt a student sees, and QC."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from compeff.synth.tasks import TaskDefinition, check_output
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One planned sample: which task meets which text, and which demonstrations are inlined."""
+
+    id: str
+    task_id: str
+    text_index: int
+    demo_indices: tuple[int, ...]
+
+
+def _capped_draws(rng: random.Random, ids: list[str], n: int, cap_factor: float) -> list[str]:
+    """n draws from ids, uniform among those below their cap (cap = ceil(cap_factor * n / len(ids)))."""
+    if not ids or n <= 0:
+        return []
+    cap = max(1, math.ceil(cap_factor * n / len(ids)))
+    counts = dict.fromkeys(ids, 0)
+    open_ids = list(ids)
+    draws = []
+    for _ in range(n):
+        k = rng.randrange(len(open_ids))
+        task_id = open_ids[k]
+        draws.append(task_id)
+        counts[task_id] += 1
+        if counts[task_id] >= cap:
+            open_ids[k] = open_ids[-1]
+            open_ids.pop()
+            if not open_ids:  # every task at its cap: start a new round of caps
+                open_ids = list(ids)
+                counts = dict.fromkeys(ids, 0)
+    return draws
+
+
+def plan_pairings(
+    tasks: list[dict[str, Any]],
+    n_texts: int,
+    n_samples: int,
+    k_demos: int,
+    seed: int,
+    task_cap: float = 2.0,
+    analysis_share: float = 0.1,
+) -> list[Pairing]:
+    """Random pairing of instructions with texts, fixed by the seed: a shuffled text order, a task per
+    sample drawn with a per-task cap, and k demonstrations per sample drawn from its task."""
+    rng = random.Random(seed)
+    demonstrated = [t["id"] for t in tasks if t["type"] != "analysis"]
+    analysis = [t["id"] for t in tasks if t["type"] == "analysis"]
+    n_analysis = round(analysis_share * n_samples) if analysis else 0
+    if not demonstrated:
+        n_analysis = n_samples
+    draws = _capped_draws(rng, demonstrated, n_samples - n_analysis, task_cap) + _capped_draws(
+        rng, analysis, n_analysis, task_cap
+    )
+    rng.shuffle(draws)
+    order = list(range(n_texts))
+    rng.shuffle(order)
+    n_demos = {t["id"]: len(t["demos"]) for t in tasks}
+    plan = []
+    for i, task_id in enumerate(draws):
+        text_index = order[i % n_texts]
+        available = n_demos[task_id]
+        demo_indices = tuple(sorted(rng.sample(range(available), min(k_demos, available))))
+        plan.append(
+            Pairing(id=f"g{i:07d}", task_id=task_id, text_index=text_index, demo_indices=demo_indices)
+        )
+    return plan
+
+
+def render_instruction(task: dict[str, Any], text: str, demos: list[dict[str, str]]) -> str:
+    """The user message: task instruction, its output rules, inlined demonstrations, then the text."""
+    parts = [task["description"].strip()]
+    if task["type"] != "analysis":
+        parts.append(f"Output format: {task['output_format']}")
+        if task.get("labels"):
+            parts.append(f"Allowed labels: {', '.join(task['labels'])}")
+        if task.get("copy_exact"):
+            parts.append("Copy the spans exactly as they appear in the text.")
+        if task.get("json_schema"):
+            parts.append(f"JSON schema: {json.dumps(task['json_schema'], ensure_ascii=False)}")
+    if demos:
+        parts.append("Examples:\n" + "\n\n".join(f"Text: {d['input']}\nAnswer: {d['output']}" for d in demos))
+    parts.append(f"Text: {text}")
+    return "\n\n".join(parts)
+
+
+def task_definition(task: dict[str, Any]) -> TaskDefinition | None:
+    """The validated definition of a tasks.jsonl row (None for open analysis instructions)."""
+    if task["type"] == "analysis":
+        return None
+    return TaskDefinition.model_validate({**task, "instruction": task["description"], "examples": []})
+
+
+def qc_reason(task: dict[str, Any], response: str, definition: TaskDefinition | None = None) -> str | None:
+    """Why a teacher answer breaks its task's format (None when fine); analysis answers need text only."""
+    if not response.strip():
+        return "empty answer"
+    if task["type"] == "analysis":
+        return None
+    return check_output(definition or task_definition(task), response)
+
+
+def shard_of(sample_id: str, n_shards: int) -> int:
+    """Stable shard of a sample id (the same on every machine)."""
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % n_shards
