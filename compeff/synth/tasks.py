@@ -154,9 +154,8 @@ def parse_ideas(answer: str) -> tuple[list[TaskIdea], dict[str, int]]:
 def check_output(task: TaskDefinition, output: str) -> str | None:
     """Why an output breaks the task's format (None when it is fine)."""
     text = output.strip()
-    if task.type == "closed_classification" and task.labels:
-        if match_label(text, task.labels) is None:
-            return f"'{text[:40]}' is not one of the labels"
+    if task.type == "closed_classification" and task.labels and match_label(text, task.labels) is None:
+        return f"'{text[:40]}' is not one of the labels"
     if task.type == "structured":
         try:
             value = parse_json_lenient(text)
