@@ -285,6 +285,24 @@ def bench_cluster(
     )
 
 
+@bench_app.command("generate")
+def bench_generate(
+    n_samples: int = typer.Option(12000, "--n-samples", help="Samples per measurement."),
+    concurrency: int = typer.Option(256, "--concurrency", help="Requests in flight."),
+    latency_ms: float = typer.Option(50.0, "--latency-ms", help="Server latency per request."),
+    out: Path | None = typer.Option(None, "--out", help="Write generate_bench.json here."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
+) -> None:
+    """samples/s of the generate stage vs the raw client, against a loopback server."""
+    from compeff.bench.generate import run_generate_bench
+
+    guarded(
+        lambda: run_generate_bench(
+            n_samples=n_samples, concurrency=concurrency, latency_ms=latency_ms, out_dir=out, rounds=rounds
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

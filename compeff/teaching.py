@@ -41,7 +41,7 @@ def answer_requests(
     requests: list[ChatRequest],
     to_record: RecordFn,
     cache: TeacherCache | None = None,
-    flush_every: int = 64,
+    flush_every: int = 1024,
     flush_seconds: float = 1.0,
     progress: bool = True,
 ) -> dict[str, int]:

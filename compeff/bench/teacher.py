@@ -34,7 +34,9 @@ class TeacherBenchRow:
     bare_per_s: float | None = None
 
 
-def start_server(latency_ms: float, max_seconds: float = 900.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    latency_ms: float, max_seconds: float = 900.0, script: str = "echo"
+) -> tuple[subprocess.Popen, str]:
     """Start the fake server in a child process on a free loopback port; returns (process, base URL)."""
     proc = subprocess.Popen(
         [
@@ -45,6 +47,8 @@ def start_server(latency_ms: float, max_seconds: float = 900.0) -> tuple[subproc
             str(latency_ms),
             "--max-seconds",
             str(max_seconds),
+            "--script",
+            script,
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -101,6 +101,10 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         recipe.run_dir, name, config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
     )
     with stage:
+        report_rows = ReportBuilder(by_id, len(plan))
+        if stage.done_ids and stage.data_path.exists():  # resumed: the rows written before count too
+            for row in iter_jsonl(stage.data_path):
+                report_rows.add_row(row)
         pending = stage.pending(requests)
         if pending:
             teacher = make_teacher(recipe.teacher)
@@ -113,7 +117,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         reason = qc_reason(task, result.text, definitions[task["id"]])
                         if reason:
                             raise AnswerRejected(f"qc: {reason}")
-                    return {
+                    record = {
                         "id": request.id,
                         "messages": [*request.messages, {"role": "assistant", "content": result.text}],
                         "perspective_id": task["perspective_id"],
@@ -124,6 +128,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         "teacher": teacher.model,
                         "sampling": sampling,
                     }
+                    report_rows.add_row(record)
+                    return record
 
                 counts = answer_requests(stage, teacher, pending, to_record, cache=cache, progress=progress)
                 stage.extra.update(call=counts, teacher_usage=teacher.usage.to_dict())
@@ -131,7 +137,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                 teacher.close()
                 if cache is not None:
                     cache.close()
-        report = build_report(stage.data_path, stage.failures_path, by_id, len(plan))
+        report_rows.add_failures(stage.failures_path)
+        report = report_rows.result()
         stage.write_artifact("report.json", report)
         stage.write_artifact("report.md", report_markdown(report))
         stage.extra.update(
@@ -191,52 +198,73 @@ def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     return stage.manifest
 
 
+class ReportBuilder:
+    """Counts per task, answer lengths, and class balance of closed-set answers, fed row by row."""
+
+    def __init__(self, tasks: dict[str, dict[str, Any]], planned: int):
+        self.tasks = tasks
+        self.planned = planned
+        self.per_task: dict[str, Counter] = defaultdict(Counter)
+        self.balance: dict[str, Counter] = defaultdict(Counter)
+        self.lengths: list[int] = []
+        self.ok_ids: set[str] = set()
+        self.failed_ids: set[str] = set()
+        self.rejected = self.failed = 0
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        self.ok_ids.add(row["id"])
+        answer = row["messages"][-1]["content"]
+        self.lengths.append(len(answer.split()))
+        self.per_task[row["task_id"]]["ok"] += 1
+        task = self.tasks.get(row["task_id"], {})
+        if task.get("type") == "closed_classification" and task.get("labels"):
+            self.balance[row["task_id"]][match_label(answer, task["labels"]) or "(other)"] += 1
+
+    def add_failures(self, path: Path) -> None:
+        """Failures of items that never succeeded, each counted once (the file keeps every attempt)."""
+        if not path.exists():
+            return
+        for row in iter_jsonl(path):
+            if row["id"] in self.ok_ids or row["id"] in self.failed_ids:
+                continue
+            self.failed_ids.add(row["id"])
+            key = "rejected" if row.get("kind") == "rejected" else "failed"
+            self.per_task[row.get("task_id", "?")][key] += 1
+            self.rejected += key == "rejected"
+            self.failed += key == "failed"
+
+    def result(self) -> dict[str, Any]:
+        lengths = self.lengths
+        by_type: Counter = Counter()
+        for task_id, counts in self.per_task.items():
+            if task_id in self.tasks and counts["ok"]:
+                by_type[self.tasks[task_id]["type"]] += counts["ok"]
+        return {
+            "planned": self.planned,
+            "samples": len(self.ok_ids),
+            "rejected_qc": self.rejected,
+            "failed_calls": self.failed,
+            "answer_words": {
+                "mean": round(statistics.fmean(lengths), 2) if lengths else 0,
+                "median": statistics.median(lengths) if lengths else 0,
+                "max": max(lengths, default=0),
+            },
+            "per_task": {t: dict(c) for t, c in sorted(self.per_task.items())},
+            "closed_set_balance": {t: dict(c) for t, c in sorted(self.balance.items())},
+            "by_type": dict(by_type),
+        }
+
+
 def build_report(
     data_path: Path, failures_path: Path, tasks: dict[str, dict[str, Any]], planned: int
 ) -> dict[str, Any]:
-    """Counts per task, answer lengths, and class balance of closed-set answers."""
-    per_task: dict[str, Counter] = defaultdict(Counter)
-    balance: dict[str, Counter] = defaultdict(Counter)
-    lengths = []
-    samples = 0
-    ok_ids = set()
+    """The report of a stage folder, read from its files."""
+    builder = ReportBuilder(tasks, planned)
     if data_path.exists():
         for row in iter_jsonl(data_path):
-            samples += 1
-            ok_ids.add(row["id"])
-            answer = row["messages"][-1]["content"]
-            lengths.append(len(answer.split()))
-            per_task[row["task_id"]]["ok"] += 1
-            task = tasks.get(row["task_id"], {})
-            if task.get("type") == "closed_classification" and task.get("labels"):
-                balance[row["task_id"]][match_label(answer, task["labels"]) or "(other)"] += 1
-    rejected = failed = 0
-    seen_failures = set()
-    if failures_path.exists():
-        for row in iter_jsonl(failures_path):
-            if row["id"] in ok_ids or row["id"] in seen_failures:
-                continue
-            seen_failures.add(row["id"])
-            key = "rejected" if row.get("kind") == "rejected" else "failed"
-            per_task[row.get("task_id", "?")][key] += 1
-            rejected += key == "rejected"
-            failed += key == "failed"
-    return {
-        "planned": planned,
-        "samples": samples,
-        "rejected_qc": rejected,
-        "failed_calls": failed,
-        "answer_words": {
-            "mean": round(statistics.fmean(lengths), 2) if lengths else 0,
-            "median": statistics.median(lengths) if lengths else 0,
-            "max": max(lengths, default=0),
-        },
-        "per_task": {t: dict(c) for t, c in sorted(per_task.items())},
-        "closed_set_balance": {t: dict(c) for t, c in sorted(balance.items())},
-        "by_type": dict(
-            Counter(tasks[t]["type"] for t, c in per_task.items() if t in tasks for _ in range(c["ok"]))
-        ),
-    }
+            builder.add_row(row)
+    builder.add_failures(failures_path)
+    return builder.result()
 
 
 def report_markdown(report: dict[str, Any]) -> str:

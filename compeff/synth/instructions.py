@@ -6,14 +6,14 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from compeff.synth.tasks import TaskDefinition, check_output
 
 
-@dataclass(frozen=True)
-class Pairing:
+class Pairing(NamedTuple):
     """One planned sample: which task meets which text, and which demonstrations are inlined."""
 
     id: str
@@ -65,18 +65,26 @@ def plan_pairings(
         rng, analysis, n_analysis, task_cap
     )
     rng.shuffle(draws)
-    order = list(range(n_texts))
-    rng.shuffle(order)
-    n_demos = {t["id"]: len(t["demos"]) for t in tasks}
-    plan = []
+    gen = np.random.default_rng(seed)
+    order = gen.permutation(n_texts)
+    # k demonstrations per sample, without replacement, drawn for all samples of a task at once
+    demo_rows: list[tuple[int, ...]] = [()] * len(draws)
+    positions: dict[str, list[int]] = {}
     for i, task_id in enumerate(draws):
-        text_index = order[i % n_texts]
+        positions.setdefault(task_id, []).append(i)
+    n_demos = {t["id"]: len(t["demos"]) for t in tasks}
+    for task_id in sorted(positions):
         available = n_demos[task_id]
-        demo_indices = tuple(sorted(rng.sample(range(available), min(k_demos, available))))
-        plan.append(
-            Pairing(id=f"g{i:07d}", task_id=task_id, text_index=text_index, demo_indices=demo_indices)
-        )
-    return plan
+        take = min(k_demos, available)
+        if take == 0:
+            continue
+        rows = np.sort(np.argsort(gen.random((len(positions[task_id]), available)), axis=1)[:, :take], axis=1)
+        for i, row in zip(positions[task_id], rows.tolist()):
+            demo_rows[i] = tuple(row)
+    return [
+        Pairing(f"g{i:07d}", task_id, int(order[i % n_texts]), demo_rows[i])
+        for i, task_id in enumerate(draws)
+    ]
 
 
 def render_instruction(task: dict[str, Any], text: str, demos: list[dict[str, str]]) -> str:

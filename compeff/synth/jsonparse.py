@@ -27,6 +27,13 @@ def _candidates(text: str) -> list[str]:
 
 def parse_json_lenient(text: str) -> Any:
     """The first JSON (or Python-literal) value found in a teacher answer."""
+    try:  # the common case: the answer is clean JSON
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    else:
+        if isinstance(value, (list, dict)):
+            return value
     for candidate in _candidates(text.strip()):
         candidate = candidate.strip()
         if not candidate:

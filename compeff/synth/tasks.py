@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from compeff.synth.jsonparse import parse_json_lenient
 
@@ -96,6 +97,15 @@ class TaskDefinition(BaseModel):
     copy_exact: bool | None = None
     json_schema: dict[str, Any] | None = None
     examples: list[Demo] = Field(default_factory=list)
+    _schema_key: str | None = PrivateAttr(default=None)
+
+    def schema_error(self, value: Any) -> str | None:
+        """Why a value breaks this task's JSON schema (None when it fits or there is no schema)."""
+        if not self.json_schema:
+            return None
+        if self._schema_key is None:
+            self._schema_key = json.dumps(self.json_schema, sort_keys=True)
+        return _schema_error(self._schema_key, value)
 
     @field_validator("type", mode="before")
     @classmethod
@@ -161,18 +171,37 @@ def check_output(task: TaskDefinition, output: str) -> str | None:
             value = parse_json_lenient(text)
         except ValueError:
             return "output is not JSON"
-        if task.json_schema:
-            from jsonschema import Draft202012Validator
-            from jsonschema.exceptions import SchemaError
-
-            try:
-                errors = list(Draft202012Validator(task.json_schema).iter_errors(value))
-            except SchemaError:
-                return None  # a broken schema is the task's problem, caught when it is standardised
-            if errors:
-                return f"output breaks the schema: {errors[0].message[:80]}"
+        error = task.schema_error(value)
+        if error is not None:
+            return f"output breaks the schema: {error[:80]}"
     if task.type == "rating" and not re.search(r"\d", text):
         return "a rating needs a number"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _validator(schema_json: str):
+    """A compiled JSON-schema validator per schema (fastjsonschema turns it into Python code once;
+    None for a schema it cannot compile, which standardisation rejects)."""
+    import fastjsonschema
+
+    try:
+        return fastjsonschema.compile(json.loads(schema_json))
+    except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError, KeyError, RecursionError):
+        return None
+
+
+def _schema_error(schema_json: str, value: Any) -> str | None:
+    """Why a value breaks a JSON schema given as canonical JSON (None when it fits)."""
+    import fastjsonschema
+
+    validate = _validator(schema_json)
+    if validate is None:
+        return None
+    try:
+        validate(value)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        return exc.message
     return None
 
 
@@ -211,14 +240,12 @@ def parse_definition(answer: str, idea_type: str, min_examples: int) -> tuple[Ta
         raise TaskRejected("a closed classification needs at least two labels")
     if task.type == "structured" and not task.json_schema:
         raise TaskRejected("a structured task needs a json_schema")
-    if task.type == "structured" and task.json_schema:
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
-        try:
-            Draft202012Validator.check_schema(task.json_schema)
-        except SchemaError as exc:
-            raise TaskRejected(f"invalid json_schema: {exc.message[:80]}") from None
+    if (
+        task.type == "structured"
+        and task.json_schema
+        and _validator(json.dumps(task.json_schema, sort_keys=True)) is None
+    ):
+        raise TaskRejected("invalid json_schema: it does not compile")
     kept = [d for d in task.examples if check_output(task, d.output) is None]
     dropped = len(task.examples) - len(kept)
     task.examples = kept

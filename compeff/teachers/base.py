@@ -157,24 +157,33 @@ class Teacher(abc.ABC):
 
     def generate(self, requests: Iterable[ChatRequest], cache: Any = None) -> Iterator[TeacherResult]:
         """Answer requests, serving identical ones from ``cache`` (a TeacherCache) when given."""
-        todo: list[ChatRequest] = []
-        for request in requests:
-            hit = cache.get(self.model, request) if cache is not None else None
-            if hit is not None:
+        requests = list(requests)
+        keys: dict[str, str] = {}
+        todo: list[ChatRequest] = requests
+        if cache is not None:
+            hits, keys = cache.get_many(self.model, requests)
+            todo = [r for r in requests if r.id not in hits]
+            for hit in hits.values():
                 self.usage.add(hit)
                 yield hit
-            else:
-                todo.append(request)
         by_id = {request.id: request for request in todo}
         seen: set[str] = set()
-        for result in self._generate(list(by_id.values())):
-            if result.id in seen:
-                continue
-            seen.add(result.id)
-            if cache is not None and result.ok:
-                cache.put(self.model, by_id[result.id], result)
-            self.usage.add(result)
-            yield result
+        to_cache: list[tuple[ChatRequest, TeacherResult]] = []
+        try:
+            for result in self._generate(list(by_id.values())):
+                if result.id in seen:
+                    continue
+                seen.add(result.id)
+                if cache is not None and result.ok:
+                    to_cache.append((by_id[result.id], result))
+                    if len(to_cache) >= 256:  # one transaction per burst, not per answer
+                        cache.put_many(self.model, to_cache, keys)
+                        to_cache.clear()
+                self.usage.add(result)
+                yield result
+        finally:
+            if cache is not None and to_cache:
+                cache.put_many(self.model, to_cache, keys)
         for request in by_id.values():  # a backend bug must not lose requests silently
             if request.id not in seen:
                 lost = TeacherResult(

@@ -67,24 +67,74 @@ class TeacherCache:
             meta=request.meta,
         )
 
+    def get_many(
+        self, model: str, requests: list[ChatRequest]
+    ) -> tuple[dict[str, TeacherResult], dict[str, str]]:
+        """Cached answers by request id, and every request's key (for put_many), in chunked look-ups."""
+        keys = {r.id: request_key(model, r) for r in requests}
+        by_key: dict[str, str] = {}
+        unique = list(set(keys.values()))
+        with self._lock:
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                by_key.update(
+                    self._conn.execute(
+                        f"SELECT key, value FROM answers WHERE key IN ({marks})", chunk
+                    ).fetchall()
+                )
+        hits = {}
+        for request in requests:
+            raw = by_key.get(keys[request.id])
+            if raw is None:
+                continue
+            value = json.loads(raw)
+            hits[request.id] = TeacherResult(
+                id=request.id,
+                ok=True,
+                texts=value["texts"],
+                logprobs=value.get("logprobs"),
+                usage=value.get("usage", {}),
+                finish_reasons=value.get("finish_reasons", []),
+                cached=True,
+                attempts=0,
+                meta=request.meta,
+            )
+        self.hits += len(hits)
+        self.misses += len(requests) - len(hits)
+        return hits, keys
+
     def put(self, model: str, request: ChatRequest, result: TeacherResult) -> None:
         """Store a successful answer (first writer wins; concurrent writers are safe)."""
-        if not result.ok:
-            return
-        value = json.dumps(
-            {
-                "texts": result.texts,
-                "logprobs": result.logprobs,
-                "usage": result.usage,
-                "finish_reasons": result.finish_reasons,
-            },
-            ensure_ascii=False,
-        )
-        with self._lock:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO answers (key, model, value) VALUES (?, ?, ?)",
-                (request_key(model, request), model, value),
+        self.put_many(model, [(request, result)])
+
+    def put_many(
+        self, model: str, pairs: list[tuple[ChatRequest, TeacherResult]], keys: dict[str, str] | None = None
+    ) -> None:
+        """Store many successful answers in one transaction (``keys`` by request id, if known)."""
+        rows = [
+            (
+                keys[request.id] if keys and request.id in keys else request_key(model, request),
+                model,
+                json.dumps(
+                    {
+                        "texts": result.texts,
+                        "logprobs": result.logprobs,
+                        "usage": result.usage,
+                        "finish_reasons": result.finish_reasons,
+                    },
+                    ensure_ascii=False,
+                ),
             )
+            for request, result in pairs
+            if result.ok
+        ]
+        if not rows:
+            return
+        with self._lock:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR IGNORE INTO answers (key, model, value) VALUES (?, ?, ?)", rows)
+            self._conn.execute("COMMIT")
 
     def __len__(self) -> int:
         with self._lock:

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +35,7 @@ from compeff.teachers.base import (
 )
 
 _DONE = object()
+SWITCH_INTERVAL_S = 0.0005
 
 
 def run_loop(coro: Any) -> Any:
@@ -236,11 +238,18 @@ class OpenAITeacher(Teacher):
                 results.put(_DONE)
 
         thread = threading.Thread(target=run, name="openai-teacher", daemon=True)
+        # the caller's per-result work runs in this thread; a short switch interval keeps it from
+        # stalling the event loop (which must keep hundreds of connections moving) for 5 ms at a time
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         thread.start()
-        while True:
-            item = results.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
+        try:
+            while True:
+                item = results.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            sys.setswitchinterval(interval)
