@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 
@@ -70,7 +71,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _params_dict(self)
+
+
+@lru_cache(maxsize=256)
+def _params_dict(params: SamplingParams) -> dict[str, Any]:
+    # many requests share one params object; asdict() deep-copies, so compute each once
+    return {f.name: getattr(params, f.name) for f in fields(params)}
 
 
 @dataclass

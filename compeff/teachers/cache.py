@@ -20,14 +20,24 @@ CREATE TABLE IF NOT EXISTS answers (
 """
 
 
+def _dumps(value: dict) -> str:
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover
+        return json.dumps(value, ensure_ascii=False)
+    return orjson.dumps(value).decode("utf-8")
+
+
 def request_key(model: str, request: ChatRequest) -> str:
     """Cache key: sha256 over model, messages and sampling parameters (not the caller's id)."""
-    blob = json.dumps(
-        {"model": model, "messages": request.messages, "params": request.params.to_dict()},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    payload = {"model": model, "messages": request.messages, "params": request.params.to_dict()}
+    try:
+        import orjson
+
+        blob = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    except ImportError:  # pragma: no cover
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
 
 
 class TeacherCache:
@@ -116,14 +126,13 @@ class TeacherCache:
             (
                 keys[request.id] if keys and request.id in keys else request_key(model, request),
                 model,
-                json.dumps(
+                _dumps(
                     {
                         "texts": result.texts,
                         "logprobs": result.logprobs,
                         "usage": result.usage,
                         "finish_reasons": result.finish_reasons,
-                    },
-                    ensure_ascii=False,
+                    }
                 ),
             )
             for request, result in pairs
@@ -131,9 +140,15 @@ class TeacherCache:
         ]
         if not rows:
             return
+        # one multi-row statement per chunk: executemany would release and re-take the GIL per row,
+        # which stalls behind the event loop thread of the openai backend
         with self._lock:
             self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT OR IGNORE INTO answers (key, model, value) VALUES (?, ?, ?)", rows)
+            for start in range(0, len(rows), 256):
+                chunk = rows[start : start + 256]
+                marks = ",".join(["(?, ?, ?)"] * len(chunk))
+                flat = [v for row in chunk for v in row]
+                self._conn.execute(f"INSERT OR IGNORE INTO answers (key, model, value) VALUES {marks}", flat)
             self._conn.execute("COMMIT")
 
     def __len__(self) -> int:
