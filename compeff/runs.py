@@ -196,6 +196,7 @@ class Stage:
                     f"{folder}: made with other settings or inputs (changed: {', '.join(changed) or 'unknown'}); "
                     "rerun with --force to start this stage over"
                 )
+        (folder / DATA_FILE).touch(exist_ok=True)  # the stage's data file exists even when nothing succeeds
         records = _repair_jsonl(folder / DATA_FILE)
         _repair_jsonl(folder / FAILURES_FILE)
         stage = cls(

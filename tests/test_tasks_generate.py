@@ -376,3 +376,34 @@ def test_generate_resumes_after_sigkill(tmp_path):
         return seen
 
     assert rows("killed") == rows("clean")
+
+
+def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearly(tmp_path):
+    """The built-in tiny teacher only learnt the enumerate format: the tasks stage must still finish, keep
+    every unusable answer with its raw text, and generate must say plainly that there is nothing to do."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+                "teacher": {"backend": "hf", "model": "builtin:tiny-chat", "max_tokens": 60, "temperature": 0.0, "cache": None},
+                "tasks": {"demo_calls": 2, "min_demos": 1, "min_examples": 2},
+            }
+        )
+    )
+    (tmp_path / "runs" / "tiny" / "cluster").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "cluster" / "perspectives.json").write_text(json.dumps(PERSPECTIVES[:2]))
+    proc = subprocess.run(compeff_cmd("tasks", "--config", str(recipe)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ideas = tmp_path / "runs" / "tiny" / "tasks" / "ideas"
+    ok = list(iter_jsonl(ideas / "data.jsonl")) if (ideas / "data.jsonl").exists() else []
+    failed = list(iter_jsonl(ideas / "failures.jsonl")) if (ideas / "failures.jsonl").exists() else []
+    assert len(ok) + len({f["id"] for f in failed}) == 4  # 2 perspectives x (analysis + ideas)
+    assert all(f["kind"] == "rejected" and "raw" in f for f in failed)
+    assert read_manifest(tmp_path / "runs" / "tiny" / "tasks")["status"] == "complete"
+    tasks = list(iter_jsonl(tmp_path / "runs" / "tiny" / "tasks" / "tasks.jsonl"))
+    gen = subprocess.run(compeff_cmd("generate", "--config", str(recipe), "--n-samples", "4"), capture_output=True, text=True, timeout=600)
+    if tasks:
+        assert gen.returncode == 0, gen.stderr[-2000:]
+    else:
+        assert gen.returncode == 2 and "kept no task" in gen.stderr
