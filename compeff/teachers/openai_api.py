@@ -38,6 +38,21 @@ _DONE = object()
 SWITCH_INTERVAL_S = 0.0005
 
 
+try:  # orjson parses and writes the bodies several times faster than json
+    import orjson
+
+    _loads = orjson.loads
+    _JSONDecodeError: tuple = (orjson.JSONDecodeError, json.JSONDecodeError)
+
+    def _dumps(value: Any) -> str:
+        return orjson.dumps(value).decode("utf-8")
+
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+    _JSONDecodeError = (json.JSONDecodeError,)
+    _dumps = json.dumps
+
+
 def run_loop(coro: Any) -> Any:
     """Run a coroutine on a fresh event loop: uvloop where installed (about 30% more requests/s)."""
     try:
@@ -71,10 +86,10 @@ def _request_body(model: str, request: ChatRequest) -> dict[str, Any]:
 def parse_completion(raw: bytes) -> tuple[list[str], list[str | None], list[Any] | None, dict[str, int]]:
     """Texts, finish reasons, logprobs and usage of a chat-completions body; TeacherProtocolError if malformed."""
     try:
-        data = json.loads(raw)
+        data = _loads(raw)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         texts = [c["message"].get("content") or "" for c in choices]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (*_JSONDecodeError, UnicodeDecodeError) as exc:
         raise TeacherProtocolError(f"malformed JSON body: {exc}: {raw[:200]!r}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise TeacherProtocolError(f"body is not a chat completion (missing {exc}): {raw[:200]!r}") from None
@@ -186,7 +201,7 @@ class OpenAITeacher(Teacher):
             limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300
         )
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers, json_serialize=_dumps)
 
     async def run_all(self, requests: list[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
         """Answer every request with ``concurrency`` workers, calling ``emit`` with each result."""
