@@ -25,87 +25,22 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 TINY_CHAT_VERSION = "v2"
 
-_WORDS = [
-    "the",
-    "movie",
-    "film",
-    "story",
-    "acting",
-    "plot",
-    "was",
-    "is",
-    "great",
-    "terrible",
-    "boring",
-    "wonderful",
-    "awful",
-    "good",
-    "bad",
-    "love",
-    "hate",
-    "sentiment",
-    "positive",
-    "negative",
-    "neutral",
-    "tone",
-    "emotion",
-    "review",
-    "tweet",
-    "user",
-    "text",
-    "sarcasm",
-    "irony",
-    "praise",
-    "anger",
-    "joy",
-    "sadness",
-    "fear",
-    "surprise",
-    "attribute",
-    "perspective",
-    "task",
-    "label",
-    "answer",
-    "rating",
-    "score",
-    "extract",
-    "json",
-    "format",
-    "not",
-    "very",
-    "really",
-    "quite",
-    "a",
-    "an",
-    "of",
-    "to",
-    "and",
-    "in",
-    "it",
-    "this",
-    "that",
-    "i",
-    "you",
-    "we",
-    "they",
-    "my",
-    "your",
-]
-
 
 def default_corpus(n: int = 3000, seed: int = 0) -> list[str]:
     """A small synthetic corpus (sentiment words, chat markers, JSON) to train the tiny tokenizer on."""
     import random
 
+    from compeff.format_lessons import WORDS
+
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
         k = rng.randint(4, 18)
-        words = [rng.choice(_WORDS) for _ in range(k)]
+        words = [rng.choice(WORDS) for _ in range(k)]
         if rng.random() < 0.2:
             words.append('{{"label": "{}"}}'.format(rng.choice(["positive", "negative", "neutral"])))
         if rng.random() < 0.2:
-            words.insert(0, f"{rng.randint(1, 9)}. **{rng.choice(_WORDS)}**:")
+            words.insert(0, f"{rng.randint(1, 9)}. **{rng.choice(WORDS)}**:")
         lines.append(" ".join(words))
     return lines
 

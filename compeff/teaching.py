@@ -7,7 +7,8 @@ bookkeeping. ``compeff teach`` exposes it directly: a jsonl of chat requests in,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
 def open_cache(settings: TeacherSettings) -> TeacherCache | None:
     """The recipe's request cache, or None when disabled."""
     return TeacherCache(settings.cache) if settings.cache else None
+
+
+@contextmanager
+def teacher_session(settings: TeacherSettings) -> Iterator[tuple[Teacher, TeacherCache | None]]:
+    """The recipe's teacher and request cache, closed when the block ends."""
+    teacher = make_teacher(settings)
+    cache = open_cache(settings)
+    try:
+        yield teacher, cache
+    finally:
+        teacher.close()
+        if cache is not None:
+            cache.close()
 
 
 def answer_requests(
@@ -155,9 +169,7 @@ def run_teach_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
 
 
 def _answer_teach_requests(recipe: Recipe, stage: Stage, requests: list[ChatRequest], progress: bool) -> None:
-    teacher = make_teacher(recipe.teacher)
-    cache = open_cache(recipe.teacher)
-    try:
+    with teacher_session(recipe.teacher) as (teacher, cache):
 
         def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
             return {
@@ -173,7 +185,3 @@ def _answer_teach_requests(recipe: Recipe, stage: Stage, requests: list[ChatRequ
 
         counts = answer_requests(stage, teacher, requests, to_record, cache=cache, progress=progress)
         stage.extra.update(teacher_usage=teacher.usage.to_dict(), call=counts, total_requests=len(requests))
-    finally:
-        teacher.close()
-        if cache is not None:
-            cache.close()

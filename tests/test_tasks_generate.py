@@ -386,14 +386,22 @@ def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearl
         yaml.safe_dump(
             {
                 "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
-                "teacher": {"backend": "hf", "model": "builtin:tiny-chat", "max_tokens": 60, "temperature": 0.0, "cache": None},
+                "teacher": {
+                    "backend": "hf",
+                    "model": "builtin:tiny-chat",
+                    "max_tokens": 60,
+                    "temperature": 0.0,
+                    "cache": None,
+                },
                 "tasks": {"demo_calls": 2, "min_demos": 1, "min_examples": 2},
             }
         )
     )
     (tmp_path / "runs" / "tiny" / "cluster").mkdir(parents=True)
     (tmp_path / "runs" / "tiny" / "cluster" / "perspectives.json").write_text(json.dumps(PERSPECTIVES[:2]))
-    proc = subprocess.run(compeff_cmd("tasks", "--config", str(recipe)), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        compeff_cmd("tasks", "--config", str(recipe)), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ideas = tmp_path / "runs" / "tiny" / "tasks" / "ideas"
     ok = list(iter_jsonl(ideas / "data.jsonl")) if (ideas / "data.jsonl").exists() else []
@@ -402,7 +410,12 @@ def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearl
     assert all(f["kind"] == "rejected" and "raw" in f for f in failed)
     assert read_manifest(tmp_path / "runs" / "tiny" / "tasks")["status"] == "complete"
     tasks = list(iter_jsonl(tmp_path / "runs" / "tiny" / "tasks" / "tasks.jsonl"))
-    gen = subprocess.run(compeff_cmd("generate", "--config", str(recipe), "--n-samples", "4"), capture_output=True, text=True, timeout=600)
+    gen = subprocess.run(
+        compeff_cmd("generate", "--config", str(recipe), "--n-samples", "4"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if tasks:
         assert gen.returncode == 0, gen.stderr[-2000:]
     else:

@@ -22,8 +22,8 @@ from compeff.synth.attributes import (
     min_count_threshold,
     parse_attributes,
 )
-from compeff.teachers import ChatRequest, TeacherResult, make_teacher, sampling_params
-from compeff.teaching import AnswerRejected, answer_requests, open_cache, teacher_identity
+from compeff.teachers import ChatRequest, TeacherResult, sampling_params
+from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
 
 ATTRIBUTES_FILE = "attributes.jsonl"
 
@@ -78,9 +78,7 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
         requests = build_requests(texts, recipe)
         pending = stage.pending(requests)
         if pending:
-            teacher = make_teacher(recipe.teacher)
-            cache = open_cache(recipe.teacher)
-            try:
+            with teacher_session(recipe.teacher) as (teacher, cache):
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     try:
@@ -98,10 +96,6 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
                 counts = answer_requests(stage, teacher, pending, to_record, cache=cache, progress=progress)
                 stage.extra["teacher_usage"] = teacher.usage.to_dict()
                 stage.extra["call"] = counts
-            finally:
-                teacher.close()
-                if cache is not None:
-                    cache.close()
         summary = write_attributes(stage, len(texts), recipe)
         stage.extra.update(
             texts=len(texts),

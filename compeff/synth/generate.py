@@ -22,8 +22,8 @@ from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.synth.instructions import plan_pairings, qc_reason, render_instruction, shard_of, task_definition
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
-from compeff.teachers import ChatRequest, TeacherResult, make_teacher, sampling_params
-from compeff.teaching import AnswerRejected, answer_requests, open_cache, teacher_identity
+from compeff.teachers import ChatRequest, TeacherResult, sampling_params
+from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
 
 
 def load_tasks(path: Path) -> list[dict[str, Any]]:
@@ -107,9 +107,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                 report_rows.add_row(row)
         pending = stage.pending(requests)
         if pending:
-            teacher = make_teacher(recipe.teacher)
-            cache = open_cache(recipe.teacher)
-            try:
+            with teacher_session(recipe.teacher) as (teacher, cache):
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
@@ -133,10 +131,6 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
 
                 counts = answer_requests(stage, teacher, pending, to_record, cache=cache, progress=progress)
                 stage.extra.update(call=counts, teacher_usage=teacher.usage.to_dict())
-            finally:
-                teacher.close()
-                if cache is not None:
-                    cache.close()
         report_rows.add_failures(stage.failures_path)
         report = report_rows.result()
         stage.write_artifact("report.json", report)

@@ -121,12 +121,16 @@ class TaskDefinition(BaseModel):
         return value
 
 
-def parse_string_list(answer: str) -> list[str]:
-    """A JSON list of strings (analysis instructions)."""
+def _json_or_reject(answer: str) -> Any:
     try:
-        value = parse_json_lenient(answer)
+        return parse_json_lenient(answer)
     except ValueError as exc:
         raise TaskRejected(str(exc)) from None
+
+
+def parse_string_list(answer: str) -> list[str]:
+    """A JSON list of strings (analysis instructions)."""
+    value = _json_or_reject(answer)
     if not isinstance(value, list):
         raise TaskRejected("expected a JSON list")
     items = [str(v).strip() for v in value if isinstance(v, str) and len(str(v).strip()) > 5]
@@ -137,10 +141,7 @@ def parse_string_list(answer: str) -> list[str]:
 
 def parse_ideas(answer: str) -> tuple[list[TaskIdea], dict[str, int]]:
     """Valid single-text task ideas, and counts of what was dropped (invalid, compares two texts)."""
-    try:
-        value = parse_json_lenient(answer)
-    except ValueError as exc:
-        raise TaskRejected(str(exc)) from None
+    value = _json_or_reject(answer)
     if isinstance(value, dict):
         value = value.get("tasks") or value.get("ideas") or [value]
     if not isinstance(value, list):
@@ -220,10 +221,7 @@ def parse_definition(answer: str, idea_type: str, min_examples: int) -> tuple[Ta
     Returns the task and the number of dropped examples. Raises TaskRejected when the definition is
     incomplete (no labels for a closed set, no schema for structured output, too few examples).
     """
-    try:
-        value = parse_json_lenient(answer)
-    except ValueError as exc:
-        raise TaskRejected(str(exc)) from None
+    value = _json_or_reject(answer)
     if not isinstance(value, dict):
         raise TaskRejected("expected a JSON object")
     value.setdefault("type", idea_type)
@@ -260,10 +258,7 @@ def parse_demo_pair(answer: str, task: TaskDefinition) -> tuple[list[Demo], int]
     Raises TaskRejected when the answer is not two input/output pairs; returns the valid demos and
     how many were dropped for breaking the format (e.g. a label outside the set).
     """
-    try:
-        value = parse_json_lenient(answer)
-    except ValueError as exc:
-        raise TaskRejected(str(exc)) from None
+    value = _json_or_reject(answer)
     if isinstance(value, dict):
         value = value.get("examples") or value.get("demos") or [value]
     if not isinstance(value, list) or len(value) != 2:

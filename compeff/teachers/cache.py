@@ -57,25 +57,8 @@ class TeacherCache:
 
     def get(self, model: str, request: ChatRequest) -> TeacherResult | None:
         """The cached answer to an identical request, re-labelled with this request's id, or None."""
-        key = request_key(model, request)
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        value = json.loads(row[0])
-        return TeacherResult(
-            id=request.id,
-            ok=True,
-            texts=value["texts"],
-            logprobs=value.get("logprobs"),
-            usage=value.get("usage", {}),
-            finish_reasons=value.get("finish_reasons", []),
-            cached=True,
-            attempts=0,
-            meta=request.meta,
-        )
+        hits, _ = self.get_many(model, [request])
+        return hits.get(request.id)
 
     def get_many(
         self, model: str, requests: list[ChatRequest]

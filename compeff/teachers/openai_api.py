@@ -201,7 +201,9 @@ class OpenAITeacher(Teacher):
             limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300
         )
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers, json_serialize=_dumps)
+        return aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=headers, json_serialize=_dumps
+        )
 
     async def run_all(self, requests: list[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
         """Answer every request with ``concurrency`` workers, calling ``emit`` with each result."""
