@@ -23,7 +23,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-TINY_CHAT_VERSION = "v2"
+TINY_CHAT_VERSION = "v3"
 
 
 def default_corpus(n: int = 3000, seed: int = 0) -> list[str]:
