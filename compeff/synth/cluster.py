@@ -109,7 +109,12 @@ def summary_markdown(perspectives: list[dict[str, Any]], result: APResult, n_att
         f"- attributes: {n_attributes}",
         f"- perspectives: {len(perspectives)}",
         f"- singletons: {len(singletons)}",
-        f"- preference: {result.preference:.4f} (percentile {result.extra.get('percentile')})",
+        f"- preference: {result.preference:.4f} "
+        + (
+            f"(percentile {result.extra['percentile']})"
+            if result.extra.get("percentile") is not None
+            else f"(searched: {len(result.extra.get('search', []))} runs)"
+        ),
         f"- iterations: {result.n_iter}, converged: {'yes' if result.converged else '**NO** (results may be unstable)'}",
         "",
         "| id | exemplar | size | total count | members (top 6) |",
