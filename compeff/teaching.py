@@ -52,34 +52,42 @@ def teacher_session(settings: TeacherSettings) -> Iterator[tuple[Teacher, Teache
 def answer_requests(
     stage: Stage,
     teacher: Teacher,
-    requests: list[ChatRequest],
+    requests: list[ChatRequest] | Iterator[ChatRequest],
     to_record: RecordFn,
     cache: TeacherCache | None = None,
     flush_every: int = 1024,
     flush_seconds: float = 1.0,
     progress: bool = True,
+    total: int | None = None,
 ) -> dict[str, int]:
     """Answer the requests a stage has not finished yet; append results batch by batch.
 
     ``to_record`` turns an ok answer into the stage's record (it may raise :class:`AnswerRejected`, and
-    the raw answer then goes to ``failures.jsonl``). Returns counts of this call.
+    the raw answer then goes to ``failures.jsonl``). ``requests`` is a list, or a lazy iterator of
+    requests that are all still to do (``total`` of them): it is then built while the teacher answers.
+    Returns counts of this call.
     """
-    seen: set[str] = set()
-    for request in requests:
-        if request.id in seen:
-            raise ValueError(f"{stage.name}: request id '{request.id}' appears twice")
-        seen.add(request.id)
-    todo = stage.pending(requests)
-    by_id = {r.id: r for r in todo}
+    by_id: dict[str, ChatRequest] = {}
+    if isinstance(requests, list):
+        seen: set[str] = set()
+        for request in requests:
+            if request.id in seen:
+                raise ValueError(f"{stage.name}: request id '{request.id}' appears twice")
+            seen.add(request.id)
+        todo_list = stage.pending(requests)
+        by_id = {r.id: r for r in todo_list}
+        asked, skipped, todo = len(todo_list), len(requests) - len(todo_list), iter(todo_list)
+    else:
+
+        def registered(items: Iterator[ChatRequest]) -> Iterator[ChatRequest]:
+            for item in items:
+                by_id[item.id] = item
+                yield item
+
+        asked, skipped, todo = total or 0, len(stage.done_ids), registered(requests)
+    counts = {"asked": asked, "skipped_done": skipped, "ok": 0, "failed": 0, "rejected": 0}
     ok_buf: list[dict[str, Any]] = []
     fail_buf: list[dict[str, Any]] = []
-    counts = {
-        "asked": len(todo),
-        "skipped_done": len(requests) - len(todo),
-        "ok": 0,
-        "failed": 0,
-        "rejected": 0,
-    }
     last_flush = time.monotonic()
 
     def flush() -> None:
@@ -90,7 +98,7 @@ def answer_requests(
         fail_buf.clear()
         last_flush = time.monotonic()
 
-    with Tracker(stage.name, total=len(requests), done=counts["skipped_done"], enabled=progress) as tracker:
+    with Tracker(stage.name, total=asked + skipped, done=skipped, enabled=progress) as tracker:
         for result in teacher.generate(todo, cache=cache):
             request = by_id[result.id]
             if result.ok:

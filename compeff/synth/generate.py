@@ -83,20 +83,18 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
     definitions = {t["id"]: task_definition(t) for t in tasks}
     params = sampling_params(recipe.teacher)
     sampling = params.to_dict()
-    requests = []
-    for p in plan:
-        task = by_id[p.task_id]
-        text = texts[p.text_index]
-        demos = [task["demos"][i] for i in p.demo_indices]
-        content = render_instruction(task, text["text"], demos)
-        requests.append(
-            ChatRequest(
-                id=p.id,
-                messages=[{"role": "user", "content": content}],
-                params=params,
-                meta={"task_id": p.task_id, "text_id": text["id"]},
-            )
+
+    def build(pairing) -> ChatRequest:
+        task = by_id[pairing.task_id]
+        text = texts[pairing.text_index]
+        demos = [task["demos"][i] for i in pairing.demo_indices]
+        return ChatRequest(
+            id=pairing.id,
+            messages=[{"role": "user", "content": render_instruction(task, text["text"], demos)}],
+            params=params,
+            meta={"task_id": pairing.task_id, "text_id": text["id"]},
         )
+
     stage = Stage.open(
         recipe.run_dir, name, config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
     )
@@ -105,7 +103,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         if stage.done_ids and stage.data_path.exists():  # resumed: the rows written before count too
             for row in iter_jsonl(stage.data_path):
                 report_rows.add_row(row)
-        pending = stage.pending(requests)
+        pending = stage.pending(plan)
         if pending:
             with teacher_session(recipe.teacher) as (teacher, cache):
 
@@ -129,7 +127,11 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     report_rows.add_row(record)
                     return record
 
-                counts = answer_requests(stage, teacher, pending, to_record, cache=cache, progress=progress)
+                # requests are rendered while earlier ones are in flight
+                lazy = (build(p) for p in pending)
+                counts = answer_requests(
+                    stage, teacher, lazy, to_record, cache=cache, progress=progress, total=len(pending)
+                )
                 stage.extra.update(call=counts, teacher_usage=teacher.usage.to_dict())
         report_rows.add_failures(stage.failures_path)
         report = report_rows.result()

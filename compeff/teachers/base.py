@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import itertools
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -162,22 +164,58 @@ class Teacher(abc.ABC):
     def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
         """Backend work: answer every request (order free), failures as failed results."""
 
+    #: backends that read their requests lazily (so building them overlaps with answering them)
+    streams_requests = False
+
     def generate(self, requests: Iterable[ChatRequest], cache: Any = None) -> Iterator[TeacherResult]:
-        """Answer requests, serving identical ones from ``cache`` (a TeacherCache) when given."""
-        requests = list(requests)
+        """Answer requests, serving identical ones from ``cache`` (a TeacherCache) when given.
+
+        ``requests`` may be a lazy iterator: streaming backends pull from it while earlier requests are
+        in flight, and cache look-ups then happen chunk by chunk on the way in.
+        """
+        by_id: dict[str, ChatRequest] = {}
         keys: dict[str, str] = {}
-        todo: list[ChatRequest] = requests
-        if cache is not None:
-            hits, keys = cache.get_many(self.model, requests)
-            todo = [r for r in requests if r.id not in hits]
-            for hit in hits.values():
-                self.usage.add(hit)
-                yield hit
-        by_id = {request.id: request for request in todo}
+        hits: deque[TeacherResult] = deque()
+
+        def feed() -> Iterator[ChatRequest]:
+            """Requests for the backend: cached ones are set aside, the rest registered and passed on."""
+            chunk: list[ChatRequest] = []
+            for request in itertools.chain(requests, [None]):
+                if request is not None:
+                    chunk.append(request)
+                    if len(chunk) < 256 and cache is not None:
+                        continue
+                    if cache is None:
+                        by_id[request.id] = request
+                        yield request
+                        chunk.clear()
+                        continue
+                if not chunk:
+                    continue
+                found, chunk_keys = cache.get_many(self.model, chunk)
+                keys.update(chunk_keys)
+                for item in chunk:
+                    if item.id in found:
+                        hits.append(found[item.id])
+                    else:
+                        by_id[item.id] = item
+                        yield item
+                chunk = []
+
+        source: Iterable[ChatRequest] = feed() if self.streams_requests else list(feed())
         seen: set[str] = set()
         to_cache: list[tuple[ChatRequest, TeacherResult]] = []
+
+        def drain_hits() -> Iterator[TeacherResult]:
+            while hits:
+                hit = hits.popleft()
+                self.usage.add(hit)
+                yield hit
+
+        yield from drain_hits()
         try:
-            for result in self._generate(list(by_id.values())):
+            for result in self._generate(source):
+                yield from drain_hits()
                 if result.id in seen:
                     continue
                 seen.add(result.id)
@@ -191,7 +229,8 @@ class Teacher(abc.ABC):
         finally:
             if cache is not None and to_cache:
                 cache.put_many(self.model, to_cache, keys)
-        for request in by_id.values():  # a backend bug must not lose requests silently
+        yield from drain_hits()
+        for request in list(by_id.values()):  # a backend bug must not lose requests silently
             if request.id not in seen:
                 lost = TeacherResult(
                     id=request.id, ok=False, error="backend returned no result", error_kind="lost"

@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import aiohttp
@@ -205,16 +205,18 @@ class OpenAITeacher(Teacher):
             connector=connector, timeout=timeout, headers=headers, json_serialize=_dumps
         )
 
-    async def run_all(self, requests: list[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
-        """Answer every request with ``concurrency`` workers, calling ``emit`` with each result."""
+    async def run_all(self, requests: Iterable[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
+        """Answer every request with ``concurrency`` workers, calling ``emit`` with each result; the
+        requests are pulled one at a time, so a lazy iterator is built while earlier ones are in flight."""
         todo = iter(requests)
 
         async def worker(session: aiohttp.ClientSession) -> None:
             for request in todo:
                 emit(await self.complete(session, request))
 
+        workers = self.concurrency if not isinstance(requests, list) else min(self.concurrency, len(requests))
         async with self._session() as session:
-            await asyncio.gather(*(worker(session) for _ in range(min(self.concurrency, len(requests)))))
+            await asyncio.gather(*(worker(session) for _ in range(workers)))
 
     async def agenerate(self, requests: list[ChatRequest]) -> AsyncIterator[TeacherResult]:
         """Async form for notebooks and servers: yields results as they complete (no cache)."""
@@ -224,8 +226,10 @@ class OpenAITeacher(Teacher):
             yield await out.get()
         await task
 
-    def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
-        if not requests:
+    streams_requests = True
+
+    def _generate(self, requests: Iterable[ChatRequest]) -> Iterator[TeacherResult]:
+        if isinstance(requests, list) and not requests:
             return
         results: queue.Queue = queue.Queue()
         buffer: list[TeacherResult] = []
