@@ -51,3 +51,18 @@ def _isolated_home(tmp_path, monkeypatch, compeff_home):
 def compeff_cmd(*args: str) -> list[str]:
     """Command line running the installed CLI with this interpreter."""
     return [sys.executable, "-m", "compeff.cli", *args]
+
+
+def kill_after_lines(cmd: list[str], data: Path, min_lines: int, wait_s: float = 300.0) -> int:
+    """Start ``cmd``, SIGKILL it once ``data`` holds ``min_lines`` lines (bounded wait); lines at the kill."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not (data.exists() and data.read_text().count("\n") >= min_lines):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return data.read_text().count("\n") if data.exists() else 0

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
-from conftest import compeff_cmd
+from conftest import compeff_cmd, kill_after_lines
 
 from compeff.runs import iter_jsonl, read_manifest
 
@@ -84,17 +81,7 @@ def test_enumerate_resumes_after_sigkill(tmp_path):
     )
 
     out = tmp_path / "runs" / "killed" / "enumerate" / "data.jsonl"
-    proc = subprocess.Popen(
-        compeff_cmd("enumerate", "--config", str(killed)),
-        stderr=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 3):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    at_kill = out.read_text().count("\n")
+    at_kill = kill_after_lines(compeff_cmd("enumerate", "--config", str(killed)), out, 3)
     assert 3 <= at_kill < 16
     subprocess.run(
         compeff_cmd("enumerate", "--config", str(killed)), check=True, capture_output=True, timeout=600

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-from conftest import compeff_cmd
+from conftest import compeff_cmd, kill_after_lines
 
 from compeff.runs import iter_jsonl, read_manifest
 from compeff.teachers.fake_server import FakeServer
@@ -52,16 +49,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
         )
 
         data = tmp_path / "killed" / "quickstart" / "teach" / "data.jsonl"
-        proc = subprocess.Popen(
-            teach_cmd(inp, srv.base_url, tmp_path / "killed", tmp_path / "c2.sqlite"),
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (data.exists() and data.read_text().count("\n") >= 10):
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        done_at_kill = data.read_text().count("\n")
+        killed = teach_cmd(inp, srv.base_url, tmp_path / "killed", tmp_path / "c2.sqlite")
+        done_at_kill = kill_after_lines(killed, data, 10, wait_s=120)
         assert 10 <= done_at_kill < N, "the kill must land mid-run"
         assert read_manifest(data.parent)["status"] == "running"
 

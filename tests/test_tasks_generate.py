@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compeff_cmd
+from conftest import compeff_cmd, kill_after_lines
 
 from compeff.config import load_recipe
 from compeff.runs import iter_jsonl, read_manifest
@@ -352,17 +349,7 @@ def test_generate_resumes_after_sigkill(tmp_path):
             compeff_cmd("generate", "--config", str(clean)), check=True, capture_output=True, timeout=300
         )
         out = tmp_path / "runs" / "killed" / "generate" / "data.jsonl"
-        proc = subprocess.Popen(
-            compeff_cmd("generate", "--config", str(killed)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 20):
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        at_kill = out.read_text().count("\n")
+        at_kill = kill_after_lines(compeff_cmd("generate", "--config", str(killed)), out, 20, wait_s=120)
         assert 20 <= at_kill < 150
         subprocess.run(
             compeff_cmd("generate", "--config", str(killed)), check=True, capture_output=True, timeout=300
