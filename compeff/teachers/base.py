@@ -73,7 +73,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return _params_dict(self)
+        return dict(_params_dict(self))  # a copy: the cached dict is shared by every request
 
 
 @lru_cache(maxsize=256)
