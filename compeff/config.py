@@ -55,6 +55,23 @@ def _must_exist(value: str | None, info: ValidationInfo | None = None) -> str | 
 Source = Annotated[str, AfterValidator(_must_exist)]
 
 
+def _shard_spec(value: str | None) -> str | None:
+    """'K/N' with 0 <= K < N, normalised; None passes."""
+    if value is None:
+        return value
+    parts = value.split("/")
+    if (
+        len(parts) != 2
+        or not all(p.strip().isdigit() for p in parts)
+        or not 0 <= int(parts[0]) < int(parts[1])
+    ):
+        raise ValueError(f"expected K/N with 0 <= K < N, got {value!r}")
+    return f"{int(parts[0])}/{int(parts[1])}"
+
+
+ShardSpec = Annotated[str | None, AfterValidator(_shard_spec)]
+
+
 # --------------------------------------------------------------------------------------------- run
 class RunSettings(Section):
     name: str = Field("quickstart", description="Name of the run; artifacts go to <dir>/<name>/<stage>/.")
@@ -238,41 +255,77 @@ class GenerateSettings(Section):
     qc: bool = Field(
         True, description="Drop answers that break their task's format (labels, JSON schema, rating number)."
     )
-    shard: str | None = Field(
+    shard: ShardSpec = Field(
         None, description="Do only shard K of N of the samples, written as 'K/N' (K from 0)."
     )
     merge: bool = Field(False, description="Join the finished shards into the generate stage.")
 
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        parts = value.split("/")
-        if (
-            len(parts) != 2
-            or not all(p.strip().isdigit() for p in parts)
-            or not 0 <= int(parts[0]) < int(parts[1])
-        ):
-            raise ValueError(f"expected K/N with 0 <= K < N, got {value!r}")
-        return f"{int(parts[0])}/{int(parts[1])}"
-
 
 class ScoreSettings(Section):
+    scorer: str | None = Field(
+        None, description="Causal LM that scores the samples: path or hub id (null: the student model)."
+    )
+    input: str | None = Field(
+        None,
+        description="Chat dataset to score (jsonl with messages; default: the run's generate/data.jsonl).",
+    )
     metrics: list[Literal["rank", "ppl", "ifd", "length"]] = Field(
         default_factory=lambda: ["rank", "ppl", "ifd", "length"], description="Difficulty metrics to compute."
     )
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus threshold of the rank score.")
+    exclude_argmax: bool = Field(
+        True,
+        description="Leave tokens the scorer ranks first (score 0) out of rho's mean, as the paper does; "
+        "false averages over every response token.",
+    )
+    layout: Literal["plain", "chat"] = Field(
+        "plain",
+        description="plain: instruction + separator + response (the paper's); chat: the scorer's template.",
+    )
+    separator: str = Field("\n", description="Text between instruction and response in the plain layout.")
     max_length: int = Field(2048, ge=8, description="Tokens per scored text.")
+    truncation_side: Literal["left", "right"] = Field(
+        "right", description="Which end a too-long text loses (left keeps the response)."
+    )
+    padding_side: Literal["left", "right"] = Field("right", description="Padding side of scoring batches.")
     batch_size: int = Field(8, ge=1, description="Samples per forward pass.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
+        "auto", description="Scorer weights dtype (auto: bfloat16 on a GPU, float32 on CPU)."
+    )
+    warmup_samples: int = Field(
+        0,
+        ge=0,
+        description="Fine-tune the scorer on this many random samples first (paper: a warmed-up student).",
+    )
+    shard: ShardSpec = Field(None, description="Score only shard K of N of the samples, written as 'K/N'.")
+    merge: bool = Field(False, description="Join the finished score shards into the score stage.")
+    proxy: bool = Field(
+        False,
+        description="Train the difficulty proxy on the scored set (predicts rho before the teacher answers).",
+    )
+    proxy_head: Literal["ridge", "mlp"] = Field("ridge", description="Regressor of the proxy.")
+    proxy_holdout: float = Field(
+        0.2, gt=0, lt=1, description="Share of scored samples held out to test the proxy."
+    )
 
 
 class SampleSettings(Section):
+    input: str | None = Field(
+        None, description="Scored set to sample from (default: the run's score/data.jsonl)."
+    )
     ratio: float = Field(0.5, gt=0, le=1, description="Share of samples to keep.")
-    method: Literal["soft", "hard", "random"] = Field("soft", description="Selection rule.")
-    group: Literal["task", "global"] = Field("task", description="Grouping for selection.")
+    method: Literal["soft", "hard", "random"] = Field(
+        "soft", description="soft: keep with probability F(position) (the paper's); hard: top share; random."
+    )
+    group: Literal["task", "global"] = Field(
+        "task", description="task: select within each task (analysis instructions each on their own); global."
+    )
     metric: Literal["rank", "ppl", "ifd", "length"] = Field("rank", description="Difficulty metric used.")
-    a: float = Field(1.0, gt=0, le=1, description="Break point of the sampling curve F.")
+    a: float = Field(
+        1.0, gt=0, le=1, description="Peak of the keep curve F (1: the hardest are likeliest kept)."
+    )
+    seed: int | None = Field(None, description="Seed of the draws (null: run.seed).")
 
 
 class SftSettings(Section):

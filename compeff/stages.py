@@ -32,6 +32,8 @@ IMPLEMENTED: dict[str, str] = {
     "cluster": "compeff.synth.cluster:run_cluster_stage",
     "tasks": "compeff.synth.tasks_stage:run_tasks_stage",
     "generate": "compeff.synth.generate:run_generate_stage",
+    "score": "compeff.select.score_stage:run_score_stage",
+    "sample": "compeff.select.sample_stage:run_sample_stage",
 }
 
 

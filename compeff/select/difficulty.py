@@ -86,10 +86,12 @@ class DifficultyScorer:
     ) -> DifficultyScorer:
         """Load a scorer by path or hub id ('builtin:tiny-chat' works offline)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from compeff.models import resolve_model
         from compeff.teachers.hf_local import pick_device, pick_dtype
 
+        hf_logging.disable_progress_bar()  # compeff shows its own progress
         path = resolve_model(name)
         dev = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path)

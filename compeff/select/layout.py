@@ -99,8 +99,13 @@ def tokenize_sample(
     if with_alone:
         _, response = split_sample(messages)
         alone = tokenizer(response, add_special_tokens=True, return_offsets_mapping=True)
+        alone_ids = list(alone["input_ids"])
         alone_pos = _span_tokens(alone["offset_mapping"], 0, len(response))
-        alone_ids, alone_kept, _ = _truncate(list(alone["input_ids"]), alone_pos, max_length, "right")
+        start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start_id is not None and (not alone_ids or alone_ids[0] != start_id):
+            # a start token, so that the first response token is predicted too
+            alone_ids, alone_pos = [start_id, *alone_ids], [p + 1 for p in alone_pos]
+        alone_ids, alone_kept, _ = _truncate(alone_ids, alone_pos, max_length, "right")
         example.alone_ids = alone_ids
         example.alone_positions = [p for p in alone_kept if p > 0]
     return example

@@ -9,7 +9,6 @@ report. ``--shard K/N`` does one part in ``generate-shard-K-of-N``; ``--merge`` 
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -19,7 +18,8 @@ from compeff.config import Recipe
 from compeff.data import DataError, select_user_texts
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
-from compeff.synth.instructions import plan_pairings, qc_reason, render_instruction, shard_of, task_definition
+from compeff.shards import finished_shards, shard_of, shard_stage_name
+from compeff.synth.instructions import plan_pairings, qc_reason, render_instruction, task_definition
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
@@ -42,11 +42,6 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
         "teacher": teacher_identity(recipe.teacher),
         "sources": recipe.data.user_texts,
     }
-
-
-def shard_stage_name(shard: str) -> str:
-    k, n = shard.split("/")
-    return f"generate-shard-{k}-of-{n}"
 
 
 def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -78,7 +73,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
     if settings.shard:
         k, n = (int(x) for x in settings.shard.split("/"))
         plan = [p for p in plan if shard_of(p.id, n) == k]
-        name = shard_stage_name(settings.shard)
+        name = shard_stage_name("generate", settings.shard)
     by_id = {t["id"]: t for t in tasks}
     definitions = {t["id"]: task_definition(t) for t in tasks}
     params = sampling_params(recipe.teacher)
@@ -151,25 +146,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
 
 def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Join every finished ``generate-shard-K-of-N`` into ``generate`` (in sample order)."""
-    shards = sorted(recipe.run_dir.glob("generate-shard-*-of-*"))
-    if not shards:
-        raise DataError(f"{recipe.run_dir}: no generate shards to merge (run `compeff generate --shard K/N`)")
-    totals = {int(p.name.rsplit("-of-", 1)[1]) for p in shards}
-    if len(totals) != 1:
-        raise DataError(
-            f"{recipe.run_dir}: shards of different splits ({sorted(totals)}); remove the stale ones"
-        )
-    n = totals.pop()
-    expected = {f"generate-shard-{k}-of-{n}" for k in range(n)}
-    missing = sorted(expected - {p.name for p in shards})
-    unfinished = sorted(p.name for p in shards if (read_manifest(p) or {}).get("status") != "complete")
-    if missing or unfinished:
-        raise DataError(
-            f"cannot merge: missing shards {missing or '-'}, unfinished shards {unfinished or '-'}"
-        )
-    configs = {json.dumps((read_manifest(p) or {}).get("config"), sort_keys=True) for p in shards}
-    if len(configs) != 1:
-        raise DataError("cannot merge: the shards were made with different settings")
+    shards = finished_shards(recipe.run_dir, "generate")
     tasks_file = recipe.run_dir / "tasks" / TASKS_FILE
     stage = Stage.open(
         recipe.run_dir, "generate", config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force

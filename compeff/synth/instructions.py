@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -118,8 +117,3 @@ def qc_reason(task: dict[str, Any], response: str, definition: TaskDefinition | 
     if task["type"] == "analysis":
         return None
     return check_output(definition or task_definition(task), response)
-
-
-def shard_of(sample_id: str, n_shards: int) -> int:
-    """Stable shard of a sample id (the same on every machine)."""
-    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % n_shards
