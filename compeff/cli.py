@@ -303,6 +303,27 @@ def bench_generate(
     )
 
 
+@bench_app.command("score")
+def bench_score(
+    samples: int = typer.Option(200, "--samples", help="Samples scored by both paths."),
+    vocab: int = typer.Option(
+        32000, "--vocab", help="Output vocabulary of the local scorer (>= 32k on CPU)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass of the fast path."),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda'."),
+    dtype: str = typer.Option("float32", "--dtype", help="Scorer weights dtype."),
+    out: Path | None = typer.Option(None, "--out", help="Write score_bench_<device>.json here."),
+) -> None:
+    """Tokens scored per second: vectorised rank score vs the per-token reference loop."""
+    from compeff.bench.score import run_score_bench
+
+    guarded(
+        lambda: run_score_bench(
+            n_samples=samples, vocab=vocab, batch_size=batch_size, device=device, dtype=dtype, out_dir=out
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

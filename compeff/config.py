@@ -259,6 +259,12 @@ class GenerateSettings(Section):
         None, description="Do only shard K of N of the samples, written as 'K/N' (K from 0)."
     )
     merge: bool = Field(False, description="Join the finished shards into the generate stage.")
+    proxy: str | None = Field(
+        None,
+        description="Difficulty proxy (score-proxy folder or proxy.joblib from `compeff score --proxy`): "
+        "skip the pairs it predicts easiest before the teacher answers.",
+    )
+    proxy_skip: float = Field(0.3, ge=0, lt=1, description="Share of each task's pairs the proxy skips.")
 
 
 class ScoreSettings(Section):

@@ -47,6 +47,15 @@ def make_samples(n: int, seed: int = 0) -> list[tuple[str, list[dict[str, str]]]
     return out
 
 
+@pytest.fixture(params=["numba", "torch"])
+def kernel(request, monkeypatch):
+    """Run a test with the compiled CPU kernel and with the torch code (the GPU path)."""
+    monkeypatch.setenv("COMPEFF_RANK_KERNEL", "auto" if request.param == "numba" else "torch")
+    if request.param == "numba":
+        assert rank_mod._cpu_kernel() is not None
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def f64_models(tiny_lm):
     """The tiny LM in float64 (so padded and unpadded logits agree to ~1e-12), flat and peaked."""
@@ -59,7 +68,7 @@ def f64_models(tiny_lm):
     return tok, {"flat": flat, "peaked": peaked}
 
 
-def test_hand_computed_token_scores():
+def test_hand_computed_token_scores(kernel):
     # probabilities 0.5, 0.3, 0.15, 0.05 -> running sums 0.5, 0.8, 0.95, 1.0
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
     logits = probs.log().float().repeat(4, 1)
@@ -76,7 +85,7 @@ def test_hand_computed_token_scores():
     assert rho(torch.tensor([0.0, 0.5, 1.0]), exclude_argmax=False)[0] == pytest.approx(0.5)
 
 
-def test_ties_follow_vocabulary_order():
+def test_ties_follow_vocabulary_order(kernel):
     logits = torch.zeros(3, 6)  # uniform: sums 1/6, 2/6, ... -> nucleus 6 at top_p 0.95
     targets = torch.tensor([0, 2, 5])
     scores, _ = token_scores(logits, targets, top_p=0.95)
@@ -100,7 +109,9 @@ def test_nucleus_sizes_match_a_full_sort(steps, monkeypatch):
 @pytest.mark.parametrize("kind", ["flat", "peaked"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("truncation_side", ["left", "right"])
-def test_fast_path_agrees_with_reference_loop(f64_models, kind, padding_side, truncation_side, monkeypatch):
+def test_fast_path_agrees_with_reference_loop(
+    f64_models, kind, padding_side, truncation_side, monkeypatch, kernel
+):
     monkeypatch.setattr(rank_mod, "TOPK_STEPS", (4, 16, 128))  # every widening step gets used
     tok, models = f64_models
     model = models[kind]
@@ -124,7 +135,7 @@ def test_fast_path_agrees_with_reference_loop(f64_models, kind, padding_side, tr
     assert truncated > 0  # the length limit was actually hit
 
 
-def test_ppl_and_ifd_match_direct_computation(f64_models):
+def test_ppl_and_ifd_match_direct_computation(f64_models, kernel):
     tok, models = f64_models
     model = models["flat"]
     scorer = DifficultyScorer(model, tok, ScoreOptions(batch_size=4))
@@ -157,3 +168,34 @@ def test_response_span_from_offsets(tiny_lm):
     assert tok.decode([chat.input_ids[p] for p in chat.positions]) == "positive"
     with pytest.raises(LayoutError, match="assistant"):
         tokenize_sample("b", messages[:1], tok)
+
+
+def test_wide_and_crowded_rows_match_the_reference(kernel):
+    """Near-uniform rows (one crowded histogram bucket), rows summing below top_p, many exact ties."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.cat(
+        [
+            torch.randn(6, 5000, generator=gen) * 0.001,  # almost uniform: every float in one bucket
+            torch.randn(6, 5000, generator=gen) * 3,
+            torch.zeros(2, 5000),  # exact ties everywhere
+            torch.full((2, 5000), -1e4).index_fill_(1, torch.tensor([7]), 0.0),  # one token takes it all
+        ]
+    )
+    targets = torch.randint(0, 5000, (16,), generator=gen)
+    for top_p in (0.5, 0.95, 1.0):
+        scores, _ = token_scores(logits, targets, top_p)
+        expected = [reference_token_score(logits[i], int(targets[i]), top_p) for i in range(16)]
+        assert scores.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_nucleus_edge_is_strict():
+    """A running sum equal to top_p ends the nucleus: 0.5 + 0.25 is not < 0.75 (exact in binary)."""
+    import numpy as np
+
+    from compeff.select.rank_kernel import score_rows
+
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 2)
+    assert nucleus_sizes(probs, 0.75).tolist() == [2, 2]
+    out = np.empty(2)
+    score_rows(probs.numpy(), np.array([1, 2]), 0.75, out)
+    assert out.tolist() == [0.5, 1.0]  # rank 1 of 2; rank 2 is outside

@@ -44,6 +44,27 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def _skip_with_proxy(plan, by_id, texts, proxy_path: str, share: float):
+    """The plan without the pairs the difficulty proxy predicts easiest (per task)."""
+    from compeff.select.proxy import PROXY_FILE, load_proxy, skip_predicted_easy
+
+    proxy = load_proxy(proxy_path)
+    prompts = [
+        render_instruction(
+            by_id[p.task_id],
+            texts[p.text_index]["text"],
+            [by_id[p.task_id]["demos"][i] for i in p.demo_indices],
+        )
+        for p in plan
+    ]
+    kept, _ = skip_predicted_easy(
+        plan, prompts, [p.task_id for p in plan], [by_id[p.task_id]["type"] for p in plan], proxy, share
+    )
+    console.print(f"generate: the difficulty proxy skips {len(plan) - len(kept)} of {len(plan)} pairs")
+    path = Path(proxy_path)
+    return kept, len(plan) - len(kept), path / PROXY_FILE if path.is_dir() else path
+
+
 def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pair, answer, check and write the distillation set (or one shard of it, or merge the shards)."""
     settings = recipe.generate
@@ -76,6 +97,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         name = shard_stage_name("generate", settings.shard)
     by_id = {t["id"]: t for t in tasks}
     definitions = {t["id"]: task_definition(t) for t in tasks}
+    inputs: dict[str, Path] = {"tasks": tasks_file}
+    skipped = 0
+    if settings.proxy:
+        plan, skipped, inputs["proxy"] = _skip_with_proxy(
+            plan, by_id, texts, settings.proxy, settings.proxy_skip
+        )
     params = sampling_params(recipe.teacher)
     sampling = params.to_dict()
 
@@ -90,10 +117,9 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
             meta={"task_id": pairing.task_id, "text_id": text["id"]},
         )
 
-    stage = Stage.open(
-        recipe.run_dir, name, config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
-    )
+    stage = Stage.open(recipe.run_dir, name, config=_stage_config(recipe), inputs=inputs, force=force)
     with stage:
+        stage.extra["proxy_skipped"] = skipped
         report_rows = ReportBuilder(by_id, len(plan))
         if stage.done_ids and stage.data_path.exists():  # resumed: the rows written before count too
             for row in iter_jsonl(stage.data_path):

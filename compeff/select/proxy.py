@@ -1,0 +1,223 @@
+"""Difficulty before the teacher answers: a regressor from the prompt to rho.
+
+Scoring needs the teacher's response, so the teacher must answer every pair first (the paper's third
+open problem). The proxy learns rho from what is known before answering - a sentence embedding of
+the prompt (instruction + text), the prompt's length and the task type - on already-scored samples,
+so ``compeff generate`` can skip the pairs it predicts easiest (``generate.proxy``).
+
+``compeff score --proxy`` trains it on the run's scored set, reports its Spearman correlation with
+the true rho on held-out samples, and how many teacher calls skipping would have saved while the
+retained set stays as hard (hard selection of ``sample.ratio``, mean rho within 1% of scoring all).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compeff.config import EmbedderSettings, Recipe
+from compeff.data import DataError
+from compeff.progress import console
+from compeff.runs import Stage, iter_jsonl
+
+PROXY_FILE = "proxy.joblib"
+TASK_TYPES = (
+    "closed_classification",
+    "open_classification",
+    "rating",
+    "extraction",
+    "structured",
+    "analysis",
+)
+SKIP_GRID = tuple(round(0.05 * i, 2) for i in range(0, 19))
+TOLERANCE = 0.01
+
+
+def prompt_of(messages: list[dict[str, Any]]) -> str:
+    """Everything the teacher sees: the messages before its answer."""
+    turns = messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+    return "\n\n".join(str(m.get("content", "")) for m in turns)
+
+
+def proxy_features(
+    prompts: Sequence[str], task_types: Sequence[str | None], settings: EmbedderSettings, embedder: Any = None
+) -> np.ndarray:
+    """Embedding of each prompt, its log length in characters, and a one-hot of its task type."""
+    from compeff.embeddings import embed_texts
+
+    emb = embed_texts(list(prompts), settings, embedder)
+    length = np.log1p(np.array([len(p) for p in prompts], dtype=np.float32))[:, None]
+    onehot = np.array([[t == k for k in TASK_TYPES] for t in task_types], dtype=np.float32)
+    return np.hstack([emb, length, onehot])
+
+
+def make_regressor(head: str, seed: int):
+    """Ridge with its penalty chosen by cross-validation, or a small MLP."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if head == "ridge":
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    return make_pipeline(
+        StandardScaler(),
+        MLPRegressor(
+            hidden_layer_sizes=(128,), alpha=1e-3, early_stopping=True, max_iter=500, random_state=seed
+        ),
+    )
+
+
+def calls_saved(
+    truth: np.ndarray, predicted: np.ndarray, ratio: float, tolerance: float = TOLERANCE, seed: int = 0
+) -> dict[str, Any]:
+    """Teacher calls skippable at (nearly) equal retained difficulty.
+
+    Skipping a share s of pairs (those predicted easiest, or random ones as a baseline) leaves the
+    rest to be answered, scored and hard-selected down to ``ratio`` of all pairs; the largest s whose
+    retained mean rho stays within ``tolerance`` of selecting from every pair is the saving.
+    """
+    n = truth.size
+    keep_n = max(1, round(ratio * n))
+    oracle = float(np.sort(truth)[-keep_n:].mean())
+    by_prediction = np.argsort(-predicted, kind="stable")
+    shuffled = np.random.default_rng(seed).permutation(n)
+    curve = []
+    for skip in SKIP_GRID:
+        answered_n = n - round(skip * n)
+        if answered_n < keep_n:
+            break
+        row = {"skip": skip}
+        for name, order in (("proxy", by_prediction), ("random", shuffled)):
+            answered = truth[order[:answered_n]]
+            row[name] = float(np.sort(answered)[-keep_n:].mean())
+        curve.append(row)
+
+    def best(name: str) -> float:
+        ok = [r["skip"] for r in curve if r[name] >= (1 - tolerance) * oracle]
+        return max(ok, default=0.0)
+
+    return {
+        "ratio": ratio,
+        "tolerance": tolerance,
+        "oracle_mean_rho": oracle,
+        "saved_share_proxy": best("proxy"),
+        "saved_share_random": best("random"),
+        "curve": curve,
+    }
+
+
+def run_proxy(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, test and save the proxy on the run's scored set (``runs/<name>/score-proxy/``)."""
+    import joblib
+    from scipy.stats import spearmanr
+
+    settings = recipe.score
+    scored = recipe.run_dir / "score" / "data.jsonl"
+    if not scored.is_file():
+        raise DataError(f"{scored}: no scored set to learn from (run `compeff score` first)")
+    rows = [r for r in iter_jsonl(scored) if isinstance(r.get("difficulty", {}).get("rank"), int | float)]
+    if len(rows) < 20:
+        raise DataError(f"{scored}: {len(rows)} samples with a rank score; the proxy needs at least 20")
+    config = {
+        "head": settings.proxy_head,
+        "holdout": settings.proxy_holdout,
+        "seed": recipe.run.seed,
+        "embedder": recipe.embedder.model_dump(exclude={"device", "batch_size"}),
+        "ratio": recipe.sample.ratio,
+    }
+    stage = Stage.open(recipe.run_dir, "score-proxy", config=config, inputs={"scored": scored}, force=force)
+    with stage:
+        if stage.was_complete and (stage.folder / PROXY_FILE).exists():
+            return stage.previous_manifest.get("report", {}) if stage.previous_manifest else {}
+        rows.sort(key=lambda r: str(r["id"]))
+        console.print(f"score-proxy: embedding {len(rows)} prompts with {recipe.embedder.model}")
+        X = proxy_features(
+            [prompt_of(r["messages"]) for r in rows], [r.get("task_type") for r in rows], recipe.embedder
+        )
+        y = np.array([float(r["difficulty"]["rank"]) for r in rows])
+        rng = np.random.default_rng(recipe.run.seed)
+        test = np.zeros(len(rows), dtype=bool)
+        test[rng.permutation(len(rows))[: max(5, round(settings.proxy_holdout * len(rows)))]] = True
+        model = make_regressor(settings.proxy_head, recipe.run.seed).fit(X[~test], y[~test])
+        predicted = model.predict(X[test])
+        rho_s = spearmanr(y[test], predicted)[0] if np.ptp(y[test]) > 0 and np.ptp(predicted) > 0 else 0.0
+        report = {
+            "train": int((~test).sum()),
+            "heldout": int(test.sum()),
+            "head": settings.proxy_head,
+            "spearman_heldout": float(rho_s),
+            "savings": calls_saved(y[test], predicted, recipe.sample.ratio, seed=recipe.run.seed),
+        }
+        stage.append(
+            {"id": r["id"], "rho": float(t), "predicted": float(p)}
+            for r, t, p in zip(
+                [r for r, m in zip(rows, test, strict=True) if m], y[test], predicted, strict=True
+            )
+        )
+        final = make_regressor(settings.proxy_head, recipe.run.seed).fit(X, y)  # every sample for use
+        joblib.dump({"model": final, "embedder": recipe.embedder.model_dump(), "task_types": TASK_TYPES},
+                    stage.folder / PROXY_FILE)  # fmt: skip
+        stage.write_artifact("report.json", report)
+        stage.write_artifact("report.md", proxy_markdown(report))
+        stage.extra["report"] = report
+        s = report["savings"]
+        console.print(
+            f"score-proxy: Spearman {rho_s:.3f} on {report['heldout']} held-out samples; skipping "
+            f"{s['saved_share_proxy']:.0%} of teacher calls keeps the retained set within "
+            f"{s['tolerance']:.0%} of its difficulty (random skipping: {s['saved_share_random']:.0%})"
+        )
+    return report
+
+
+def proxy_markdown(report: dict[str, Any]) -> str:
+    s = report["savings"]
+    lines = [
+        "# Difficulty proxy",
+        "",
+        f"- {report['head']} head trained on {report['train']} scored samples, tested on {report['heldout']}",
+        f"- Spearman correlation with the true rho (held out): {report['spearman_heldout']:.3f}",
+        f"- teacher calls saved at equal retained difficulty (hard selection of {s['ratio']:.0%}, mean rho "
+        f"within {s['tolerance']:.0%} of scoring everything): {s['saved_share_proxy']:.0%} "
+        f"(random skipping: {s['saved_share_random']:.0%})",
+        "",
+        "| skipped | retained mean rho, proxy | retained mean rho, random |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['skip']:.0%} | {r['proxy']:.4f} | {r['random']:.4f} |" for r in s["curve"]]
+    lines.append(f"\nScoring every pair: retained mean rho {s['oracle_mean_rho']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def load_proxy(path: str | Path) -> dict[str, Any]:
+    """A saved proxy (a proxy.joblib file or the score-proxy folder holding it)."""
+    import joblib
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROXY_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no difficulty proxy (train one with `compeff score --proxy`)")
+    return joblib.load(path)
+
+
+def skip_predicted_easy(
+    items: Sequence[Any], prompts: Sequence[str], task_ids: Sequence[str], task_types: Sequence[str | None],
+    proxy: dict[str, Any], skip: float,
+) -> tuple[list[Any], list[float]]:  # fmt: skip
+    """The items left after dropping, within each task, the ``skip`` share predicted easiest; and
+    every item's predicted rho."""
+    settings = EmbedderSettings(**proxy["embedder"])
+    predicted = proxy["model"].predict(proxy_features(prompts, task_types, settings))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, task in enumerate(task_ids):
+        groups[task].append(i)
+    dropped: set[int] = set()
+    for members in groups.values():
+        order = sorted(members, key=lambda i: (predicted[i], i))
+        dropped.update(order[: round(skip * len(members))])
+    return [item for i, item in enumerate(items) if i not in dropped], [float(p) for p in predicted]
