@@ -324,6 +324,20 @@ def bench_score(
     )
 
 
+@bench_app.command("proxy")
+def bench_proxy(
+    samples: int = typer.Option(3000, "--samples", help="Samples scored, then split for the proxy."),
+    head: str = typer.Option("ridge", "--head", help="Proxy regressor: ridge or mlp."),
+    out: Path = typer.Option(
+        Path("runs/bench"), "--out", help="Run folder root; proxy_bench.json goes here."
+    ),
+) -> None:
+    """Spearman of the difficulty proxy with rho on held-out samples, and teacher calls it saves."""
+    from compeff.bench.proxy import run_proxy_bench
+
+    guarded(lambda: run_proxy_bench(n_samples=samples, out_dir=out, head=head))
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import compeff_cmd
 from datasets import load_dataset
 
 from compeff.config import load_recipe
@@ -15,7 +16,6 @@ from compeff.data import DataError
 from compeff.runs import iter_jsonl
 from compeff.select.sample_stage import run_sample_stage, selection_report
 from compeff.select.score_stage import run_score_stage
-from tests.conftest import compeff_cmd
 
 WORDS = [
     "the",

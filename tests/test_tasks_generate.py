@@ -407,3 +407,25 @@ def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearl
         assert gen.returncode == 0, gen.stderr[-2000:]
     else:
         assert gen.returncode == 2 and "kept no task" in gen.stderr
+
+
+def test_generate_skips_pairs_the_proxy_predicts_easy(tmp_path, scripted):
+    from test_proxy import write_scored_set
+
+    from compeff.select.proxy import run_proxy
+
+    recipe = load_recipe(recipe_for(tmp_path, scripted.base_url, name="px"))
+    run_tasks_stage(recipe, progress=False)
+    write_scored_set(recipe.run_dir, n=60)
+    run_proxy(recipe, progress=False)
+    skipping = load_recipe(
+        recipe_for(tmp_path, scripted.base_url, name="px"),
+        [f"generate.proxy={recipe.run_dir / 'score-proxy'}", "generate.proxy_skip=0.5"],
+    )
+    manifest = run_generate_stage(skipping, progress=False)
+    assert 30 <= manifest["proxy_skipped"] <= 50  # half of each task's pairs, rounded per task
+    gen = recipe.run_dir / "generate"
+    answered = {r["id"] for r in iter_jsonl(gen / "data.jsonl")} | {
+        f["id"] for f in iter_jsonl(gen / "failures.jsonl")
+    }
+    assert len(answered) == 80 - manifest["proxy_skipped"]

@@ -73,28 +73,43 @@ def make_regressor(head: str, seed: int):
 
 
 def calls_saved(
-    truth: np.ndarray, predicted: np.ndarray, ratio: float, tolerance: float = TOLERANCE, seed: int = 0
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    ratio: float,
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Teacher calls skippable at (nearly) equal retained difficulty.
 
     Skipping a share s of pairs (those predicted easiest, or random ones as a baseline) leaves the
-    rest to be answered, scored and hard-selected down to ``ratio`` of all pairs; the largest s whose
-    retained mean rho stays within ``tolerance`` of selecting from every pair is the saving.
+    rest to be answered, scored and hard-selected down to ``ratio`` of all pairs (within each group
+    when ``groups`` is given, as per-task sampling does); the largest s whose retained mean rho stays
+    within ``tolerance`` of selecting from every pair is the saving.
     """
-    n = truth.size
-    keep_n = max(1, round(ratio * n))
-    oracle = float(np.sort(truth)[-keep_n:].mean())
-    by_prediction = np.argsort(-predicted, kind="stable")
-    shuffled = np.random.default_rng(seed).permutation(n)
+    if groups is None:
+        groups = np.zeros(truth.size, dtype=int)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    random_order = {i: rng.permutation(m) for i, m in enumerate(members)}
+
+    def retained_mean(skip: float, how: str) -> float | None:
+        kept = []
+        for i, m in enumerate(members):
+            keep_n = max(1, round(ratio * m.size))
+            answered_n = m.size - round(skip * m.size)
+            if answered_n < keep_n:
+                return None
+            order = m[np.argsort(-predicted[m], kind="stable")] if how == "proxy" else random_order[i]
+            kept.append(np.sort(truth[order[:answered_n]])[-keep_n:])
+        return float(np.concatenate(kept).mean())
+
+    oracle = retained_mean(0.0, "proxy")
     curve = []
     for skip in SKIP_GRID:
-        answered_n = n - round(skip * n)
-        if answered_n < keep_n:
+        row = {"skip": skip, "proxy": retained_mean(skip, "proxy"), "random": retained_mean(skip, "random")}
+        if row["proxy"] is None:
             break
-        row = {"skip": skip}
-        for name, order in (("proxy", by_prediction), ("random", shuffled)):
-            answered = truth[order[:answered_n]]
-            row[name] = float(np.sort(answered)[-keep_n:].mean())
         curve.append(row)
 
     def best(name: str) -> float:
@@ -104,6 +119,7 @@ def calls_saved(
     return {
         "ratio": ratio,
         "tolerance": tolerance,
+        "grouped": bool(np.unique(groups).size > 1),
         "oracle_mean_rho": oracle,
         "saved_share_proxy": best("proxy"),
         "saved_share_random": best("random"),
@@ -146,12 +162,26 @@ def run_proxy(recipe: Recipe, force: bool = False, progress: bool = True) -> dic
         model = make_regressor(settings.proxy_head, recipe.run.seed).fit(X[~test], y[~test])
         predicted = model.predict(X[test])
         rho_s = spearmanr(y[test], predicted)[0] if np.ptp(y[test]) > 0 and np.ptp(predicted) > 0 else 0.0
+        types = np.array([str(r.get("task_type")) for r in rows])[test]
+        within = {}
+        for kind in sorted(set(types)):
+            sel = types == kind
+            if sel.sum() >= 10 and np.ptp(y[test][sel]) > 0 and np.ptp(predicted[sel]) > 0:
+                within[kind] = float(spearmanr(y[test][sel], predicted[sel])[0])
         report = {
+            "spearman_within_task_type": within,
             "train": int((~test).sum()),
             "heldout": int(test.sum()),
             "head": settings.proxy_head,
             "spearman_heldout": float(rho_s),
             "savings": calls_saved(y[test], predicted, recipe.sample.ratio, seed=recipe.run.seed),
+            "savings_per_task": calls_saved(
+                y[test],
+                predicted,
+                recipe.sample.ratio,
+                seed=recipe.run.seed,
+                groups=np.unique([str(r.get("task_id")) for r in rows], return_inverse=True)[1][test],
+            ),
         }
         stage.append(
             {"id": r["id"], "rho": float(t), "predicted": float(p)}
@@ -180,10 +210,15 @@ def proxy_markdown(report: dict[str, Any]) -> str:
         "# Difficulty proxy",
         "",
         f"- {report['head']} head trained on {report['train']} scored samples, tested on {report['heldout']}",
-        f"- Spearman correlation with the true rho (held out): {report['spearman_heldout']:.3f}",
+        f"- Spearman correlation with the true rho (held out): {report['spearman_heldout']:.3f}; within each "
+        "task type: "
+        + (", ".join(f"{k} {v:.3f}" for k, v in report["spearman_within_task_type"].items()) or "-"),
         f"- teacher calls saved at equal retained difficulty (hard selection of {s['ratio']:.0%}, mean rho "
         f"within {s['tolerance']:.0%} of scoring everything): {s['saved_share_proxy']:.0%} "
         f"(random skipping: {s['saved_share_random']:.0%})",
+        f"- the same with selection within each task (sample.group: task): "
+        f"{report['savings_per_task']['saved_share_proxy']:.0%} "
+        f"(random skipping: {report['savings_per_task']['saved_share_random']:.0%})",
         "",
         "| skipped | retained mean rho, proxy | retained mean rho, random |",
         "|---:|---:|---:|",
