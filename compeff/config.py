@@ -335,25 +335,87 @@ class SampleSettings(Section):
 
 
 class SftSettings(Section):
+    input: str | None = Field(
+        None, description="Chat dataset to train on (default: the run's sample/data.jsonl)."
+    )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule.")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up share of steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up share of steps.")
     epochs: float = Field(4, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: run the epochs).")
     max_length: int = Field(2048, ge=8, description="Tokens per training sample.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     per_device_batch_size: int = Field(4, ge=1, description="Samples per device step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps per optimiser update.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    packing: bool = Field(
+        False, description="Pack several samples per sequence (the completion masks are kept)."
+    )
     lora_r: int | None = Field(None, ge=1, description="LoRA rank (null: full fine-tuning).")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | str = Field(
+        "all-linear", description="Modules LoRA adapts ('all-linear' or a list of module names)."
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the student in 4 bits (CUDA and bitsandbytes only)."
+    )
+    merge: bool = Field(False, description="Fold the LoRA adapter into the model before saving.")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 training (auto: on a GPU that has it)."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="Padding token for a student that has none ('eos' reuses the end token). Left null, such a "
+        "student is refused: padding with a silent eos is a known cause of models that never stop.",
+    )
+    chat_template: Literal["chatml"] | None = Field(
+        None, description="Template for a student without one (null: such a student is refused)."
+    )
+    drop_overlong: bool = Field(
+        False,
+        description="Drop samples whose answer is cut off entirely by max_length (else: refuse to train).",
+    )
+    logging_steps: int = Field(5, ge=1, description="Steps between loss logs.")
+    save_steps: int = Field(
+        200, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
+    )
 
 
 class EvalSettings(Section):
-    k_shot: int = Field(4, ge=0, description="Demonstrations per prompt.")
+    model: str | None = Field(
+        None,
+        description="Model to evaluate: path or hub id, 'student', 'teacher' (served, with backend openai), or "
+        "null: the run's sft output if there is one, else the student.",
+    )
+    adapter: str | None = Field(None, description="A LoRA adapter folder to load on top of the model.")
+    backend: Literal["hf", "openai"] = Field(
+        "hf",
+        description="hf: a local causal LM; openai: a served model through the teacher settings (top logprobs).",
+    )
+    sets: list[Source] | None = Field(
+        None, description="Labelled sets to evaluate on (default: data.eval_sets)."
+    )
+    label_names: list[str] | None = Field(
+        None,
+        description="Label words of file sets, in label order (labels in the file: 0..n-1 or these words); "
+        "imdb and tweeteval_sentiment know theirs.",
+    )
+    k_shot: int = Field(4, ge=0, description="Demonstrations per prompt, drawn from the set's train split.")
     seeds: list[int] = Field(
         default_factory=lambda: [42, 52, 62], description="Seeds of the demo draws, averaged."
     )
     limit: int | None = Field(None, ge=1, description="Stratified subsample of each set.")
+    chat_template: bool = Field(
+        False, description="Put the prompt in a user turn of the model's chat template (for chat students)."
+    )
+    max_chars: int = Field(
+        1000, ge=50, description="Texts (demos and query) are cut to this many characters."
+    )
+    max_length: int = Field(2048, ge=16, description="Prompt tokens; longer prompts lose their beginning.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
 
 class KdSettings(Section):

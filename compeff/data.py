@@ -186,6 +186,7 @@ def load_records(
     label_field: str | None = None,
     limit: int | None = None,
     root: str | Path | None = None,
+    label_names: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Load rows with a non-empty text (and a valid label, if asked): records get id, text, source."""
     resolved = resolve_source(spec, root)
@@ -217,6 +218,8 @@ def load_records(
         }
         if label_field:
             label = row.get(label_field)
+            if isinstance(label, str) and label_names and label in label_names:
+                label = label_names.index(label)  # a label given by name
             try:
                 record["label"] = int(label)
             except (TypeError, ValueError):
@@ -243,10 +246,10 @@ def load_labelled(
     root: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[str], LoadReport]:
     """A labelled set: records with integer labels, the label names, and the load report."""
-    records, report = load_records(
-        spec, text_field=text_field, label_field=label_field, limit=limit, root=root
-    )
     names = label_names or LABEL_NAMES.get(dataset_name(spec) or "")
+    records, report = load_records(
+        spec, text_field=text_field, label_field=label_field, limit=limit, root=root, label_names=names
+    )
     if names is None:
         names = [str(i) for i in range(max((r["label"] for r in records), default=-1) + 1)]
     bad = [r for r in records if not 0 <= r["label"] < len(names)]

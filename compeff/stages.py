@@ -34,6 +34,8 @@ IMPLEMENTED: dict[str, str] = {
     "generate": "compeff.synth.generate:run_generate_stage",
     "score": "compeff.select.score_stage:run_score_stage",
     "sample": "compeff.select.sample_stage:run_sample_stage",
+    "sft": "compeff.train.sft:run_sft_stage",
+    "eval": "compeff.evaluate.eval_stage:run_eval_stage",
 }
 
 

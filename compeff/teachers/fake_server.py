@@ -137,6 +137,9 @@ def make_app(
             return web.Response(status=500)
         n = int(body.get("n") or 1)
         content = responder(messages, body)
+        first_tops = None
+        if isinstance(content, tuple):  # (text, top log-probabilities of the first token)
+            content, first_tops = content
         choices = []
         for i in range(n):
             text = content if n == 1 else f"{content} #{i}"
@@ -148,7 +151,11 @@ def make_app(
                         {
                             "token": tok,
                             "logprob": -0.1 * (j % 5),
-                            "top_logprobs": [{"token": tok, "logprob": -0.1 * (j % 5)}][:k],
+                            "top_logprobs": (
+                                first_tops
+                                if j == 0 and first_tops
+                                else [{"token": tok, "logprob": -0.1 * (j % 5)}]
+                            )[:k],
                         }
                         for j, tok in enumerate(text.split()[:64])
                     ]

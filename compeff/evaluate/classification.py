@@ -1,0 +1,257 @@
+"""Sentiment classification by label-word scoring, in the style of SentiBench.
+
+A k-shot prompt (demos from the set's train split, one draw per seed) ends where the label is due;
+the model's next-token distribution is compared over the first token of each label word and the
+largest wins. Local causal LMs are read from their logits; served models (vLLM, any OpenAI-compatible
+server) from their top log-probabilities, so a teacher and its student are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+INSTRUCTION = "Classify the sentiment of the text as one of: {labels}."
+
+
+class EvalError(ValueError):
+    """The evaluation cannot be run as asked (label words, sets, model)."""
+
+
+@dataclass
+class LabelledSet:
+    """Texts with integer labels, their label names, and demos to draw from."""
+
+    name: str
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    demo_texts: list[str]
+    demo_labels: list[int]
+
+
+def cut(text: str, max_chars: int) -> str:
+    """A text shortened to ``max_chars`` characters on a word boundary."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars].rsplit(" ", 1)[0] + " ..."
+
+
+def render_prompt(
+    text: str, demos: Sequence[tuple[str, str]], label_names: Sequence[str], max_chars: int = 1000
+) -> str:
+    """The k-shot prompt, ending with 'Sentiment:' where the label word is due."""
+    parts = [INSTRUCTION.format(labels=", ".join(label_names)), ""]
+    for demo_text, label in demos:
+        parts += [f"Text: {cut(demo_text, max_chars)}", f"Sentiment: {label}", ""]
+    parts += [f"Text: {cut(text, max_chars)}", "Sentiment:"]
+    return "\n".join(parts)
+
+
+def chat_user_content(prompt: str) -> str:
+    """The user turn of a prompt for chat models: the k-shot prompt without its final cue, which the
+    assistant turn replaces."""
+    return prompt.rsplit("\nSentiment:", 1)[0]
+
+
+def draw_demos(data: LabelledSet, k: int, seed: int, exclude: str | None = None) -> list[tuple[str, str]]:
+    """k demos for one prompt, balanced over labels as far as k allows (seeded)."""
+    if k == 0:
+        return []
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(data.demo_labels):
+        if data.demo_texts[i] != exclude:
+            by_label.setdefault(y, []).append(i)
+    if not by_label:
+        raise EvalError(f"{data.name}: no demonstration to draw from")
+    labels = sorted(by_label)
+    picks = []
+    for j in range(k):
+        pool = by_label[labels[(j + seed) % len(labels)]]
+        picks.append(pool[rng.randrange(len(pool))])
+    rng.shuffle(picks)
+    return [(data.demo_texts[i], data.label_names[data.demo_labels[i]]) for i in picks]
+
+
+def label_token_ids(tokenizer: Any, label_names: Sequence[str], leading_space: bool) -> list[int]:
+    """First token id of each label word; refuses label words that share their first token."""
+    ids = []
+    for name in label_names:
+        tokens = tokenizer((" " if leading_space else "") + name, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise EvalError(f"label word {name!r} has no token")
+        ids.append(tokens[0])
+    clashes = [(a, b) for i, a in enumerate(label_names) for b in label_names[i + 1 :] if ids[label_names.index(a)] == ids[label_names.index(b)]]  # fmt: skip
+    if clashes:
+        a, b = clashes[0]
+        raise EvalError(
+            f"label words {a!r} and {b!r} start with the same token ({tokenizer.decode([ids[label_names.index(a)]])!r}); "
+            "their first-token scores cannot tell them apart - rename the labels"
+        )
+    return ids
+
+
+def stratified_subset(labels: Sequence[int], limit: int | None, seed: int = 0) -> list[int]:
+    """Indices of a subsample keeping each label's share (all indices when no limit)."""
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(y, []).append(i)
+    picked = []
+    for _, members in sorted(groups.items()):
+        share = round(limit * len(members) / len(labels))
+        picked += rng.sample(members, min(len(members), max(1, share)))
+    return sorted(picked[:limit] if len(picked) > limit else picked)
+
+
+def classification_metrics(truth: Sequence[int], predicted: Sequence[int], n_labels: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix (rows: truth, columns: prediction)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    labels = list(range(n_labels))
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)),
+        "confusion": confusion_matrix(truth, predicted, labels=labels).tolist(),
+    }
+
+
+class HFLabelScorer:
+    """A local causal LM (and optional LoRA adapter) read at the position where the label is due."""
+
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        device: str = "auto",
+        chat_template: bool = False,
+        max_length: int = 2048,
+        batch_size: int = 8,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from compeff.models import resolve_model
+        from compeff.teachers.hf_local import pick_device, pick_dtype
+
+        hf_logging.disable_progress_bar()
+        path = resolve_model(model)
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter or path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", self.device))
+        if adapter:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, adapter)
+        self.model = lm.to(self.device).eval()
+        self.chat_template = chat_template
+        if chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise EvalError(f"{model}: eval.chat_template is on but the tokenizer has no chat template")
+        self.max_length = max_length
+        self.batch_size = batch_size
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self._torch = torch
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt as the model reads it (template applied; the beginning cut if too long)."""
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": chat_user_content(prompt)}],
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        return ids[-self.max_length :]
+
+    def label_ids(self, label_names: Sequence[str]) -> list[int]:
+        return label_token_ids(self.tokenizer, label_names, leading_space=not self.chat_template)
+
+    def next_token_logits(self, prompts: Sequence[str]) -> np.ndarray:
+        """Logits of the token after each prompt, [len(prompts), vocab] (float32)."""
+        torch = self._torch
+        rows = []
+        encoded = [self.encode(p) for p in prompts]
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, seq in enumerate(chunk):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+            last = torch.tensor([len(seq) - 1 for seq in chunk])
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                )
+                rows.append(out.logits[torch.arange(len(chunk)), last.to(self.device)].float().cpu())
+        return torch.cat(rows).numpy()
+
+    def predict(self, prompts: Sequence[str], label_names: Sequence[str]) -> tuple[list[int], np.ndarray]:
+        """Predicted label index per prompt and the label-word logits [len(prompts), n_labels]."""
+        scores = self.next_token_logits(prompts)[:, self.label_ids(label_names)]
+        return [int(i) for i in scores.argmax(1)], scores
+
+
+def served_label_scores(top_logprobs: list[dict[str, Any]], label_names: Sequence[str]) -> np.ndarray:
+    """Log-probabilities of each label word from a served model's top alternatives for the first token
+    (a token counts for a label when the label word starts with it; -inf when none is listed)."""
+    scores = np.full(len(label_names), -np.inf)
+    for alt in top_logprobs:
+        token = alt.get("token", "").strip().lower()
+        if not token:
+            continue
+        hits = [i for i, name in enumerate(label_names) if name.lower().startswith(token)]
+        if len(hits) > 1:
+            raise EvalError(
+                f"the served token {token!r} starts several label words ({', '.join(label_names[i] for i in hits)})"
+            )
+        if hits:
+            scores[hits[0]] = max(scores[hits[0]], float(alt.get("logprob", -np.inf)))
+    return scores
+
+
+def summarise(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Overall score: the mean over sets of accuracy and macro-F1, x 100."""
+    if not per_set:
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+    return {
+        "accuracy": 100 * float(np.mean([r["accuracy"] for r in per_set.values()])),
+        "macro_f1": 100 * float(np.mean([r["macro_f1"] for r in per_set.values()])),
+    }
+
+
+def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics averaged over the seed runs (confusion matrices summed), with their spread."""
+    acc = [r["accuracy"] for r in runs]
+    f1 = [r["macro_f1"] for r in runs]
+    confusion = np.sum([r["confusion"] for r in runs], axis=0).tolist()
+    return {
+        "accuracy": float(np.mean(acc)),
+        "accuracy_std": float(np.std(acc)),
+        "macro_f1": float(np.mean(f1)),
+        "macro_f1_std": float(np.std(f1)),
+        "confusion": confusion,
+        "per_seed": runs,
+        "predicted_share": {},
+    }
+
+
+def label_shares(predicted: Sequence[int], label_names: Sequence[str]) -> dict[str, float]:
+    counts = Counter(predicted)
+    return {name: counts.get(i, 0) / max(1, len(predicted)) for i, name in enumerate(label_names)}

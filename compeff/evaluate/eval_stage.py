@@ -1,0 +1,235 @@
+"""``compeff eval``: accuracy and macro-F1 of a model on labelled sets, k-shot label-word scoring.
+
+Every prediction is a line of ``runs/<name>/eval/data.jsonl`` (set, seed, label, prediction, label
+scores), so a killed evaluation resumes; ``results.json`` / ``results.csv`` / ``results.md`` hold the
+per-set scores (mean and spread over the demo seeds), confusion matrices, the overall score (mean over
+sets x 100) and the settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compeff.config import Recipe
+from compeff.data import DataError, dataset_name, load_labelled
+from compeff.evaluate.classification import (
+    HFLabelScorer,
+    LabelledSet,
+    classification_metrics,
+    draw_demos,
+    label_shares,
+    mean_over_seeds,
+    render_prompt,
+    served_label_scores,
+    stratified_subset,
+    summarise,
+)
+from compeff.progress import Tracker, console
+from compeff.runs import Stage, iter_jsonl
+
+DEMO_SPLITS = {"imdb": "imdb:train", "tweeteval_sentiment": "tweeteval_sentiment:validation"}
+
+
+def demo_source(spec: str) -> str:
+    """Where a set's demonstrations come from: the train split of a known set, else the set itself."""
+    name = dataset_name(spec)
+    if name in DEMO_SPLITS and spec != DEMO_SPLITS[name]:
+        return DEMO_SPLITS[name]
+    return spec
+
+
+def load_eval_set(
+    spec: str, limit: int | None, seed: int, data_dir: str | None, label_names: list[str] | None = None
+) -> LabelledSet:
+    """A labelled set (stratified subsample if ``limit``) and its demo pool."""
+    known = dataset_name(spec) in DEMO_SPLITS
+    rows, names, report = load_labelled(spec, root=data_dir, label_names=None if known else label_names)
+    if not rows:
+        raise DataError(f"{spec}: no labelled record ({'; '.join(report.problems[:3]) or 'empty'})")
+    keep = stratified_subset([r["label"] for r in rows], limit, seed)
+    source = demo_source(spec)
+    demos = rows if source == spec else load_labelled(source, label_names=names, root=data_dir)[0]
+    return LabelledSet(
+        name=spec,
+        texts=[rows[i]["text"] for i in keep],
+        labels=[rows[i]["label"] for i in keep],
+        label_names=list(names),
+        demo_texts=[r["text"] for r in demos],
+        demo_labels=[r["label"] for r in demos],
+    )
+
+
+def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
+    """(model, adapter) to evaluate, following ``eval.model``."""
+    choice = recipe.eval.model
+    if choice == "student":
+        return recipe.student.model, recipe.eval.adapter
+    if choice == "teacher":
+        return recipe.teacher.model, recipe.eval.adapter
+    if choice:
+        return choice, recipe.eval.adapter
+    trained = recipe.run_dir / "sft" / "model"
+    if (trained / "adapter_config.json").exists():
+        return recipe.student.model, str(trained)
+    if (trained / "config.json").exists():
+        return str(trained), None
+    return recipe.student.model, recipe.eval.adapter
+
+
+def _prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[str]:
+    return [
+        render_prompt(
+            text, draw_demos(data, k, seed * 1_000_003 + i, exclude=text), data.label_names, max_chars
+        )
+        for i, text in enumerate(data.texts)
+    ]
+
+
+def _served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str], tag: str):
+    """Predictions of the recipe's served model (openai backend) from its top log-probabilities."""
+    from compeff.teachers import ChatRequest, SamplingParams
+    from compeff.teaching import teacher_session
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
+    requests = [
+        ChatRequest(id=f"{tag}|{i}", messages=[{"role": "user", "content": p}], params=params)
+        for i, p in enumerate(prompts)
+    ]
+    preds, scores, failures = [-1] * len(prompts), [[float("-inf")] * len(label_names)] * len(prompts), []
+    with teacher_session(recipe.teacher) as (teacher, _):
+        for result in teacher.generate(requests):
+            i = int(result.id.rsplit("|", 1)[1])
+            if not result.ok or not result.logprobs or not result.logprobs[0]:
+                failures.append({"id": result.id, "reason": result.error or "no logprobs in the answer"})
+                continue
+            first = (result.logprobs[0].get("content") or [{}])[0]
+            s = served_label_scores(first.get("top_logprobs") or [first], label_names)
+            scores[i] = s.tolist()
+            preds[i] = int(np.argmax(s)) if np.isfinite(s).any() else -1
+    return preds, np.array(scores), failures
+
+
+def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Evaluate the chosen model on every set and seed; write the results table."""
+    s = recipe.eval
+    model, adapter = resolve_eval_model(recipe)
+    sets = s.sets or recipe.data.eval_sets
+    config = {
+        "eval": s.model_dump(exclude={"batch_size", "device"}),
+        "model": model if s.backend == "hf" else f"{recipe.teacher.model}@openai",
+        "adapter": adapter,
+        "sets": sets,
+        "seed": recipe.run.seed,
+    }
+    inputs = {"adapter": Path(adapter) / "adapter_model.safetensors"} if adapter else {}
+    if adapter is None and Path(model).is_dir() and (Path(model) / "model.safetensors").exists():
+        inputs = {"model": Path(model) / "model.safetensors"}
+    stage = Stage.open(recipe.run_dir, "eval", config=config, inputs=inputs, force=force)
+    with stage:
+        done_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for row in iter_jsonl(stage.data_path):
+            done_rows.setdefault((row["set"], row["seed"]), []).append(row)
+        scorer = None
+        per_set: dict[str, dict[str, Any]] = {}
+        total = len(sets) * len(s.seeds)
+        with Tracker("eval (set x seed)", total=total, enabled=progress) as tracker:
+            for spec in sets:
+                data = load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.data_dir, s.label_names)
+                runs = []
+                all_preds: list[int] = []
+                for seed in s.seeds:
+                    rows = done_rows.get((spec, seed))
+                    if rows is None or len(rows) != len(data.texts):
+                        prompts = _prompts(data, s.k_shot, seed, s.max_chars)
+                        if s.backend == "openai":
+                            preds, scores, failures = _served_predictions(
+                                recipe, prompts, data.label_names, f"{spec}|{seed}"
+                            )
+                            stage.fail(failures)
+                        else:
+                            if scorer is None:
+                                scorer = HFLabelScorer(
+                                    model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
+                                )
+                            preds, scores = scorer.predict(prompts, data.label_names)
+                        rows = [
+                            {"id": f"{spec}|{seed}|{i}", "set": spec, "seed": seed, "label": y, "pred": p,
+                             "scores": [round(float(v), 5) for v in sc]}
+                            for i, (y, p, sc) in enumerate(zip(data.labels, preds, scores, strict=True))
+                        ]  # fmt: skip
+                        stage.append(rows)
+                    preds = [r["pred"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("|", 1)[1]))]
+                    truth = data.labels
+                    scored = [(y, p if p >= 0 else (y + 1) % len(data.label_names)) for y, p in zip(truth, preds, strict=True)]  # fmt: skip
+                    runs.append(
+                        {
+                            "seed": seed,
+                            **classification_metrics(
+                                [a for a, _ in scored], [b for _, b in scored], len(data.label_names)
+                            ),
+                        }
+                    )
+                    all_preds += preds
+                    tracker.advance(1)
+                result = mean_over_seeds(runs)
+                result.update(
+                    n=len(data.texts),
+                    label_names=data.label_names,
+                    predicted_share=label_shares(all_preds, data.label_names),
+                )
+                per_set[spec] = result
+        overall = summarise(per_set)
+        results = {"model": model, "adapter": adapter, "backend": s.backend, "settings": config, "sets": per_set, "overall": overall}  # fmt: skip
+        stage.write_artifact("results.json", results)
+        stage.write_artifact("results.csv", results_csv(per_set))
+        stage.write_artifact("results.md", results_markdown(results))
+        stage.extra["overall"] = overall
+        console.print(
+            f"eval: {model}{' + ' + adapter if adapter else ''}: accuracy {overall['accuracy']:.1f}, "
+            f"macro-F1 {overall['macro_f1']:.1f} (mean over {len(per_set)} sets x 100) -> {stage.folder}"
+        )
+    assert stage.manifest is not None
+    return {**stage.manifest, "results": results}
+
+
+def results_csv(per_set: dict[str, dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["set", "n", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std"])
+    for name, r in per_set.items():
+        writer.writerow([name, r["n"], f"{r['accuracy']:.4f}", f"{r['accuracy_std']:.4f}", f"{r['macro_f1']:.4f}", f"{r['macro_f1_std']:.4f}"])  # fmt: skip
+    return buf.getvalue()
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]["eval"]
+    lines = [
+        f"# Evaluation: {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""),
+        "",
+        f"{s['k_shot']}-shot label-word scoring, seeds {s['seeds']}, backend {results['backend']}"
+        + (", chat template" if s["chat_template"] else ""),
+        "",
+        "| set | n | accuracy | macro-F1 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in results["sets"].items():
+        lines.append(
+            f"| {name} | {r['n']} | {100 * r['accuracy']:.1f} +- {100 * r['accuracy_std']:.1f} | "
+            f"{100 * r['macro_f1']:.1f} +- {100 * r['macro_f1_std']:.1f} |"
+        )
+    o = results["overall"]
+    lines.append(f"| **overall** (mean x 100) | | **{o['accuracy']:.1f}** | **{o['macro_f1']:.1f}** |")
+    for name, r in results["sets"].items():
+        names = r["label_names"]
+        lines += ["", f"Confusion on {name} (rows: truth, columns: prediction; summed over seeds)", ""]
+        lines += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [
+            f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
+            for i, row in enumerate(r["confusion"])
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,252 @@
+"""`compeff sft` and `compeff eval` on the tiny local LM: a toy task whose label is readable from a
+marker word; accuracy from chance to >= 0.9; LoRA; masks; pre-training checks; the eval harness against
+logits computed directly; the served-model path over a loopback server."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compeff.config import ConfigError, load_recipe
+from compeff.evaluate.classification import (
+    EvalError,
+    HFLabelScorer,
+    chat_user_content,
+    label_token_ids,
+    render_prompt,
+    served_label_scores,
+    stratified_subset,
+)
+from compeff.evaluate.eval_stage import run_eval_stage
+from compeff.runs import iter_jsonl
+from compeff.train.sft import SftCheckError, run_sft_stage
+
+FILLER = [
+    "the",
+    "film",
+    "was",
+    "plot",
+    "actors",
+    "music",
+    "slow",
+    "fun",
+    "story",
+    "scene",
+    "camera",
+    "ending",
+]
+MARKERS = {0: "dreadful", 1: "wonderful"}
+LABELS = ["negative", "positive"]
+
+
+def toy_text(rng: random.Random, label: int) -> str:
+    words = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
+    words.insert(rng.randrange(len(words) + 1), MARKERS[label])
+    return " ".join(words)
+
+
+def write_toy(tmp_path: Path, n_train: int = 160, n_test: int = 40) -> tuple[Path, Path]:
+    """A chat training set in eval's own prompt format, and a labelled held-out test set."""
+    rng = random.Random(0)
+    train, test = tmp_path / "toy_sft.jsonl", tmp_path / "toy_test.jsonl"
+    with train.open("w") as fh:
+        for i in range(n_train):
+            label = i % 2
+            user = chat_user_content(render_prompt(toy_text(rng, label), [], LABELS))
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": LABELS[label]}]
+            fh.write(json.dumps({"id": f"t{i}", "messages": messages, "teacher": "toy"}) + "\n")
+    with test.open("w") as fh:
+        for i in range(n_test):
+            fh.write(json.dumps({"id": f"h{i}", "text": toy_text(rng, i % 2), "label": i % 2}) + "\n")
+    return train, test
+
+
+def recipe(tmp_path: Path, model: Path, train: Path, test: Path, name: str, *extra: str):
+    return load_recipe(
+        None,
+        [
+            f"run.dir={tmp_path / 'runs'}",
+            f"run.name={name}",
+            f"student.model={model}",
+            f"sft.input={train}",
+            "sft.max_length=128",
+            "sft.per_device_batch_size=8",
+            "sft.logging_steps=10",
+            f"eval.sets=[{test}]",
+            "eval.k_shot=0",
+            "eval.seeds=[42]",
+            "eval.chat_template=true",
+            "eval.label_names=[negative, positive]",
+            *extra,
+        ],
+    )
+
+
+def accuracy(manifest) -> float:
+    return next(iter(manifest["results"]["sets"].values()))["accuracy"]
+
+
+def test_full_sft_lifts_accuracy_from_chance(tmp_path, tiny_lm):
+    train, test = write_toy(tmp_path)
+    before = run_eval_stage(
+        recipe(tmp_path, tiny_lm, train, test, "base", f"eval.model={tiny_lm}"), progress=False
+    )
+    assert accuracy(before) <= 0.7  # a random model: chance level
+    r = recipe(tmp_path, tiny_lm, train, test, "full", "sft.learning_rate=3e-3", "sft.max_steps=200")
+    manifest = run_sft_stage(r, progress=False)
+    out = r.run_dir / "sft"
+    assert manifest["status"] == "complete" and manifest["final_loss"] < 0.5
+    assert manifest["reload_max_abs_diff"] < 1e-4
+    card = (out / "model" / "README.md").read_text()
+    assert "teacher: toy" in card and "training samples: 160" in card and "final training loss" in card
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("loss" in row for row in iter_jsonl(out / "data.jsonl"))
+    after = run_eval_stage(r, progress=False)  # eval.model unset: the run's sft output
+    assert after["results"]["model"] == str(out / "model")
+    assert accuracy(after) >= 0.9
+    md = (r.run_dir / "eval" / "results.md").read_text()
+    assert "overall" in md and "Confusion" in md
+    assert (r.run_dir / "eval" / "results.csv").read_text().startswith("set,n,accuracy")
+
+
+def test_lora_adapter_trains_saves_and_reloads(tmp_path, tiny_lm):
+    train, test = write_toy(tmp_path)
+    r = recipe(
+        tmp_path, tiny_lm, train, test, "lora", "sft.lora_r=16", "sft.lora_alpha=32", "sft.learning_rate=3e-3",
+        "sft.max_steps=200",
+    )  # fmt: skip
+    manifest = run_sft_stage(r, progress=False)
+    model_dir = r.run_dir / "sft" / "model"
+    assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
+    assert manifest["reload_max_abs_diff"] < 1e-4  # the saved adapter scores as the trained model did
+    result = run_eval_stage(r, progress=False)
+    assert result["results"]["adapter"] == str(model_dir)
+    assert accuracy(result) >= 0.9
+
+
+def test_masks_after_collation_cover_only_answers(tmp_path, tiny_lm):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from compeff.train.sft import check_collated_masks, preflight, to_prompt_completion
+
+    train, _ = write_toy(tmp_path, n_train=8)
+    rows = list(iter_jsonl(train))
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    pairs = to_prompt_completion(rows)
+    report = preflight(tok, pairs, [r["id"] for r in rows], 128)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_lm),
+        args=SFTConfig(output_dir=str(tmp_path / "o"), max_length=128, report_to=[], use_cpu=True),
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tok,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    for row, labels, n_answer in zip(rows, batch["labels"], report["completion_tokens"], strict=True):
+        labelled = labels[labels != -100].tolist()
+        answer = tok.decode(labelled)
+        assert answer.startswith(row["messages"][-1]["content"])  # the answer (+ end of turn), no prompt
+        assert len(labelled) == n_answer
+    check_collated_masks(trainer, report["completion_tokens"], packing=False)
+    with pytest.raises(SftCheckError, match="prompt tokens would be trained on"):
+        check_collated_masks(trainer, [n + 1 for n in report["completion_tokens"]], packing=False)
+
+
+def test_pre_training_checks_refuse_loudly(tmp_path, tiny_lm):
+    train, test = write_toy(tmp_path, n_train=8)
+    bare = tmp_path / "bare"
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.chat_template = None
+    tok.pad_token = None
+    tok.save_pretrained(bare)
+    AutoModelForCausalLM.from_pretrained(tiny_lm).save_pretrained(bare)
+    with pytest.raises(SftCheckError, match="no chat template"):
+        run_sft_stage(recipe(tmp_path, bare, train, test, "c1"), progress=False)
+    with pytest.raises(SftCheckError, match="no pad token"):
+        run_sft_stage(recipe(tmp_path, bare, train, test, "c2", "sft.chat_template=chatml"), progress=False)
+    with pytest.raises(SftCheckError, match="lose their whole answer"):
+        run_sft_stage(recipe(tmp_path, tiny_lm, train, test, "c3", "sft.max_length=10"), progress=False)
+    with pytest.raises(ConfigError, match="4-bit"):
+        run_sft_stage(recipe(tmp_path, tiny_lm, train, test, "c4", "sft.load_in_4bit=true", "sft.lora_r=4"),
+                      progress=False)  # fmt: skip
+
+
+def test_label_scores_equal_the_models_own_logits(tiny_lm):
+    scorer = HFLabelScorer(str(tiny_lm), batch_size=3)
+    prompts = [
+        render_prompt(t, [("great fun", "positive")], LABELS) for t in ("a", "dull slow plot here", "fun")
+    ]
+    preds, scores = scorer.predict(prompts, LABELS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    ids = [
+        tok(" negative", add_special_tokens=False)["input_ids"][0],
+        tok(" positive", add_special_tokens=False)["input_ids"][0],
+    ]
+    for prompt, pred, row in zip(prompts, preds, scores, strict=True):
+        with torch.inference_mode():  # unbatched, unpadded: the direct computation
+            logits = model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+        direct = logits[ids].numpy()
+        assert np.allclose(row, direct, atol=1e-4)
+        assert pred == int(direct.argmax())
+
+
+def test_label_collisions_and_served_scores(tiny_lm):
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    with pytest.raises(EvalError, match="start with the same token"):
+        label_token_ids(tok, ["positive", "positively"], leading_space=True)
+    tops = [
+        {"token": " pos", "logprob": -0.2},
+        {"token": "neg", "logprob": -1.9},
+        {"token": "x", "logprob": -3},
+    ]
+    assert served_label_scores(tops, LABELS).tolist() == [-1.9, -0.2]
+    assert stratified_subset([0] * 80 + [1] * 20, 10) == sorted(stratified_subset([0] * 80 + [1] * 20, 10))
+    picked = stratified_subset([0] * 80 + [1] * 20, 10)
+    assert sum(1 for i in picked if i >= 80) == 2 and len(picked) == 10
+
+
+def test_eval_of_a_served_model(tmp_path):
+    """The openai backend reads the label from the served model's top log-probabilities."""
+    from compeff.teachers.fake_server import FakeServer
+
+    def responder(messages, body):
+        text = messages[-1]["content"].rsplit("Text:", 1)[1]
+        first = "positive" if MARKERS[1] in text else "negative"
+        other = "negative" if first == "positive" else "positive"
+        return first, [{"token": first[:3], "logprob": -0.1}, {"token": other[:3], "logprob": -2.5}]
+
+    _, test = write_toy(tmp_path, n_train=2, n_test=20)
+    with FakeServer(responder=responder, max_seconds=60) as srv:
+        r = load_recipe(
+            None,
+            [
+                f"run.dir={tmp_path / 'runs'}",
+                "run.name=served",
+                "teacher.backend=openai",
+                f"teacher.base_urls=[{srv.base_url}]",
+                "teacher.cache=null",
+                "eval.backend=openai",
+                "eval.model=teacher",
+                f"eval.sets=[{test}]",
+                "eval.k_shot=2",
+                "eval.seeds=[42, 52]",
+                "eval.label_names=[negative, positive]",
+            ],
+        )
+        result = run_eval_stage(r, progress=False)
+    assert accuracy(result) == 1.0
+    assert result["results"]["overall"]["accuracy"] == pytest.approx(100.0)
+
+
+def test_packing_keeps_the_answer_masks(tmp_path, tiny_lm):
+    train, test = write_toy(tmp_path, n_train=24)
+    r = recipe(tmp_path, tiny_lm, train, test, "packed", "sft.packing=true", "sft.max_steps=3")
+    manifest = run_sft_stage(r, progress=False)  # the packed-label check runs before the first step
+    assert manifest["status"] == "complete" and manifest["steps"] == 3
