@@ -338,6 +338,24 @@ def bench_proxy(
     guarded(lambda: run_proxy_bench(n_samples=samples, out_dir=out, head=head))
 
 
+@bench_app.command("sft")
+def bench_sft(
+    model: str = typer.Option("builtin:tiny-chat", "--model", help="Student to train."),
+    steps: int = typer.Option(30, "--steps", help="Optimiser steps per configuration."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per step."),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per sample (and per packed row)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Run folder root; sft_bench.json goes there."),
+) -> None:
+    """Training tokens/s of full fine-tuning and LoRA, packing off and on."""
+    from compeff.bench.sft import run_sft_bench
+
+    guarded(
+        lambda: run_sft_bench(
+            model=model, steps=steps, batch_size=batch_size, max_length=max_length, out_dir=out
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

@@ -201,3 +201,24 @@ def test_cli_score_and_sample(tmp_path, tiny_lm):
         text=True,
     )
     assert out.returncode == 2 and "no 'ppl' difficulty" in out.stderr
+
+
+def test_scorer_warm_up_fine_tunes_the_student_first(tmp_path, tiny_lm):
+    recipe = load_recipe(
+        recipe_file(tmp_path, tiny_lm, "warm"),
+        ["score.warmup_samples=16", "sft.max_steps=4", "sft.max_length=256", "sft.learning_rate=1e-3"],
+    )
+    write_distillation_set(recipe.run_dir, n=24)
+    manifest = run_score_stage(recipe, progress=False)
+    warm = recipe.run_dir / "score-warmup" / "model"
+    assert (warm / "config.json").exists() and manifest["config"]["scorer"] == str(warm)
+    assert manifest["counts"]["ok"] == 24
+    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data.jsonl"))) == 16
+    cold = load_recipe(recipe_file(tmp_path, tiny_lm, "cold"))
+    write_distillation_set(cold.run_dir, n=24)
+    run_score_stage(cold, progress=False)
+
+    def ranks(run_dir):
+        return {r["id"]: r["difficulty"]["rank"] for r in iter_jsonl(run_dir / "score" / "data.jsonl")}
+
+    assert ranks(recipe.run_dir) != ranks(cold.run_dir)  # the warmed scorer is another model

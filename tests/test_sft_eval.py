@@ -143,7 +143,14 @@ def test_masks_after_collation_cover_only_answers(tmp_path, tiny_lm):
     report = preflight(tok, pairs, [r["id"] for r in rows], 128)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_lm),
-        args=SFTConfig(output_dir=str(tmp_path / "o"), max_length=128, report_to=[], use_cpu=True),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "o"),
+            max_length=128,
+            report_to=[],
+            use_cpu=True,
+            activation_checkpointing=False,
+            gradient_checkpointing=False,
+        ),  # fmt: skip
         train_dataset=Dataset.from_list(pairs),
         processing_class=tok,
     )

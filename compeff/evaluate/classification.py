@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from compeff.data import DataError
+
 INSTRUCTION = "Classify the sentiment of the text as one of: {labels}."
 
 
-class EvalError(ValueError):
+class EvalError(DataError):
     """The evaluation cannot be run as asked (label words, sets, model)."""
 
 

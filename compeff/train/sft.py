@@ -27,7 +27,7 @@ from compeff.select.score_stage import read_chat_set
 TRUNCATION_WARN = 0.05
 
 
-class SftCheckError(ValueError):
+class SftCheckError(DataError):
     """A pre-training check failed; the message says which samples and which setting helps."""
 
 
@@ -215,7 +215,9 @@ def reload_drift(
     return worst
 
 
-def run_sft_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_sft_stage(
+    recipe: Recipe, force: bool = False, progress: bool = True, stage_name: str = "sft"
+) -> dict[str, Any]:
     """Fine-tune the student on the retained set and save model, card, log and loss curve."""
     import torch
     from datasets import Dataset
@@ -258,11 +260,11 @@ def run_sft_stage(recipe: Recipe, force: bool = False, progress: bool = True) ->
         )
     bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
     config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model, "seed": recipe.run.seed}  # fmt: skip
-    stage = Stage.open(recipe.run_dir, "sft", config=config, inputs={"data": source}, force=force)
+    stage = Stage.open(recipe.run_dir, stage_name, config=config, inputs={"data": source}, force=force)
     out_dir = stage.folder / "model"
     with stage:
         if stage.was_complete and (out_dir / "README.md").exists():
-            console.print(f"sft: already trained -> {out_dir}")
+            console.print(f"{stage_name}: already trained -> {out_dir}")
             return stage.manifest or {}
         load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
         if s.load_in_4bit:
@@ -284,6 +286,8 @@ def run_sft_stage(recipe: Recipe, force: bool = False, progress: bool = True) ->
                 task_type="CAUSAL_LM",
             )
         args = SFTConfig(
+            activation_checkpointing=s.gradient_checkpointing,  # TRL turns it on unless told
+            gradient_checkpointing=s.gradient_checkpointing,
             output_dir=str(stage.folder / "checkpoints"),
             learning_rate=s.learning_rate,
             lr_scheduler_type=s.lr_scheduler,
@@ -294,7 +298,6 @@ def run_sft_stage(recipe: Recipe, force: bool = False, progress: bool = True) ->
             max_grad_norm=s.max_grad_norm,
             per_device_train_batch_size=s.per_device_batch_size,
             gradient_accumulation_steps=s.gradient_accumulation_steps,
-            gradient_checkpointing=s.gradient_checkpointing,
             optim="adamw_torch",
             max_length=s.max_length,
             packing=s.packing,
@@ -358,6 +361,6 @@ def run_sft_stage(recipe: Recipe, force: bool = False, progress: bool = True) ->
             ),
         )
         console.print(
-            f"sft: {trainer.state.global_step} steps, final loss {final_loss if final_loss is None else round(final_loss, 4)} -> {out_dir}"
+            f"{stage_name}: {trainer.state.global_step} steps, final loss {final_loss if final_loss is None else round(final_loss, 4)} -> {out_dir}"
         )
     return stage.manifest or {}
