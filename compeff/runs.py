@@ -157,6 +157,7 @@ class Stage:
     previous_manifest: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    writer: bool = True  # False: a follower process of a distributed job, which writes nothing
     _started: float = field(default_factory=time.time)
     _data_fh: Any = None
     _fail_fh: Any = None
@@ -169,16 +170,21 @@ class Stage:
         config: dict[str, Any],
         inputs: dict[str, str | Path] | None = None,
         force: bool = False,
+        writer: bool = True,
     ) -> Stage:
-        """Open (create or resume) ``run_dir/name``; refuse to mix work made from other settings."""
+        """Open (create or resume) ``run_dir/name``; refuse to mix work made from other settings.
+
+        ``writer=False`` (the non-zero ranks of a distributed job) reads the folder but never writes it.
+        """
         folder = Path(run_dir) / name
         input_prints = {
             k: fingerprint_path(v) if Path(v).exists() else str(v) for k, v in (inputs or {}).items()
         }
         fp = fingerprint_obj({"stage": name, "config": config, "inputs": input_prints})
-        if force and folder.exists():
+        if force and folder.exists() and writer:
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
         manifest_path = folder / MANIFEST_FILE
         previous_status = None
         old: dict[str, Any] | None = None
@@ -196,9 +202,12 @@ class Stage:
                     f"{folder}: made with other settings or inputs (changed: {', '.join(changed) or 'unknown'}); "
                     "rerun with --force to start this stage over"
                 )
-        (folder / DATA_FILE).touch(exist_ok=True)  # the stage's data file exists even when nothing succeeds
-        records = _repair_jsonl(folder / DATA_FILE)
-        _repair_jsonl(folder / FAILURES_FILE)
+        if writer:
+            (folder / DATA_FILE).touch(exist_ok=True)  # the data file exists even when nothing succeeds
+            records = _repair_jsonl(folder / DATA_FILE)
+            _repair_jsonl(folder / FAILURES_FILE)
+        else:
+            records = []
         stage = cls(
             folder=folder,
             name=name,
@@ -207,6 +216,7 @@ class Stage:
             fingerprint=fp,
             previous_status=previous_status,
             previous_manifest=old,
+            writer=writer,
         )
         stage.done_ids = {str(r["id"]) for r in records}
         stage.n_ok = stage.resumed_from = len(stage.done_ids)
@@ -258,8 +268,8 @@ class Stage:
     # ---------------------------------------------------------------- writing
     def _write_lines(self, fh_attr: str, path: Path, records: Iterable[dict[str, Any]]) -> int:
         lines = [dumps_line(r) for r in records]
-        if not lines:
-            return 0
+        if not lines or not self.writer:
+            return len(lines)
         fh = getattr(self, fh_attr)
         if fh is None:
             fh = path.open("ab")
@@ -299,6 +309,8 @@ class Stage:
     def write_artifact(self, filename: str, content: str | bytes | Any) -> Path:
         """Write a side file (report, JSON, plot bytes) atomically into the stage folder."""
         path = self.folder / filename
+        if not self.writer:
+            return path
         tmp = path.with_name(path.name + ".tmp")
         if isinstance(content, bytes):
             tmp.write_bytes(content)
@@ -327,7 +339,8 @@ class Stage:
             "argv": sys.argv,
             **self.extra,
         }
-        _atomic_write_json(self.manifest_path, manifest)
+        if self.writer:
+            _atomic_write_json(self.manifest_path, manifest)
         return manifest
 
     def close(self, complete: bool = True) -> dict[str, Any]:

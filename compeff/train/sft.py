@@ -260,7 +260,10 @@ def run_sft_stage(
         )
     bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
     config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model, "seed": recipe.run.seed}  # fmt: skip
-    stage = Stage.open(recipe.run_dir, stage_name, config=config, inputs={"data": source}, force=force)
+    main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only rank 0 writes
+    stage = Stage.open(
+        recipe.run_dir, stage_name, config=config, inputs={"data": source}, force=force, writer=main
+    )
     out_dir = stage.folder / "model"
     with stage:
         if stage.was_complete and (out_dir / "README.md").exists():
@@ -333,6 +336,8 @@ def run_sft_stage(
         history = trainer.state.log_history
         losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
         final_loss = losses[-1] if losses else None
+        if not main:
+            return {}
         trained = trainer.model
         if s.lora_r is not None and s.merge:
             trained = trained.merge_and_unload()
