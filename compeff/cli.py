@@ -188,6 +188,8 @@ def stage_command(name: str, help_text: str, sections: list[str], teacher: bool 
             recipe = recipe_from_flags(kwargs)  # validated before any model loads
             run = get_stage(name)
             manifest = run(recipe, force=kwargs.get("force", False))
+            if not manifest:  # a follower rank of a distributed job: rank 0 reports
+                return
             counts = manifest.get("counts", {})
             typer.echo(
                 f"{name}: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "

@@ -313,6 +313,7 @@ def run_sft_stage(
             report_to=[],
             disable_tqdm=not progress,
             use_cpu=not cuda,
+            ddp_find_unused_parameters=False,
         )
 
         class LogToStage(TrainerCallback):
