@@ -360,6 +360,19 @@ class Stage:
         self.close(complete=exc_type is None)
 
 
+def upstream_data(run_dir: Path, explicit: str | None, stage: str, what: str, key: str) -> Path:
+    """A stage's input: the explicit file when the recipe names one (``key``), else ``stage``'s data
+    file in the run folder, which must exist."""
+    from compeff.data import DataError
+
+    if explicit:
+        return Path(explicit)
+    path = run_dir / stage / DATA_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no {what} (run `compeff {stage}` first or set {key})")
+    return path
+
+
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     """The manifest of a stage folder, or None if the stage never ran."""
     path = Path(stage_dir) / MANIFEST_FILE

@@ -12,6 +12,23 @@ from compeff.models import build_tiny_chat_model
 from compeff.teachers.fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent
+# words of the tiny tokenizer's corpus, for synthetic samples
+WORDS = [
+    "the",
+    "film",
+    "was",
+    "great",
+    "awful",
+    "plot",
+    "actors",
+    "boring",
+    "brilliant",
+    "music",
+    "slow",
+    "fun",
+    "sad",
+    "happy",
+]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

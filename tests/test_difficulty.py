@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import WORDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compeff.select import rank as rank_mod
@@ -13,23 +14,6 @@ from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.layout import LayoutError, render, tokenize_sample
 from compeff.select.rank import nucleus_sizes, rho, token_scores
 from compeff.select.reference import reference_rho, reference_token_score
-
-WORDS = [
-    "the",
-    "film",
-    "was",
-    "great",
-    "awful",
-    "plot",
-    "actors",
-    "boring",
-    "brilliant",
-    "music",
-    "slow",
-    "fun",
-    "sad",
-    "happy",
-]
 
 
 def make_samples(n: int, seed: int = 0) -> list[tuple[str, list[dict[str, str]]]]:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import compeff_cmd
+from conftest import WORDS, compeff_cmd
 from datasets import load_dataset
 
 from compeff.config import load_recipe
@@ -17,22 +17,6 @@ from compeff.runs import iter_jsonl
 from compeff.select.sample_stage import run_sample_stage, selection_report
 from compeff.select.score_stage import run_score_stage
 
-WORDS = [
-    "the",
-    "film",
-    "was",
-    "great",
-    "awful",
-    "plot",
-    "actors",
-    "boring",
-    "brilliant",
-    "music",
-    "slow",
-    "fun",
-    "sad",
-    "happy",
-]
 TASKS = [
     {"id": "p0-t0", "perspective_id": 0, "name": "polarity", "type": "closed_classification",
      "labels": ["positive", "negative", "neutral"]},

@@ -35,6 +35,18 @@ def _count_inside(members, mass_above, top_p):
 
 
 @njit(cache=True, nogil=True)
+def _boundary(hist_m, hist_c, buckets, mass_above, n_above, top_p):
+    """From the top bucket down, the first whose mass takes the running sum to top_p (-1: none), and
+    the mass and count of the buckets above it."""
+    for key in range(buckets - 1, -1, -1):
+        if mass_above + hist_m[key] >= top_p:
+            return key, mass_above, n_above
+        mass_above += hist_m[key]
+        n_above += hist_c[key]
+    return -1, mass_above, n_above
+
+
+@njit(cache=True, nogil=True)
 def _score_row(row, bits, target, top_p, hist_m, hist_c, scratch, scratch2):
     vocab = row.shape[0]
     p_t = row[target]
@@ -50,15 +62,7 @@ def _score_row(row, bits, target, top_p, hist_m, hist_c, scratch, scratch2):
         key = bits[k] >> LEVEL1_SHIFT
         hist_m[key] += row[k]
         hist_c[key] += 1
-    mass_above = 0.0
-    n_above = 0
-    boundary = -1
-    for key in range(2047, -1, -1):
-        if mass_above + hist_m[key] >= top_p:
-            boundary = key
-            break
-        mass_above += hist_m[key]
-        n_above += hist_c[key]
+    boundary, mass_above, n_above = _boundary(hist_m, hist_c, 2048, 0.0, 0, top_p)
     if boundary < 0:  # the whole row sums to less than top_p
         size = vocab
     else:
@@ -76,13 +80,7 @@ def _score_row(row, bits, target, top_p, hist_m, hist_c, scratch, scratch2):
                 key = (member_bits[j] >> LEVEL2_SHIFT) & 4095
                 hist_m[key] += members[j]
                 hist_c[key] += 1
-            sub = -1
-            for key in range(4095, -1, -1):
-                if mass_above + hist_m[key] >= top_p:
-                    sub = key
-                    break
-                mass_above += hist_m[key]
-                n_above += hist_c[key]
+            sub, mass_above, n_above = _boundary(hist_m, hist_c, 4096, mass_above, n_above, top_p)
             m2 = 0
             for j in range(m):
                 if ((member_bits[j] >> LEVEL2_SHIFT) & 4095) == sub:

@@ -17,7 +17,7 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.data import DataError
 from compeff.progress import console
-from compeff.runs import Stage, iter_jsonl
+from compeff.runs import Stage, iter_jsonl, upstream_data
 from compeff.select.plots import histogram_png
 from compeff.select.sampling import select
 from compeff.select.score_stage import read_chat_set
@@ -28,12 +28,7 @@ MIN_GROUP_FOR_BALANCE = 10
 
 def sample_input(recipe: Recipe) -> Path:
     """The scored set: ``sample.input`` or the run's score output."""
-    if recipe.sample.input:
-        return Path(recipe.sample.input)
-    path = recipe.run_dir / "score" / "data.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: no scored set (run `compeff score` first or set sample.input)")
-    return path
+    return upstream_data(recipe.run_dir, recipe.sample.input, "score", "scored set", "sample.input")
 
 
 def group_key(row: dict[str, Any], mode: str) -> Hashable:

@@ -16,7 +16,7 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.data import DataError
 from compeff.progress import Tracker, console
-from compeff.runs import Stage, dumps_line, iter_jsonl
+from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.plots import histogram_png
 from compeff.shards import finished_shards, parse_shard, shard_of, shard_stage_name
@@ -39,12 +39,7 @@ def read_chat_set(path: Path, need: tuple[str, ...] = ("messages",)) -> list[dic
 
 def score_input(recipe: Recipe) -> Path:
     """The set to score: ``score.input`` or the run's generate output."""
-    if recipe.score.input:
-        return Path(recipe.score.input)
-    path = recipe.run_dir / "generate" / "data.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: no distillation set (run `compeff generate` first or set score.input)")
-    return path
+    return upstream_data(recipe.run_dir, recipe.score.input, "generate", "distillation set", "score.input")
 
 
 def scorer_name(recipe: Recipe) -> str:

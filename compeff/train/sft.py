@@ -21,7 +21,7 @@ from compeff.config import ConfigError, Recipe
 from compeff.data import DataError
 from compeff.models import CHATML_TEMPLATE, resolve_model
 from compeff.progress import console
-from compeff.runs import Stage, read_manifest
+from compeff.runs import Stage, read_manifest, upstream_data
 from compeff.select.score_stage import read_chat_set
 
 TRUNCATION_WARN = 0.05
@@ -33,12 +33,7 @@ class SftCheckError(DataError):
 
 def sft_input(recipe: Recipe) -> Path:
     """The chat set to train on: ``sft.input`` or the run's sample output."""
-    if recipe.sft.input:
-        return Path(recipe.sft.input)
-    path = recipe.run_dir / "sample" / "data.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: no retained set (run `compeff sample` first or set sft.input)")
-    return path
+    return upstream_data(recipe.run_dir, recipe.sft.input, "sample", "retained set", "sft.input")
 
 
 def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
