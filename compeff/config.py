@@ -418,10 +418,68 @@ class EvalSettings(Section):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
 
+class KdStudent(Section):
+    name: str = Field(description="Row name of the student in the results.")
+    model: str | None = Field(None, description="An HF encoder to start from (hub id or path).")
+    init_from_teacher: bool = Field(
+        False, description="Start from a layer-pruned copy of the fine-tuned teacher."
+    )
+    layers: list[int] | None = Field(
+        None, description="Teacher layers the pruned copy keeps, e.g. [0, 2, 5]."
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> KdStudent:
+        if bool(self.model) == self.init_from_teacher:
+            raise ValueError("give either model or init_from_teacher: true (with layers)")
+        if self.init_from_teacher and not self.layers:
+            raise ValueError("init_from_teacher needs layers")
+        return self
+
+
 class KdSettings(Section):
+    teacher_model: str = Field(
+        "builtin:minilm",
+        description="Encoder the teacher classifier is fine-tuned from (paper seeds: roberta-large).",
+    )
+    teacher: str | None = Field(
+        None, description="An already fine-tuned teacher classifier (skips its training)."
+    )
+    train_set: Source = Field("tweeteval_sentiment:validation", description="Labelled training set.")
+    test_set: Source = Field("tweeteval_sentiment:test", description="Labelled test set (evaluated in full).")
+    train_limit: int | None = Field(None, ge=1, description="Stratified subset of the training set.")
+    test_limit: int | None = Field(None, ge=1, description="Stratified subset of the test set.")
+    max_length: int = Field(128, ge=8, description="Tokens per text.")
+    truncation: Literal["plain", "head_tail"] = Field(
+        "plain",
+        description="plain: keep the start; head_tail: keep the first quarter and the end of long texts.",
+    )
+    teacher_epochs: float = Field(3, gt=0, description="Teacher fine-tuning epochs.")
+    teacher_lr: float = Field(5e-5, gt=0, description="Teacher learning rate.")
+    students: list[KdStudent] = Field(
+        default_factory=lambda: [
+            KdStudent(name="minilm-3l", init_from_teacher=True, layers=[0, 2, 5]),
+            KdStudent(name="minilm-2l", init_from_teacher=True, layers=[0, 5]),
+        ],
+        description="Students to distil.",
+    )
+    losses: list[Literal["ce", "kd", "corrected"]] = Field(
+        default_factory=lambda: ["ce", "kd", "corrected"],
+        description="ce: labels only; kd: alpha T^2 KL + (1 - alpha) CE; corrected: kd with one-hot gold where "
+        "the teacher is wrong.",
+    )
     temperature: float = Field(2.0, gt=0, description="Distillation temperature T.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term.")
-    max_length: int = Field(256, ge=8, description="Tokens per text.")
+    student_epochs: float = Field(3, gt=0, description="Student training epochs.")
+    student_lr: float = Field(1e-4, gt=0, description="Student learning rate.")
+    batch_size: int = Field(32, ge=1, description="Texts per step.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [42], description="Seeds of the student runs (mean +- std)."
+    )
+    baselines: bool = Field(
+        True, description="Also fit the TF-IDF naive Bayes and logistic-regression baselines."
+    )
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
 
 class BenchSettings(Section):

@@ -36,6 +36,7 @@ IMPLEMENTED: dict[str, str] = {
     "sample": "compeff.select.sample_stage:run_sample_stage",
     "sft": "compeff.train.sft:run_sft_stage",
     "eval": "compeff.evaluate.eval_stage:run_eval_stage",
+    "kd": "compeff.train.kd_stage:run_kd_stage",
 }
 
 

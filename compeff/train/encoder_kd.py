@@ -1,0 +1,276 @@
+"""Encoder classifiers: fine-tune a teacher, distil students from its soft labels, measure both.
+
+Students are any HF encoder or a layer-pruned copy of the teacher (works offline). Teacher logits on
+the training set are computed once and cached per (teacher weights, set, max_length, truncation), so
+a student run never runs the teacher again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compeff.train.kd_losses import corrected_targets, kd_loss, soft_targets
+
+Truncation = Literal["plain", "head_tail"]
+HEAD_SHARE = 0.25  # head+tail truncation keeps a quarter of the budget from the start, the rest from the end
+
+
+@dataclass
+class Encoded:
+    """A tokenised labelled set."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int,
+    truncation: Truncation = "plain",
+) -> Encoded:
+    """Token ids of each text cut to ``max_length``: from the end (plain) or keeping its head and tail."""
+    if truncation == "plain":
+        enc = tokenizer(
+            list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels)))
+    special = tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [CLS, SEP] or [<s>, </s>]
+    prefix, suffix = special[:1], special[1:]
+    budget = max_length - len(special)
+    head = int(budget * HEAD_SHARE)
+    rows = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head) :]
+        rows.append(prefix + ids + suffix)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return Encoded(input_ids, mask, torch.tensor(list(labels)))
+
+
+def _batches(n: int, size: int, rng: np.random.Generator | None = None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, size):
+        yield torch.from_numpy(order[start : start + size])
+
+
+def predict_logits(model: Any, data: Encoded, batch_size: int = 64) -> np.ndarray:
+    """Classifier logits for every row, in order (float32)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for idx in _batches(len(data), batch_size):
+            mask = data.attention_mask[idx]
+            width = int(mask.sum(1).max())  # drop the batch's common padding
+            logits = model(
+                input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
+            ).logits
+            out.append(logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+TargetFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def train_classifier(
+    model: Any,
+    data: Encoded,
+    epochs: float,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    teacher_logits: np.ndarray | None = None,
+    loss: Literal["ce", "kd", "corrected"] = "ce",
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    weight_decay: float = 0.01,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
+    """Train in place with AdamW and linear decay; returns the loss of each step."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    teacher = torch.from_numpy(teacher_logits).float() if teacher_logits is not None else None
+    if loss != "ce" and teacher is None:
+        raise ValueError(f"loss '{loss}' needs teacher logits")
+    model.train()
+    losses: list[float] = []
+    step = 0
+    while step < total:
+        for idx in _batches(len(data), batch_size, rng):
+            if step >= total:
+                break
+            mask = data.attention_mask[idx]
+            width = int(mask.sum(1).max())
+            labels = data.labels[idx].to(device)
+            logits = model(
+                input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
+            ).logits
+            if loss == "ce":
+                value = F.cross_entropy(logits, labels)
+            else:
+                t = teacher[idx].to(device)
+                targets = (
+                    soft_targets(t, temperature)
+                    if loss == "kd"
+                    else corrected_targets(t, labels, temperature)
+                )
+                value = kd_loss(logits, targets, labels, temperature, alpha)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(float(value))
+            step += 1
+            if progress is not None:
+                progress(step, total, losses[-1])
+    model.eval()
+    return losses
+
+
+STACK_PATHS = (
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "distilbert.transformer.layer",
+    "electra.encoder.layer",
+)
+
+
+def _stack_path(model: Any) -> str:
+    """Attribute path of the transformer layers of an encoder classifier."""
+    for path in STACK_PATHS:
+        node = model
+        try:
+            for part in path.split("."):
+                node = getattr(node, part)
+        except AttributeError:
+            continue
+        return path
+    raise ValueError(f"cannot find the layer stack of {type(model).__name__} to prune it")
+
+
+def layer_pruned_copy(teacher: Any, layers: Sequence[int]) -> Any:
+    """A student that keeps the teacher's embeddings, head and the listed layers (in that order)."""
+    path = _stack_path(teacher)
+    *parents, leaf = path.split(".")
+    holder = teacher
+    for part in parents:
+        holder = getattr(holder, part)
+    stack = getattr(holder, leaf)
+    if not layers or any(not 0 <= i < len(stack) for i in layers):
+        raise ValueError(f"layers {list(layers)} must be indices of the teacher's {len(stack)} layers")
+    setattr(holder, leaf, torch.nn.ModuleList())  # copy the rest without the layers ...
+    try:
+        student = copy.deepcopy(teacher)
+    finally:
+        setattr(holder, leaf, stack)
+    target = student
+    for part in parents:
+        target = getattr(target, part)
+    setattr(
+        target, leaf, torch.nn.ModuleList([copy.deepcopy(stack[i]) for i in layers])
+    )  # ... then the kept ones
+    field = "n_layers" if path.startswith("distilbert") else "num_hidden_layers"
+    setattr(student.config, field, len(layers))
+    return student
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE over equal-width confidence bins: the weighted gap between confidence and accuracy."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            total += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(total)
+
+
+def classifier_metrics(
+    logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None
+) -> dict[str, float]:
+    """Accuracy, macro-F1, agreement with the teacher, mean max-softmax confidence, ECE."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    probs = torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
+    predicted = probs.argmax(1)
+    out = {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro")),
+        "confidence": float(probs.max(1).mean()),
+        "ece": expected_calibration_error(probs, labels),
+    }
+    if teacher_logits is not None:
+        out["agreement"] = float((teacher_logits.argmax(1) == predicted).mean())
+    return out
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A short hash of a saved model's weight files (cache keys change when the weights do)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin")):
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class TeacherLogitCache:
+    """Teacher logits per (teacher weights, data set, max_length, truncation), as .npy files."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.computed = 0  # how many times the teacher actually ran (tests check reuse)
+
+    def key(self, teacher_dir: Path, data_key: str, max_length: int, truncation: str) -> str:
+        raw = f"{weights_fingerprint(teacher_dir)}|{data_key}|{max_length}|{truncation}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+    def get(
+        self,
+        teacher_dir: Path,
+        data_key: str,
+        max_length: int,
+        truncation: str,
+        compute: Callable[[], np.ndarray],
+    ) -> np.ndarray:
+        path = self.folder / f"{self.key(teacher_dir, data_key, max_length, truncation)}.npy"
+        if path.exists():
+            return np.load(path)
+        logits = compute()
+        self.computed += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, logits)
+        tmp.replace(path)
+        return logits

@@ -1,0 +1,193 @@
+"""``compeff kd``: teacher fine-tuning, student distillation and baselines on a labelled set.
+
+One row per (model, loss, seed) in ``runs/<name>/kd/data.jsonl`` (so a killed run resumes where it
+stopped), the fine-tuned teacher in ``kd/teacher/``, cached teacher logits in ``kd/teacher_logits/``,
+students in ``kd/students/<name>-<loss>-<seed>/``, and ``results.md`` / ``results.json``: accuracy,
+macro-F1, agreement with the teacher, confidence and ECE, mean +- std over seeds, and each row's
+share of the teacher's accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compeff.config import Recipe
+from compeff.data import DataError, load_labelled
+from compeff.evaluate.classification import stratified_subset
+from compeff.progress import Tracker, console
+from compeff.runs import Stage, iter_jsonl
+
+TEACHER_DIR = "teacher"
+
+
+def _load_set(spec: str, limit: int | None, seed: int, data_dir: str | None):
+    rows, names, report = load_labelled(spec, root=data_dir)
+    if not rows:
+        raise DataError(f"{spec}: no labelled record ({'; '.join(report.problems[:3]) or 'empty'})")
+    keep = stratified_subset([r["label"] for r in rows], limit, seed)
+    return [rows[i]["text"] for i in keep], np.array([rows[i]["label"] for i in keep]), names
+
+
+def _parameters(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune (or load) the teacher, fit the baselines, distil every student x loss x seed."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from compeff.models import resolve_model
+    from compeff.teachers.hf_local import pick_device
+    from compeff.train.baselines import baseline_logits
+    from compeff.train.encoder_kd import (
+        TeacherLogitCache,
+        classifier_metrics,
+        encode,
+        layer_pruned_copy,
+        predict_logits,
+        train_classifier,
+    )
+
+    hf_logging.disable_progress_bar()
+    k = recipe.kd
+    seed0 = k.seeds[0]
+    train_texts, train_labels, names = _load_set(
+        k.train_set, k.train_limit, recipe.run.seed, recipe.data.data_dir
+    )
+    test_texts, test_labels, _ = _load_set(k.test_set, k.test_limit, recipe.run.seed, recipe.data.data_dir)
+    device = pick_device(k.device)
+    config = {"kd": k.model_dump(exclude={"device"}), "seed": recipe.run.seed}
+    stage = Stage.open(recipe.run_dir, "kd", config=config, force=force)
+    with stage:
+        done = {r["id"]: r for r in iter_jsonl(stage.data_path)}
+        teacher_dir = Path(k.teacher) if k.teacher else stage.folder / TEACHER_DIR
+        base = resolve_model(k.teacher_model)
+        tokenizer = AutoTokenizer.from_pretrained(
+            teacher_dir if (teacher_dir / "config.json").exists() else base
+        )
+        train = encode(tokenizer, train_texts, train_labels, k.max_length, k.truncation)
+        test = encode(tokenizer, test_texts, test_labels, k.max_length, k.truncation)
+
+        if not (teacher_dir / "config.json").exists():
+            console.print(f"kd: fine-tuning the teacher from {k.teacher_model} on {len(train)} texts")
+            teacher = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+            ).to(device)  # fmt: skip
+            start = time.perf_counter()
+            train_classifier(teacher, train, k.teacher_epochs, k.teacher_lr, k.batch_size, seed0)
+            teacher.save_pretrained(teacher_dir)
+            tokenizer.save_pretrained(teacher_dir)
+            stage.extra["teacher_train_s"] = round(time.perf_counter() - start, 1)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).to(device).eval()
+        cache = TeacherLogitCache(stage.folder / "teacher_logits")
+        t_train = cache.get(teacher_dir, f"{k.train_set}|{k.train_limit}|{recipe.run.seed}", k.max_length, k.truncation,
+                            lambda: predict_logits(teacher, train))  # fmt: skip
+        t_test = cache.get(teacher_dir, f"{k.test_set}|{k.test_limit}|{recipe.run.seed}", k.max_length, k.truncation,
+                           lambda: predict_logits(teacher, test))  # fmt: skip
+        stage.extra["teacher_runs"] = cache.computed
+        rows = []
+        if "teacher|-|-" not in done:
+            rows.append({"id": "teacher|-|-", "model": "teacher", "loss": "ce", "seed": seed0,
+                         "parameters": _parameters(teacher), **classifier_metrics(t_test, test_labels)})  # fmt: skip
+        if k.baselines:
+            for kind, label in (("nb", "tfidf-nb"), ("lr", "tfidf-lr")):
+                if f"{label}|-|-" not in done:
+                    logits = baseline_logits(kind, train_texts, train_labels, test_texts)
+                    rows.append({"id": f"{label}|-|-", "model": label, "loss": "-", "seed": None, "parameters": None,
+                                 **classifier_metrics(logits, test_labels, t_test)})  # fmt: skip
+        stage.append(rows)
+        runs = [(s, loss, seed) for s in k.students for loss in k.losses for seed in k.seeds]
+        todo = [r for r in runs if f"{r[0].name}|{r[1]}|{r[2]}" not in done]
+        with Tracker("kd students", total=len(runs), enabled=progress, done=len(runs) - len(todo)) as tracker:
+            for spec, loss, seed in todo:
+                torch.manual_seed(seed)
+                if spec.init_from_teacher:
+                    student = layer_pruned_copy(teacher, spec.layers or []).to(device)
+                else:
+                    if resolve_model(spec.model or "") != base:
+                        raise DataError(
+                            f"kd.students.{spec.name}: a student with another tokenizer than the teacher needs its "
+                            "own encoding, which this version does not do yet; use init_from_teacher"
+                        )
+                    student = AutoModelForSequenceClassification.from_pretrained(
+                        base, num_labels=len(names)
+                    ).to(device)
+                start = time.perf_counter()
+                losses = train_classifier(
+                    student, train, k.student_epochs, k.student_lr, k.batch_size, seed,
+                    teacher_logits=None if loss == "ce" else t_train, loss=loss,
+                    temperature=k.temperature, alpha=k.alpha,
+                )  # fmt: skip
+                seconds = time.perf_counter() - start
+                logits = predict_logits(student, test)
+                out = stage.folder / "students" / f"{spec.name}-{loss}-{seed}"
+                student.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                stage.append([{"id": f"{spec.name}|{loss}|{seed}", "model": spec.name, "loss": loss, "seed": seed,
+                               "parameters": _parameters(student), "train_s": round(seconds, 1),
+                               "final_train_loss": losses[-1], "path": str(out),
+                               **classifier_metrics(logits, test_labels, t_test)}])  # fmt: skip
+                tracker.advance(1)
+        results = kd_results(
+            list(iter_jsonl(stage.data_path)), names, k.train_set, k.test_set, len(train), len(test)
+        )
+        stage.write_artifact("results.json", results)
+        stage.write_artifact("results.md", kd_markdown(results))
+        stage.extra["summary"] = {r["row"]: r["accuracy"] for r in results["rows"]}
+        console.print(kd_markdown(results))
+    assert stage.manifest is not None
+    return stage.manifest
+
+
+def kd_results(rows: list[dict[str, Any]], names, train_set, test_set, n_train, n_test) -> dict[str, Any]:
+    """Rows grouped by (model, loss): mean and std over seeds, and the share of the teacher's accuracy."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["loss"])].append(r)
+    teacher_acc = next((g[0]["accuracy"] for (m, _), g in groups.items() if m == "teacher"), None)
+    out = []
+    for (model, loss), members in groups.items():
+        row: dict[str, Any] = {"row": f"{model} ({loss})" if loss != "-" else model, "model": model, "loss": loss,
+                               "seeds": len(members), "parameters": members[0].get("parameters")}  # fmt: skip
+        for metric in ("accuracy", "macro_f1", "agreement", "confidence", "ece"):
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if values:
+                row[metric] = float(np.mean(values))
+                row[f"{metric}_std"] = float(np.std(values))
+        if teacher_acc:
+            row["share_of_teacher"] = row["accuracy"] / teacher_acc
+        out.append(row)
+    return {"train_set": train_set, "test_set": test_set, "n_train": n_train, "n_test": n_test,
+            "labels": list(names), "rows": out}  # fmt: skip
+
+
+def kd_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Encoder distillation: train {results['train_set']} ({results['n_train']}), test {results['test_set']} "
+        f"({results['n_test']})",
+        "",
+        "| model | params | seeds | accuracy | macro-F1 | agreement | confidence | ECE | of teacher |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        if key not in row:
+            return "-"
+        std = row.get(f"{key}_std", 0.0)
+        return f"{100 * row[key]:.1f}" + (f" +- {100 * std:.1f}" if row["seeds"] > 1 else "")
+
+    for row in results["rows"]:
+        params = f"{row['parameters'] / 1e6:.1f}M" if row.get("parameters") else "-"
+        share = f"{100 * row['share_of_teacher']:.1f}%" if "share_of_teacher" in row else "-"
+        lines.append(
+            f"| {row['row']} | {params} | {row['seeds']} | {cell(row, 'accuracy')} | {cell(row, 'macro_f1')} | "
+            f"{cell(row, 'agreement')} | {cell(row, 'confidence')} | {cell(row, 'ece')} | {share} |"
+        )
+    return "\n".join(lines) + "\n"

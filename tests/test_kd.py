@@ -1,0 +1,162 @@
+"""Encoder distillation: losses against hand-computed values, pruned students, metrics, the teacher
+logit cache, baselines, and a short real distillation of the shipped MiniLM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from compeff.models import minilm_path
+from compeff.train.baselines import baseline_logits
+from compeff.train.encoder_kd import (
+    TeacherLogitCache,
+    classifier_metrics,
+    encode,
+    expected_calibration_error,
+    layer_pruned_copy,
+    predict_logits,
+    train_classifier,
+)
+from compeff.train.kd_losses import HiddenStateLoss, corrected_targets, kd_loss, soft_targets
+
+
+def test_kd_loss_by_hand():
+    z_s = torch.tensor([[1.0, 0.0]])
+    z_t = torch.tensor([[0.0, 2.0]])
+    y = torch.tensor([0])
+    T, alpha = 2.0, 0.3
+    p_t = [1 / (1 + math.e), math.e / (1 + math.e)]  # softmax([0, 1])
+    p_s = [math.e**0.5 / (1 + math.e**0.5), 1 / (1 + math.e**0.5)]  # softmax([0.5, 0])
+    kl = sum(a * math.log(a / b) for a, b in zip(p_t, p_s, strict=True))
+    ce = -math.log(math.e / (1 + math.e))
+    expected = alpha * T**2 * kl + (1 - alpha) * ce
+    got = kd_loss(z_s, soft_targets(z_t, T), y, T, alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(z_s, soft_targets(z_t, T), y, T, 0.0).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_corrected_targets_replace_only_wrong_rows():
+    z_t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    y = torch.tensor([0, 2])  # the teacher is right on row 0, wrong on row 1
+    targets = corrected_targets(z_t, y, temperature=2.0)
+    assert torch.allclose(targets[0], soft_targets(z_t[:1], 2.0)[0])
+    assert targets[1].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_hidden_state_loss_projects_and_maps_layers():
+    loss = HiddenStateLoss(student_width=4, teacher_width=6, layer_map=[(0, 1), (1, 3)])
+    student = [torch.randn(2, 5, 4) for _ in range(2)]
+    teacher = [torch.randn(2, 5, 6) for _ in range(4)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    value = loss(student, teacher, mask)
+    assert value.ndim == 0 and value.item() > 0
+    assert loss.projection.weight.shape == (6, 4)
+    value.backward()
+    assert loss.projection.weight.grad is not None
+    same = HiddenStateLoss(4, 4, [(0, 0)])
+    assert same(student[:1], student[:1]).item() == 0.0
+
+
+def test_ece_and_metrics_by_hand():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    labels = np.array([0, 1, 1])
+    # bins of width 0.5: (0.5, 1.0] holds all three; confidence mean 0.7667, accuracy 2/3
+    assert expected_calibration_error(probs, labels, bins=2) == pytest.approx(abs(0.76667 - 2 / 3), abs=1e-4)
+    m = classifier_metrics(np.log(probs), labels, teacher_logits=np.log(probs))
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["agreement"] == 1.0
+    assert m["confidence"] == pytest.approx(0.76667, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def minilm_classifier():
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return tok, model
+
+
+def test_layer_pruned_copy_keeps_the_chosen_layers(minilm_classifier):
+    _, teacher = minilm_classifier
+    student = layer_pruned_copy(teacher, [0, 5])
+    assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
+    assert len(teacher.bert.encoder.layer) == 6  # the teacher is left whole
+    for s_i, t_i in ((0, 0), (1, 5)):
+        s_w = student.bert.encoder.layer[s_i].attention.self.query.weight
+        assert torch.equal(s_w, teacher.bert.encoder.layer[t_i].attention.self.query.weight)
+        assert s_w.data_ptr() != teacher.bert.encoder.layer[t_i].attention.self.query.weight.data_ptr()
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    with pytest.raises(ValueError, match="indices"):
+        layer_pruned_copy(teacher, [7])
+
+
+def test_head_tail_truncation_keeps_both_ends(minilm_classifier):
+    tok, _ = minilm_classifier
+    text = "start " + " ".join(f"w{i}" for i in range(300)) + " finale"
+    plain = encode(tok, [text], [0], 32, "plain")
+    both = encode(tok, [text], [0], 32, "head_tail")
+    decoded = tok.decode(both.input_ids[0][both.attention_mask[0] == 1])
+    assert "start" in decoded and "finale" in decoded
+    assert "finale" not in tok.decode(plain.input_ids[0])
+    assert int(both.attention_mask.sum()) == 32
+
+
+def test_cached_teacher_logits_are_reused(tmp_path, minilm_classifier):
+    tok, model = minilm_classifier
+    model.save_pretrained(tmp_path / "teacher")
+    data = encode(tok, ["good film", "bad film", "fine"], [1, 0, 1], 16)
+    cache = TeacherLogitCache(tmp_path / "cache")
+    first = cache.get(tmp_path / "teacher", "toy", 16, "plain", lambda: predict_logits(model, data))
+    again = cache.get(tmp_path / "teacher", "toy", 16, "plain", lambda: pytest.fail("the teacher ran twice"))
+    assert cache.computed == 1 and np.array_equal(first, again)
+    other = cache.get(tmp_path / "teacher", "toy", 24, "plain", lambda: predict_logits(model, data))
+    assert cache.computed == 2 and other.shape == first.shape  # another max_length is another entry
+
+
+def test_distilled_student_improves_on_its_start(minilm_classifier):
+    """A real teacher (MiniLM fine-tuned on a marker-word task) and a 2-layer copy distilled from it."""
+    tok, base = minilm_classifier
+    rng = np.random.default_rng(0)
+    words = ["film", "plot", "actor", "scene", "music", "story", "camera", "ending"]
+
+    def texts(n):
+        out, labels = [], []
+        for i in range(n):
+            label = i % 2
+            w = list(rng.choice(words, 6))
+            w.insert(3, "superb" if label else "awful")
+            out.append(" ".join(w))
+            labels.append(label)
+        return out, labels
+
+    train_t, train_y = texts(96)
+    test_t, test_y = texts(64)
+    train = encode(tok, train_t, train_y, 16)
+    test = encode(tok, test_t, test_y, 16)
+    teacher = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    train_classifier(teacher, train, epochs=2, lr=1e-4, batch_size=16, seed=0)
+    t_train = predict_logits(teacher, train)
+    assert classifier_metrics(predict_logits(teacher, test), np.array(test_y))["accuracy"] >= 0.9
+    student = layer_pruned_copy(teacher, [0, 5])
+    for layer in student.bert.encoder.layer:  # scramble the copied layers: an untrained start
+        for p in layer.parameters():
+            if p.dim() == 2:  # weight matrices; layer norms stay as they are
+                torch.nn.init.normal_(p, std=0.02)
+    before = classifier_metrics(predict_logits(student, test), np.array(test_y))["accuracy"]
+    train_classifier(
+        student, train, epochs=4, lr=3e-4, batch_size=16, seed=0, teacher_logits=t_train, loss="kd"
+    )
+    after = classifier_metrics(predict_logits(student, test), np.array(test_y))["accuracy"]
+    assert after >= 0.9 > before + 0.1 or after >= before + 0.2
+
+
+def test_tfidf_baselines_learn_a_readable_task():
+    train = ["good great fine", "bad awful poor"] * 20
+    labels = [1, 0] * 20
+    for kind in ("nb", "lr"):
+        logits = baseline_logits(kind, train, labels, ["great good", "awful bad"])
+        assert logits.argmax(1).tolist() == [1, 0]
