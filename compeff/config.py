@@ -445,6 +445,11 @@ class KdSettings(Section):
     teacher: str | None = Field(
         None, description="An already fine-tuned teacher classifier (skips its training)."
     )
+    soft_labels: Literal["encoder", "llm"] = Field(
+        "encoder",
+        description="encoder: the fine-tuned teacher's logits; llm: label-word probabilities of the recipe's "
+        "teacher LLM (black box, zero-shot; label words must be single tokens).",
+    )
     train_set: Source = Field("tweeteval_sentiment:validation", description="Labelled training set.")
     test_set: Source = Field("tweeteval_sentiment:test", description="Labelled test set (evaluated in full).")
     train_limit: int | None = Field(None, ge=1, description="Stratified subset of the training set.")

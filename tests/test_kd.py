@@ -160,3 +160,51 @@ def test_tfidf_baselines_learn_a_readable_task():
     for kind in ("nb", "lr"):
         logits = baseline_logits(kind, train, labels, ["great good", "awful bad"])
         assert logits.argmax(1).tolist() == [1, 0]
+
+
+def test_black_box_soft_labels_from_a_local_llm(tiny_lm):
+    from compeff.evaluate.classification import EvalError, HFLabelScorer
+    from compeff.train.blackbox import check_single_tokens, local_llm_soft_labels, normalise
+
+    scorer = HFLabelScorer(str(tiny_lm))
+    labels = ["awful", "great"]
+    check_single_tokens(scorer.tokenizer, labels)  # both are single tokens with a leading space
+    probs = local_llm_soft_labels(scorer, ["the film was fun", "slow plot", "sad music"], labels)
+    assert probs.shape == (3, 2) and np.all(probs >= 0) and np.allclose(probs.sum(1), 1.0)
+    with pytest.raises(EvalError, match="tokens in the teacher's tokenizer"):
+        check_single_tokens(scorer.tokenizer, ["awful", "xqzjwv"])
+    served = normalise(np.array([[-0.1, -2.0, -np.inf], [-np.inf, -np.inf, -np.inf]]))
+    assert np.allclose(served.sum(1), 1.0) and served[0, 2] == 0.0 and np.allclose(served[1], 1 / 3)
+
+
+def test_kd_stage_end_to_end_and_teacher_reuse(tmp_path):
+    import json
+
+    from compeff.config import load_recipe
+    from compeff.runs import iter_jsonl
+    from compeff.train.kd_stage import run_kd_stage
+
+    overrides = [
+        f"run.dir={tmp_path}",
+        "run.name=kd",
+        "kd.train_limit=48",
+        "kd.test_limit=60",
+        "kd.max_length=48",
+        "kd.teacher_epochs=1",
+        "kd.student_epochs=1",
+        "kd.batch_size=16",
+        "kd.students=[{name: two, init_from_teacher: true, layers: [0, 5]}]",
+        "kd.losses=[ce, kd]",
+        "kd.seeds=[1]",
+    ]
+    manifest = run_kd_stage(load_recipe(None, overrides), progress=False)
+    assert manifest["teacher_runs"] == 2  # train and test logits, computed once
+    rows = {r["id"]: r for r in iter_jsonl(tmp_path / "kd" / "kd" / "data.jsonl")}
+    assert set(rows) == {"teacher|-|-", "tfidf-nb|-|-", "tfidf-lr|-|-", "two|ce|1", "two|kd|1"}
+    for key in ("two|ce|1", "two|kd|1"):
+        assert 0 <= rows[key]["accuracy"] <= 1 and 0 <= rows[key]["agreement"] <= 1 and rows[key]["ece"] >= 0
+    results = json.loads((tmp_path / "kd" / "kd" / "results.json").read_text())
+    assert {r["row"] for r in results["rows"]} >= {"two (kd)", "teacher (ce)", "tfidf-lr"}
+    assert "of teacher" in (tmp_path / "kd" / "kd" / "results.md").read_text()
+    again = run_kd_stage(load_recipe(None, overrides), force=True, progress=False)
+    assert again["teacher_runs"] == 0 and "teacher_train_s" not in again  # students only, teacher reused

@@ -147,7 +147,7 @@ def train_classifier(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-            losses.append(float(value))
+            losses.append(float(value.detach()))
             step += 1
             if progress is not None:
                 progress(step, total, losses[-1])
@@ -264,7 +264,12 @@ class TeacherLogitCache:
         truncation: str,
         compute: Callable[[], np.ndarray],
     ) -> np.ndarray:
-        path = self.folder / f"{self.key(teacher_dir, data_key, max_length, truncation)}.npy"
+        """The cached logits of this teacher on this data, computed on the first call only."""
+        return self.get_keyed(self.key(teacher_dir, data_key, max_length, truncation), compute)
+
+    def get_keyed(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The same under a caller's key (hashed into the file name)."""
+        path = self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
         if path.exists():
             return np.load(path)
         logits = compute()

@@ -1,7 +1,8 @@
 """``compeff kd``: teacher fine-tuning, student distillation and baselines on a labelled set.
 
 One row per (model, loss, seed) in ``runs/<name>/kd/data.jsonl`` (so a killed run resumes where it
-stopped), the fine-tuned teacher in ``kd/teacher/``, cached teacher logits in ``kd/teacher_logits/``,
+stopped), the fine-tuned teacher in ``kd-teacher/``, cached teacher logits in ``kd-teacher-logits/`` (both
+kept by ``--force``, which retrains the students only),
 students in ``kd/students/<name>-<loss>-<seed>/``, and ``results.md`` / ``results.json``: accuracy,
 macro-F1, agreement with the teacher, confidence and ECE, mean +- std over seeds, and each row's
 share of the teacher's accuracy.
@@ -9,6 +10,8 @@ share of the teacher's accuracy.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +25,11 @@ from compeff.evaluate.classification import stratified_subset
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, iter_jsonl
 
-TEACHER_DIR = "teacher"
+TEACHER_DIR = "kd-teacher"
+
+
+def _steps(n: int, batch_size: int, epochs: float) -> int:
+    return max(1, int(round(epochs * math.ceil(n / batch_size))))
 
 
 def _load_set(spec: str, limit: int | None, seed: int, data_dir: str | None):
@@ -67,28 +74,50 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     stage = Stage.open(recipe.run_dir, "kd", config=config, force=force)
     with stage:
         done = {r["id"]: r for r in iter_jsonl(stage.data_path)}
-        teacher_dir = Path(k.teacher) if k.teacher else stage.folder / TEACHER_DIR
+        # the teacher and its logits live beside the kd stage, so `kd --force` retrains students only
+        teacher_dir = Path(k.teacher) if k.teacher else recipe.run_dir / TEACHER_DIR
         base = resolve_model(k.teacher_model)
-        tokenizer = AutoTokenizer.from_pretrained(
-            teacher_dir if (teacher_dir / "config.json").exists() else base
+        recipe_of_teacher = {
+            f: getattr(k, f)
+            for f in ("teacher_model", "train_set", "train_limit", "max_length", "truncation", "teacher_epochs",
+                      "teacher_lr", "batch_size")
+        } | {"seed": seed0, "run_seed": recipe.run.seed}  # fmt: skip
+        marker = teacher_dir / "compeff_teacher.json"
+        trained = (teacher_dir / "config.json").exists() and (
+            k.teacher is not None or (marker.exists() and json.loads(marker.read_text()) == recipe_of_teacher)
         )
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir if trained else base)
         train = encode(tokenizer, train_texts, train_labels, k.max_length, k.truncation)
         test = encode(tokenizer, test_texts, test_labels, k.max_length, k.truncation)
-
-        if not (teacher_dir / "config.json").exists():
+        if not trained:
             console.print(f"kd: fine-tuning the teacher from {k.teacher_model} on {len(train)} texts")
             teacher = AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
             ).to(device)  # fmt: skip
             start = time.perf_counter()
-            train_classifier(teacher, train, k.teacher_epochs, k.teacher_lr, k.batch_size, seed0)
+            with Tracker("kd teacher (steps)", total=_steps(len(train), k.batch_size, k.teacher_epochs),
+                         enabled=progress) as tracker:  # fmt: skip
+                train_classifier(teacher, train, k.teacher_epochs, k.teacher_lr, k.batch_size, seed0,
+                                 progress=lambda *_: tracker.advance(1))  # fmt: skip
             teacher.save_pretrained(teacher_dir)
             tokenizer.save_pretrained(teacher_dir)
+            marker.write_text(json.dumps(recipe_of_teacher, sort_keys=True))
             stage.extra["teacher_train_s"] = round(time.perf_counter() - start, 1)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).to(device).eval()
-        cache = TeacherLogitCache(stage.folder / "teacher_logits")
-        t_train = cache.get(teacher_dir, f"{k.train_set}|{k.train_limit}|{recipe.run.seed}", k.max_length, k.truncation,
-                            lambda: predict_logits(teacher, train))  # fmt: skip
+        cache = TeacherLogitCache(recipe.run_dir / "kd-teacher-logits")
+        if k.soft_labels == "llm":  # black-box soft labels from the teacher LLM, cached by its name
+            from compeff.train.blackbox import llm_soft_labels
+
+            llm_key = f"llm|{recipe.teacher.model}|{recipe.teacher.backend}|{k.train_set}|{k.train_limit}|{recipe.run.seed}"
+            t_train = cache.get_keyed(
+                llm_key,
+                lambda: np.log(np.clip(llm_soft_labels(recipe, train_texts, names), 1e-12, 1.0)).astype(
+                    np.float32
+                ),
+            )
+        else:
+            t_train = cache.get(teacher_dir, f"{k.train_set}|{k.train_limit}|{recipe.run.seed}", k.max_length,
+                                k.truncation, lambda: predict_logits(teacher, train))  # fmt: skip
         t_test = cache.get(teacher_dir, f"{k.test_set}|{k.test_limit}|{recipe.run.seed}", k.max_length, k.truncation,
                            lambda: predict_logits(teacher, test))  # fmt: skip
         stage.extra["teacher_runs"] = cache.computed
