@@ -484,6 +484,22 @@ class KdSettings(Section):
     baselines: bool = Field(
         True, description="Also fit the TF-IDF naive Bayes and logistic-regression baselines."
     )
+    search: bool = Field(
+        False, description="Successive halving over (T, alpha, lr) first; the students then use the winner."
+    )
+    search_temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], description="T grid.")
+    search_alphas: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.7, 0.9], description="alpha grid."
+    )
+    search_lrs: list[float] = Field(
+        default_factory=lambda: [5e-5, 1e-4, 2e-4], description="Learning-rate grid."
+    )
+    search_fraction: float = Field(
+        0.25, gt=0, le=1, description="Share of the training set in the first round."
+    )
+    search_holdout: float = Field(
+        0.2, gt=0, lt=1, description="Share of the training set scored by the search."
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
 

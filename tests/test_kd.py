@@ -206,5 +206,30 @@ def test_kd_stage_end_to_end_and_teacher_reuse(tmp_path):
     results = json.loads((tmp_path / "kd" / "kd" / "results.json").read_text())
     assert {r["row"] for r in results["rows"]} >= {"two (kd)", "teacher (ce)", "tfidf-lr"}
     assert "of teacher" in (tmp_path / "kd" / "kd" / "results.md").read_text()
-    again = run_kd_stage(load_recipe(None, overrides), force=True, progress=False)
+    search = ["kd.search=true", "kd.search_temperatures=[1.0, 4.0]", "kd.search_alphas=[0.5]", "kd.search_lrs=[1e-4]",
+              "kd.losses=[kd]"]  # fmt: skip
+    again = run_kd_stage(load_recipe(None, overrides + search), force=True, progress=False)
     assert again["teacher_runs"] == 0 and "teacher_train_s" not in again  # students only, teacher reused
+    assert again["search_best"]["temperature"] in (1.0, 4.0)
+    searched = [r for r in iter_jsonl(tmp_path / "kd" / "kd" / "data.jsonl") if r["model"] == "search"]
+    assert [r["round"] for r in searched] == [0, 0, 1]
+
+
+def test_successive_halving_keeps_the_best_and_resumes():
+    from compeff.train.search import config_id, grid, successive_halving
+
+    configs = grid([1.0, 2.0, 4.0], [0.5, 0.9], [1e-4])
+    calls = []
+
+    def evaluate(config, share):  # the best is T=2, alpha=0.9; more data scores a little higher
+        calls.append((config_id(config), share))
+        return -abs(config["temperature"] - 2.0) + config["alpha"] + 0.01 * share
+
+    best, history = successive_halving(configs, evaluate, fraction=0.25)
+    assert best == {"temperature": 2.0, "alpha": 0.9, "lr": 1e-4}
+    assert [len(h["scores"]) for h in history] == [6, 3, 1]
+    assert [h["share"] for h in history] == [0.25, 0.5, 1.0]
+    first_round = {(0, config_id(c)): s for c, s in history[0]["scores"]}
+    calls.clear()
+    best_again, _ = successive_halving(configs, evaluate, fraction=0.25, done=first_round)
+    assert best_again == best and all(share > 0.25 for _, share in calls)  # round 0 was not redone

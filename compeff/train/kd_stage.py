@@ -132,6 +132,11 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
                     rows.append({"id": f"{label}|-|-", "model": label, "loss": "-", "seed": None, "parameters": None,
                                  **classifier_metrics(logits, test_labels, t_test)})  # fmt: skip
         stage.append(rows)
+        temperature, alpha, student_lr = k.temperature, k.alpha, k.student_lr
+        if k.search:
+            best = _search(stage, done, k, teacher, train, t_train, device)
+            temperature, alpha, student_lr = best["temperature"], best["alpha"], best["lr"]
+            stage.extra["search_best"] = best
         runs = [(s, loss, seed) for s in k.students for loss in k.losses for seed in k.seeds]
         todo = [r for r in runs if f"{r[0].name}|{r[1]}|{r[2]}" not in done]
         with Tracker("kd students", total=len(runs), enabled=progress, done=len(runs) - len(todo)) as tracker:
@@ -150,9 +155,9 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
                     ).to(device)
                 start = time.perf_counter()
                 losses = train_classifier(
-                    student, train, k.student_epochs, k.student_lr, k.batch_size, seed,
+                    student, train, k.student_epochs, student_lr, k.batch_size, seed,
                     teacher_logits=None if loss == "ce" else t_train, loss=loss,
-                    temperature=k.temperature, alpha=k.alpha,
+                    temperature=temperature, alpha=alpha,
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
                 logits = predict_logits(student, test)
@@ -175,11 +180,70 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     return stage.manifest
 
 
+def _search(
+    stage: Stage, done: dict[str, Any], k: Any, teacher: Any, train: Any, t_train: np.ndarray, device: str
+):
+    """Successive halving of (T, alpha, lr) for the first student with the kd loss, scored on a held-out
+    part of the training set; resumable through the stage's rows."""
+    import torch
+
+    from compeff.train.encoder_kd import (
+        Encoded,
+        classifier_metrics,
+        layer_pruned_copy,
+        predict_logits,
+        train_classifier,
+    )
+    from compeff.train.search import config_id, grid, successive_halving
+
+    spec = k.students[0]
+    if not spec.init_from_teacher:
+        raise DataError("kd.search: the first student must be a layer-pruned copy of the teacher")
+    order = np.random.default_rng(k.seeds[0]).permutation(len(train))
+    n_hold = max(1, int(len(train) * k.search_holdout))
+    hold, fit = order[:n_hold], order[n_hold:]
+
+    def part(idx: np.ndarray) -> Encoded:
+        t = torch.from_numpy(idx)
+        return Encoded(train.input_ids[t], train.attention_mask[t], train.labels[t])
+
+    held = part(hold)
+
+    def evaluate(config: dict[str, float], share: float) -> float:
+        idx = fit[: max(1, int(len(fit) * share))]
+        student = layer_pruned_copy(teacher, spec.layers or []).to(device)
+        train_classifier(student, part(idx), k.student_epochs, config["lr"], k.batch_size, k.seeds[0],
+                         teacher_logits=t_train[idx], loss="kd", temperature=config["temperature"],
+                         alpha=config["alpha"])  # fmt: skip
+        return classifier_metrics(predict_logits(student, held), held.labels.numpy())["accuracy"]
+
+    earlier = {
+        (r["round"], config_id(r["config"])): r["score"]
+        for r in done.values()
+        if r["id"].startswith("search|")
+    }
+
+    def record(round_no: int, config: dict[str, float], share: float, score: float) -> None:
+        stage.append([{"id": f"search|{round_no}|{config_id(config)}", "model": "search", "loss": "kd",
+                       "round": round_no, "config": config, "share": share, "score": score}])  # fmt: skip
+
+    best, history = successive_halving(
+        grid(k.search_temperatures, k.search_alphas, k.search_lrs),
+        evaluate,
+        k.search_fraction,
+        earlier,
+        record,
+    )
+    console.print(f"kd: search picked T={best['temperature']}, alpha={best['alpha']}, lr={best['lr']}")
+    return best
+
+
 def kd_results(rows: list[dict[str, Any]], names, train_set, test_set, n_train, n_test) -> dict[str, Any]:
     """Rows grouped by (model, loss): mean and std over seeds, and the share of the teacher's accuracy."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], r["loss"])].append(r)
+        if r["model"] != "search":
+            groups[(r["model"], r["loss"])].append(r)
     teacher_acc = next((g[0]["accuracy"] for (m, _), g in groups.items() if m == "teacher"), None)
     out = []
     for (model, loss), members in groups.items():
