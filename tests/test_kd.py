@@ -184,6 +184,9 @@ def test_kd_stage_end_to_end_and_teacher_reuse(tmp_path):
     from compeff.runs import iter_jsonl
     from compeff.train.kd_stage import run_kd_stage
 
+    other = tmp_path / "other-encoder"  # a student from a path of its own: encoded with its own tokenizer
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(other)
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=3).save_pretrained(other)
     overrides = [
         f"run.dir={tmp_path}",
         "run.name=kd",
@@ -193,19 +196,28 @@ def test_kd_stage_end_to_end_and_teacher_reuse(tmp_path):
         "kd.teacher_epochs=1",
         "kd.student_epochs=1",
         "kd.batch_size=16",
-        "kd.students=[{name: two, init_from_teacher: true, layers: [0, 5]}]",
+        f"kd.students=[{{name: two, init_from_teacher: true, layers: [0, 5]}}, {{name: own, model: {other}}}]",
         "kd.losses=[ce, kd]",
         "kd.seeds=[1]",
     ]
     manifest = run_kd_stage(load_recipe(None, overrides), progress=False)
     assert manifest["teacher_runs"] == 2  # train and test logits, computed once
     rows = {r["id"]: r for r in iter_jsonl(tmp_path / "kd" / "kd" / "data.jsonl")}
-    assert set(rows) == {"teacher|-|-", "tfidf-nb|-|-", "tfidf-lr|-|-", "two|ce|1", "two|kd|1"}
+    assert set(rows) == {
+        "teacher|-|-",
+        "tfidf-nb|-|-",
+        "tfidf-lr|-|-",
+        "two|ce|1",
+        "two|kd|1",
+        "own|ce|1",
+        "own|kd|1",
+    }
     for key in ("two|ce|1", "two|kd|1"):
         assert 0 <= rows[key]["accuracy"] <= 1 and 0 <= rows[key]["agreement"] <= 1 and rows[key]["ece"] >= 0
     results = json.loads((tmp_path / "kd" / "kd" / "results.json").read_text())
     assert {r["row"] for r in results["rows"]} >= {"two (kd)", "teacher (ce)", "tfidf-lr"}
     assert "of teacher" in (tmp_path / "kd" / "kd" / "results.md").read_text()
+    overrides[8] = "kd.students=[{name: two, init_from_teacher: true, layers: [0, 5]}]"
     search = ["kd.search=true", "kd.search_temperatures=[1.0, 4.0]", "kd.search_alphas=[0.5]", "kd.search_lrs=[1e-4]",
               "kd.losses=[kd]"]  # fmt: skip
     again = run_kd_stage(load_recipe(None, overrides + search), force=True, progress=False)

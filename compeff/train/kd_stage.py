@@ -142,28 +142,29 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         with Tracker("kd students", total=len(runs), enabled=progress, done=len(runs) - len(todo)) as tracker:
             for spec, loss, seed in todo:
                 torch.manual_seed(seed)
+                s_train, s_test, s_tokenizer = train, test, tokenizer
                 if spec.init_from_teacher:
                     student = layer_pruned_copy(teacher, spec.layers or []).to(device)
-                else:
-                    if resolve_model(spec.model or "") != base:
-                        raise DataError(
-                            f"kd.students.{spec.name}: a student with another tokenizer than the teacher needs its "
-                            "own encoding, which this version does not do yet; use init_from_teacher"
-                        )
+                else:  # its own tokenizer: the texts are encoded again, the teacher's logits stay per text
+                    path = resolve_model(spec.model or "")
                     student = AutoModelForSequenceClassification.from_pretrained(
-                        base, num_labels=len(names)
+                        path, num_labels=len(names)
                     ).to(device)
+                    if path != base:
+                        s_tokenizer = AutoTokenizer.from_pretrained(path)
+                        s_train = encode(s_tokenizer, train_texts, train_labels, k.max_length, k.truncation)
+                        s_test = encode(s_tokenizer, test_texts, test_labels, k.max_length, k.truncation)
                 start = time.perf_counter()
                 losses = train_classifier(
-                    student, train, k.student_epochs, student_lr, k.batch_size, seed,
+                    student, s_train, k.student_epochs, student_lr, k.batch_size, seed,
                     teacher_logits=None if loss == "ce" else t_train, loss=loss,
                     temperature=temperature, alpha=alpha,
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
-                logits = predict_logits(student, test)
+                logits = predict_logits(student, s_test)
                 out = stage.folder / "students" / f"{spec.name}-{loss}-{seed}"
                 student.save_pretrained(out)
-                tokenizer.save_pretrained(out)
+                s_tokenizer.save_pretrained(out)
                 stage.append([{"id": f"{spec.name}|{loss}|{seed}", "model": spec.name, "loss": loss, "seed": seed,
                                "parameters": _parameters(student), "train_s": round(seconds, 1),
                                "final_train_loss": losses[-1], "path": str(out),
