@@ -468,13 +468,15 @@ class KdSettings(Section):
         ],
         description="Students to distil.",
     )
-    losses: list[Literal["ce", "kd", "corrected"]] = Field(
+    losses: list[Literal["ce", "kd", "corrected", "hidden"]] = Field(
         default_factory=lambda: ["ce", "kd", "corrected"],
         description="ce: labels only; kd: alpha T^2 KL + (1 - alpha) CE; corrected: kd with one-hot gold where "
-        "the teacher is wrong.",
+        "the teacher is wrong; hidden: kd plus hidden_weight x MSE of mapped hidden states (the teacher runs "
+        "on every batch).",
     )
     temperature: float = Field(2.0, gt=0, description="Distillation temperature T.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term.")
+    hidden_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state MSE in the hidden loss.")
     student_epochs: float = Field(3, gt=0, description="Student training epochs.")
     student_lr: float = Field(1e-4, gt=0, description="Student learning rate.")
     batch_size: int = Field(32, ge=1, description="Texts per step.")

@@ -245,3 +245,27 @@ def test_successive_halving_keeps_the_best_and_resumes():
     calls.clear()
     best_again, _ = successive_halving(configs, evaluate, fraction=0.25, done=first_round)
     assert best_again == best and all(share > 0.25 for _, share in calls)  # round 0 was not redone
+
+
+def test_hidden_loss_adds_the_mapped_hidden_state_term(minilm_classifier):
+    from compeff.train.encoder_kd import HiddenMatch
+
+    tok, teacher = minilm_classifier
+    data = encode(tok, ["good film", "bad plot", "fine music", "awful ending"], [1, 0, 1, 0], 16)
+    t_logits = predict_logits(teacher, data)
+    first = {}
+    for loss in ("kd", "hidden"):
+        student = layer_pruned_copy(teacher, [0, 5])
+        match = (
+            HiddenMatch(teacher, HiddenStateLoss(384, 384, [(0, 0), (1, 1), (2, 6)]))
+            if loss == "hidden"
+            else None
+        )
+        values = train_classifier(student, data, epochs=1, lr=1e-5, batch_size=4, seed=3, teacher_logits=t_logits,
+                                  loss=loss, hidden=match)  # fmt: skip
+        first[loss] = values[0]
+    assert first["hidden"] > first["kd"] > 0  # same batch, same start: the MSE term is on top
+    with pytest.raises(ValueError, match="needs the teacher"):
+        train_classifier(
+            layer_pruned_copy(teacher, [0]), data, 1, 1e-5, 4, 0, teacher_logits=t_logits, loss="hidden"
+        )

@@ -94,6 +94,24 @@ def predict_logits(model: Any, data: Encoded, batch_size: int = 64) -> np.ndarra
 TargetFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
+@dataclass
+class HiddenMatch:
+    """The hidden-state term of the ``hidden`` loss: the teacher (run on every batch: its hidden states
+    are too large to cache), the mapped MSE with its projection, and the term's weight."""
+
+    teacher: Any
+    loss: Any  # HiddenStateLoss
+    weight: float = 1.0
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Hidden-state pairs (indices into ``hidden_states``, 0 = embeddings): embeddings to embeddings and
+    student layer i to the teacher layer at the same relative depth."""
+    return [(0, 0)] + [
+        (i + 1, round((i + 1) * teacher_layers / student_layers)) for i in range(student_layers)
+    ]
+
+
 def train_classifier(
     model: Any,
     data: Encoded,
@@ -102,19 +120,28 @@ def train_classifier(
     batch_size: int,
     seed: int,
     teacher_logits: np.ndarray | None = None,
-    loss: Literal["ce", "kd", "corrected"] = "ce",
+    loss: Literal["ce", "kd", "corrected", "hidden"] = "ce",
     temperature: float = 2.0,
     alpha: float = 0.5,
     weight_decay: float = 0.01,
     progress: Callable[[int, int, float], None] | None = None,
+    hidden: HiddenMatch | None = None,
 ) -> list[float]:
-    """Train in place with AdamW and linear decay; returns the loss of each step."""
+    """Train in place with AdamW and linear decay; returns the loss of each step. ``hidden`` is the
+    kd loss plus the hidden-state MSE (``hidden`` must then be given)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(model.parameters())
+    if loss == "hidden":
+        if hidden is None:
+            raise ValueError("loss 'hidden' needs the teacher and a HiddenStateLoss")
+        hidden.loss.to(device)
+        hidden.teacher.eval()
+        params += list(hidden.loss.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     teacher = torch.from_numpy(teacher_logits).float() if teacher_logits is not None else None
     if loss != "ce" and teacher is None:
@@ -129,21 +156,30 @@ def train_classifier(
             mask = data.attention_mask[idx]
             width = int(mask.sum(1).max())
             labels = data.labels[idx].to(device)
-            logits = model(
-                input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
-            ).logits
+            inputs = {
+                "input_ids": data.input_ids[idx, :width].to(device),
+                "attention_mask": mask[:, :width].to(device),
+            }
+            out = model(**inputs, output_hidden_states=loss == "hidden")
+            logits = out.logits
             if loss == "ce":
                 value = F.cross_entropy(logits, labels)
             else:
                 t = teacher[idx].to(device)
                 targets = (
-                    soft_targets(t, temperature)
-                    if loss == "kd"
-                    else corrected_targets(t, labels, temperature)
+                    corrected_targets(t, labels, temperature)
+                    if loss == "corrected"
+                    else soft_targets(t, temperature)
                 )
                 value = kd_loss(logits, targets, labels, temperature, alpha)
+                if loss == "hidden":
+                    with torch.no_grad():
+                        t_states = hidden.teacher(**inputs, output_hidden_states=True).hidden_states
+                    value = value + hidden.weight * hidden.loss(
+                        out.hidden_states, t_states, inputs["attention_mask"]
+                    )
             value.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()

@@ -154,11 +154,32 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
                         s_tokenizer = AutoTokenizer.from_pretrained(path)
                         s_train = encode(s_tokenizer, train_texts, train_labels, k.max_length, k.truncation)
                         s_test = encode(s_tokenizer, test_texts, test_labels, k.max_length, k.truncation)
+                match = None
+                if loss == "hidden":
+                    from compeff.train.encoder_kd import HiddenMatch, uniform_layer_map
+                    from compeff.train.kd_losses import HiddenStateLoss
+
+                    if s_tokenizer is not tokenizer:
+                        raise DataError(
+                            f"kd.students.{spec.name}: the hidden loss needs the teacher's tokenizer"
+                        )
+                    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+                    pairs = (
+                        [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(spec.layers)]
+                        if spec.init_from_teacher and spec.layers
+                        else uniform_layer_map(n_s, n_t)
+                    )
+                    torch.manual_seed(seed)
+                    match = HiddenMatch(
+                        teacher,
+                        HiddenStateLoss(student.config.hidden_size, teacher.config.hidden_size, pairs),
+                        k.hidden_weight,
+                    )
                 start = time.perf_counter()
                 losses = train_classifier(
                     student, s_train, k.student_epochs, student_lr, k.batch_size, seed,
                     teacher_logits=None if loss == "ce" else t_train, loss=loss,
-                    temperature=temperature, alpha=alpha,
+                    temperature=temperature, alpha=alpha, hidden=match,
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
                 logits = predict_logits(student, s_test)
