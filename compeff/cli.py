@@ -253,10 +253,42 @@ stage_command("kd", "Distil encoder classifiers from a teacher's soft labels.", 
 
 @bench_app.command("encoders")
 def bench_encoders(
-    models: list[str] = typer.Argument(None, help="Encoder classifier folders or names."),
+    models: list[str] = typer.Argument(None, help="Classifier folders (e.g. runs/tweeteval-kd/kd-teacher)."),
+    test_set: str = typer.Option(
+        "tweeteval_sentiment:test", "--test-set", help="Labelled set for accuracy and inputs."
+    ),
+    train_set: str = typer.Option(
+        "tweeteval_sentiment:validation", "--train-set", help="Calibration and baseline texts."
+    ),
+    limit: int = typer.Option(1000, "--limit", help="Stratified test texts scored for accuracy."),
+    timed: int = typer.Option(256, "--timed", help="Test texts timed per (model, backend, batch size)."),
+    batch_size: list[int] = typer.Option([1, 32], "--batch-size", help="Batch sizes (repeatable)."),
+    threads: int = typer.Option(2, "--threads", help="Threads for every backend."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed warm-up batches."),
+    calibration: int = typer.Option(128, "--calibration", help="Training texts calibrating static INT8."),
+    fixed_length: int | None = typer.Option(None, "--fixed-length", help="Pad every input to this length."),
+    backend: list[str] = typer.Option(None, "--backend", help="Backends (repeatable; default: all)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where the table, CSV, JSON and plots go."),
 ) -> None:
-    """Latency / throughput / memory / power / accuracy of encoder students."""
-    guarded(lambda: get_stage("bench"))
+    """Latency / throughput / memory / power / accuracy of encoder classifiers, PyTorch and ONNX Runtime."""
+    from compeff.bench.encoders import run_encoder_bench
+
+    guarded(
+        lambda: run_encoder_bench(
+            models or [],
+            test_set,
+            train_set,
+            limit,
+            timed,
+            batch_size,
+            threads,
+            warmup,
+            calibration,
+            fixed_length=fixed_length,
+            backends=backend or None,
+            out_dir=out,
+        )
+    )
 
 
 @bench_app.command("cluster")
