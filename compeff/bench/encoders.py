@@ -76,10 +76,12 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> Path:
 
 
 def quantize_dynamic_int8(fp32: Path, out: Path) -> Path:
+    """Dynamic INT8 with per-channel weight scales (per-tensor scales flipped 9% of a weak classifier's
+    predictions in a measurement, per-channel 1%)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if not out.exists():
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
     return out
 
 
@@ -188,7 +190,9 @@ def bench_model(
     eval_batches = make_batches(tokenizer, texts, 32, max_length, None)
     rows: list[Row] = []
     reference: np.ndarray | None = None
-    onnx_dir = work_dir / "onnx" / name
+    from compeff.train.encoder_kd import weights_fingerprint
+
+    onnx_dir = work_dir / "onnx" / f"{name}-{weights_fingerprint(model_dir)[:10]}"  # new weights, new files
     for backend in backends:
         runner, size, note, cuda, sync = None, None, "", False, (lambda: None)
         if backend.endswith("-cuda"):
@@ -223,7 +227,7 @@ def bench_model(
             if backend == "ort-fp32":
                 path = fp32
             elif backend == "ort-int8-dynamic":
-                path = quantize_dynamic_int8(fp32, onnx_dir / "model-int8-dynamic.onnx")
+                path = quantize_dynamic_int8(fp32, onnx_dir / "model-int8-dynamic-per-channel.onnx")
             elif backend == "ort-int8-static":
                 calib = make_batches(tokenizer, calib_texts, 8, max_length, None)
                 path = quantize_static_int8(fp32, onnx_dir / "model-int8-static.onnx", calib)
