@@ -110,7 +110,11 @@ def _served_predictions(recipe: Recipe, prompts: list[str], label_names: list[st
             first = (result.logprobs[0].get("content") or [{}])[0]
             s = served_label_scores(first.get("top_logprobs") or [first], label_names)
             scores[i] = s.tolist()
-            preds[i] = int(np.argmax(s)) if np.isfinite(s).any() else -1
+            if np.isfinite(s).any():
+                preds[i] = int(np.argmax(s))
+            else:  # counted as wrong, and kept where failures are
+                failures.append({"id": result.id, "reason": "no label word among the top log-probabilities",
+                                 "kind": "rejected", "answer": result.text})  # fmt: skip
     return preds, np.array(scores), failures
 
 
