@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -272,12 +273,19 @@ def classifier_metrics(
 
 def weights_fingerprint(model_dir: Path) -> str:
     """A short hash of a saved model's weight files (cache keys change when the weights do)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    return _weights_hash(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@lru_cache(maxsize=32)
+def _weights_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Hash of the named files, once per (path, size, mtime): a run asks for the teacher's several times."""
+    from compeff.runs import fingerprint_path
+
     digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin")):
-        digest.update(path.name.encode())
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+    for path, _, _ in files:
+        digest.update(Path(path).name.encode())
+        digest.update(fingerprint_path(path).encode())
     return digest.hexdigest()[:16]
 
 
