@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from compeff.config import ConfigError, Recipe, load_recipe
 from compeff.data import DataError
 from compeff.runs import StageConflict
-from compeff.stages import StageNotImplemented, get_stage, implemented_stages
+from compeff.stages import StageNotImplemented, get_stage
 from compeff.teachers.base import TeacherUnavailable
 
 app = typer.Typer(
@@ -427,21 +427,33 @@ def bench_teacher(
 def run_recipe(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    stage: list[str] | None = typer.Option(
+        None, "--stage", help="Run only these stages (repeatable; default: the recipe's run.stages)."
+    ),
     force: bool = typer.Option(False, "--force", help="Start every stage over."),
 ) -> None:
-    """Run the recipe's stages in order (run.stages; default: every implemented stage), resumably."""
+    """Run the recipe's stages in order: finished ones are skipped, interrupted ones resume, changed ones
+    start over with the later stages of their chain. Writes <run>/report.md and report.html."""
+    from compeff.pipeline import run_pipeline
 
     def body() -> None:
         config = load_recipe(recipe, set_ or [])
-        stages = config.run.stages or implemented_stages()
-        for name in stages:
-            get_stage(name)  # fail before any work if a stage is missing
-        for name in stages:
-            typer.secho(f"== {name}", bold=True, err=True)
-            manifest = get_stage(name)(config, force=force)
-            counts = manifest.get("counts", {})
-            typer.echo(f"{name}: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed")
-        typer.echo(f"run folder: {config.run_dir}")
+        run_pipeline(config, stages=stage or None, force=force)
+        typer.echo(f"run folder: {config.run_dir}  report: {config.run_dir / 'report.html'}")
+
+    guarded(body)
+
+
+@app.command("report")
+def report(run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/quickstart.")) -> None:
+    """Rebuild a run's report.md and report.html from its stage folders."""
+    from compeff.report import write_report
+
+    def body() -> None:
+        if not run_dir.is_dir():
+            raise DataError(f"{run_dir}: no such run folder")
+        path = write_report(run_dir)
+        typer.echo(f"{path} and {path.with_suffix('.html')}")
 
     guarded(body)
 

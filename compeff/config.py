@@ -246,6 +246,9 @@ class GenerateSettings(Section):
         100000, ge=1, description="Instruction-text pairs answered by the teacher (paper: 100k)."
     )
     k_demos: int = Field(2, ge=0, description="Demonstrations inlined in each instruction.")
+    max_chars: int | None = Field(
+        None, ge=20, description="Cut user texts to this many characters (null: whole texts)."
+    )
     task_cap: float = Field(
         2.0, ge=1.0, description="No task gets more than task_cap times its even share of the samples."
     )
@@ -506,8 +509,32 @@ class KdSettings(Section):
 
 
 class BenchSettings(Section):
+    models: list[str] | None = Field(
+        None,
+        description="Classifier folders to benchmark (null: the run's kd teacher and its students trained with "
+        "the kd loss, first seed).",
+    )
+    test_set: Source | None = Field(None, description="Labelled set timed and scored (null: kd.test_set).")
+    train_set: Source | None = Field(
+        None, description="Texts calibrating static INT8 and fitting the TF-IDF rows (null: kd.train_set)."
+    )
+    limit: int = Field(1000, ge=1, description="Stratified test texts scored for accuracy.")
+    timed: int = Field(256, ge=1, description="Test texts timed per (model, backend, batch size).")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
+    threads: int = Field(
+        2, ge=1, description="Threads for every backend (the same for all, for a fair table)."
+    )
     warmup: int = Field(5, ge=0, description="Untimed warm-up runs.")
+    calibration: int = Field(128, ge=1, description="Training texts that calibrate static INT8.")
+    max_length: int = Field(128, ge=8, description="Tokens per text.")
+    backends: list[str] | None = Field(
+        None,
+        description="Backends to time (null: all; torch-fp32, ort-fp32, ort-int8-dynamic, ort-int8-static, "
+        "and the CUDA ones where a GPU is present).",
+    )
+    baselines: bool = Field(
+        True, description="Also time the TF-IDF naive Bayes and logistic-regression rows."
+    )
 
 
 # ------------------------------------------------------------------------------------------ recipe

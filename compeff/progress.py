@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -20,13 +22,24 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+_prefix: list[str] = [""]
+
+
+@contextmanager
+def stage_prefix(prefix: str) -> Iterator[None]:
+    """Prefix every progress line shown inside the block (``compeff run`` puts "[k/n] " there)."""
+    _prefix.append(prefix)
+    try:
+        yield
+    finally:
+        _prefix.pop()
 
 
 class Tracker:
     """Counts finished and failed items of one stage and shows them (context manager)."""
 
     def __init__(self, description: str, total: int | None, enabled: bool = True, done: int = 0):
-        self.description = description
+        self.description = _prefix[-1] + description
         self.total = total
         self.enabled = enabled
         self.done = done

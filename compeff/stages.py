@@ -37,6 +37,7 @@ IMPLEMENTED: dict[str, str] = {
     "sft": "compeff.train.sft:run_sft_stage",
     "eval": "compeff.evaluate.eval_stage:run_eval_stage",
     "kd": "compeff.train.kd_stage:run_kd_stage",
+    "bench": "compeff.bench.bench_stage:run_bench_stage",
 }
 
 

@@ -51,12 +51,13 @@ def test_stage_help_shows_defaults_and_recipe_keys():
     assert "--min-count" in result.output and "Default: 10" in result.output
 
 
-def test_unimplemented_stage_says_so(tmp_path):
+def test_bench_stage_without_encoders_says_what_to_run_first(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("run: {stages: [bench]}\n")  # the bench stage of `compeff run` is not there yet
+    recipe.write_text(f"run: {{stages: [bench], dir: {tmp_path}}}\n")
     proc = subprocess.run(compeff_cmd("run", str(recipe)), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 3
-    assert "not implemented yet" in proc.stderr
+    assert proc.returncode == 2
+    assert "no distilled encoders to benchmark" in proc.stderr
+    assert "bench.models" in proc.stderr
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):

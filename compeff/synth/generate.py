@@ -44,7 +44,7 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _skip_with_proxy(plan, by_id, texts, proxy_path: str, share: float):
+def _skip_with_proxy(plan, by_id, texts, proxy_path: str, share: float, max_chars: int | None = None):
     """The plan without the pairs the difficulty proxy predicts easiest (per task)."""
     from compeff.select.proxy import PROXY_FILE, load_proxy, skip_predicted_easy
 
@@ -52,7 +52,7 @@ def _skip_with_proxy(plan, by_id, texts, proxy_path: str, share: float):
     prompts = [
         render_instruction(
             by_id[p.task_id],
-            texts[p.text_index]["text"],
+            texts[p.text_index]["text"][:max_chars],
             [by_id[p.task_id]["demos"][i] for i in p.demo_indices],
         )
         for p in plan
@@ -101,7 +101,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
     skipped = 0
     if settings.proxy:
         plan, skipped, inputs["proxy"] = _skip_with_proxy(
-            plan, by_id, texts, settings.proxy, settings.proxy_skip
+            plan, by_id, texts, settings.proxy, settings.proxy_skip, settings.max_chars
         )
     params = sampling_params(recipe.teacher)
     sampling = params.to_dict()
@@ -112,7 +112,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         demos = [task["demos"][i] for i in pairing.demo_indices]
         return ChatRequest(
             id=pairing.id,
-            messages=[{"role": "user", "content": render_instruction(task, text["text"], demos)}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": render_instruction(task, text["text"][: settings.max_chars], demos),
+                }
+            ],
             params=params,
             meta={"task_id": pairing.task_id, "text_id": text["id"]},
         )
