@@ -526,7 +526,7 @@ class BenchSettings(Section):
     )
     warmup: int = Field(5, ge=0, description="Untimed warm-up runs.")
     calibration: int = Field(128, ge=1, description="Training texts that calibrate static INT8.")
-    max_length: int = Field(128, ge=8, description="Tokens per text.")
+    max_length: int | None = Field(None, ge=8, description="Tokens per text (null: kd.max_length).")
     backends: list[str] | None = Field(
         None,
         description="Backends to time (null: all; torch-fp32, ort-fp32, ort-int8-dynamic, ort-int8-static, "

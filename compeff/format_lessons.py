@@ -128,9 +128,16 @@ WORDS = [
 ]
 
 
-def random_text(rng: random.Random, longest: int = 30) -> str:
-    """A nonsense 'user text' made of common review and tweet words."""
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, longest)))
+def _noise_word(rng: random.Random) -> str:
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+    return word.capitalize() + rng.choice(["", "", ",", ".", "!", "'s"]) if rng.random() < 0.3 else word
+
+
+def random_text(rng: random.Random, longest: int = 30, noise: float = 0.0) -> str:
+    """A nonsense 'user text' made of common review and tweet words; ``noise`` is the share of random
+    letter strings mixed in, so that real texts with words never seen in lessons look familiar."""
+    n = rng.randint(6, longest)
+    return " ".join(_noise_word(rng) if rng.random() < noise else rng.choice(WORDS) for _ in range(n))
 
 
 def enumerate_lesson(rng: random.Random) -> list[dict[str, str]]:
@@ -143,7 +150,7 @@ def enumerate_lesson(rng: random.Random) -> list[dict[str, str]]:
         for k, (name, description) in enumerate(items, 1)
     )
     return [
-        {"role": "user", "content": render_prompt("enumerate", text=random_text(rng, 110))},
+        {"role": "user", "content": render_prompt("enumerate", text=random_text(rng, 110, noise=0.5))},
         {"role": "assistant", "content": answer},
     ]
 
@@ -277,8 +284,8 @@ def demos_lesson(rng: random.Random) -> list[dict[str, str]]:
         seeds.append(f"Input: {text}\nOutput: {task_output(task, rng, text)}")
     labels = f"\nAllowed labels: {', '.join(task['labels'])}" if task.get("labels") else ""
     prompt = render_prompt("task_demos", instruction=task["description"], output_format=task["output_format"],
-                           labels=labels, seed_demos="\n\n".join(seeds), text1=random_text(rng),
-                           text2=random_text(rng))  # fmt: skip
+                           labels=labels, seed_demos="\n\n".join(seeds), text1=random_text(rng, 100, noise=0.5),
+                           text2=random_text(rng, 100, noise=0.5))  # fmt: skip
     pairs = []
     for _ in range(2):
         text = _short_text(rng)
@@ -290,7 +297,7 @@ def answer_lesson(rng: random.Random) -> list[dict[str, str]]:
     """A generate-stage instruction (canned task or analysis) on a random text, answered in its format."""
     from compeff.synth.instructions import render_instruction
 
-    text = random_text(rng)
+    text = random_text(rng, 100, noise=0.5)
     if rng.random() < 0.2:
         task = {"type": "analysis", "description": rng.choice(ANALYSIS_BANK)}
         return [{"role": "user", "content": render_instruction(task, text, [])},

@@ -90,6 +90,7 @@ def run_pipeline(
                 manifest = get_stage(name)(recipe, force=True)
         if forced:
             dirty.add(name)
+        manifest = read_manifest(run_dir / name) or manifest  # what the stage left on disk
         action, why = _action(before, manifest, forced)
         counts = manifest.get("counts", {})
         outcome = StageOutcome(

@@ -49,6 +49,17 @@ def failure_reasons(stage_dir: Path, top: int = 5) -> tuple[int, list[tuple[str,
     return sum(reasons.values()), reasons.most_common(top)
 
 
+def attributes_table(path: Path, top: int = 15) -> str:
+    """The most frequent attributes the enumerate stage kept, as a markdown table."""
+    rows = sorted(iter_jsonl(path), key=lambda r: -int(r.get("count", 0)))
+    lines = [f"{len(rows)} attributes kept; the {min(top, len(rows))} most frequent:", "",
+             "| attribute | count | description |", "|---|---:|---|"]  # fmt: skip
+    for r in rows[:top]:
+        description = str(r.get("description", "")).replace("|", "/")[:100]
+        lines.append(f"| {r.get('name', '')} | {r.get('count', 0)} | {description} |")
+    return "\n".join(lines)
+
+
 def _demote(markdown: str) -> str:
     """Push a stage summary's headings two levels down, under the report's stage heading."""
     return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 2) + " ", markdown, flags=re.M)
@@ -96,6 +107,8 @@ def report_markdown(run_dir: Path, outcomes: list[dict[str, Any]] | None = None,
               f"{usage.get('completion_tokens', 0):,} completion tokens.", ""]  # fmt: skip
     for d in stage_dirs:
         lines += [f"## {d.name}", ""]
+        if (d / "attributes.jsonl").is_file():
+            lines += [attributes_table(d / "attributes.jsonl"), ""]
         for filename in SUMMARY_FILES:
             path = d / filename
             if path.is_file():

@@ -67,7 +67,7 @@ def run_bench_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
                 threads=b.threads,
                 warmup=b.warmup,
                 calibration=b.calibration,
-                max_length=b.max_length,
+                max_length=b.max_length or recipe.kd.max_length,
                 backends=b.backends,
                 baselines=b.baselines,
                 out_dir=stage.folder,

@@ -94,10 +94,13 @@ class _Phases:
                 if self.teacher is None:
                     self.teacher = make_teacher(self.recipe.teacher)
                     self.cache = open_cache(self.recipe.teacher)
+                before = self.teacher.usage.to_dict()
                 counts = answer_requests(
                     stage, self.teacher, pending, to_record, cache=self.cache, progress=self.progress
                 )
+                after = self.teacher.usage.to_dict()
                 stage.extra["call"] = counts
+                stage.extra["teacher_usage"] = {k: after[k] - before.get(k, 0) for k in after}
         return stage
 
     def close(self) -> dict[str, Any]:

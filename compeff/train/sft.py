@@ -263,7 +263,8 @@ def run_sft_stage(
     with stage:
         if stage.was_complete and (out_dir / "README.md").exists():
             console.print(f"{stage_name}: already trained -> {out_dir}")
-            return stage.manifest or {}
+            stage.keep_previous_extra()
+            return stage.close()
         load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
         if s.load_in_4bit:
             from transformers import BitsAndBytesConfig
