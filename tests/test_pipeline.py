@@ -16,6 +16,8 @@ from compeff.pipeline import run_pipeline
 from compeff.runs import iter_jsonl, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# The module's first test pays for the whole reduced run (and maybe the tiny-chat build): minutes.
+pytestmark = pytest.mark.timeout(1800)
 LLM_CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample", "sft", "eval"]
 
 
