@@ -60,6 +60,14 @@ def attributes_table(path: Path, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def _scalar_facts(manifest: dict[str, Any]) -> str:
+    """A stage's own numbers from its manifest (e.g. sft: steps, final loss), for stages without a summary."""
+    standard = {"stage", "status", "fingerprint", "config", "inputs", "counts", "timings", "versions", "argv"}
+    facts = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in manifest.items()
+             if k not in standard and isinstance(v, (int, float, str)) and not isinstance(v, bool)]  # fmt: skip
+    return "; ".join(facts) + "." if facts else ""
+
+
 def _demote(markdown: str) -> str:
     """Push a stage summary's headings two levels down, under the report's stage heading."""
     return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 2) + " ", markdown, flags=re.M)
@@ -109,10 +117,11 @@ def report_markdown(run_dir: Path, outcomes: list[dict[str, Any]] | None = None,
         lines += [f"## {d.name}", ""]
         if (d / "attributes.jsonl").is_file():
             lines += [attributes_table(d / "attributes.jsonl"), ""]
-        for filename in SUMMARY_FILES:
-            path = d / filename
-            if path.is_file():
-                lines += [_demote(path.read_text(encoding="utf-8").strip()), ""]
+        summaries = [d / f for f in SUMMARY_FILES if (d / f).is_file()]
+        for path in summaries:
+            lines += [_demote(path.read_text(encoding="utf-8").strip()), ""]
+        if not summaries:
+            lines += [_scalar_facts(manifests[d.name]), ""]
         for png in sorted(d.glob("*.png")):
             lines += [f"![{d.name}: {png.stem}]({d.name}/{png.name})", ""]
         n_failed, reasons = failure_reasons(d)
