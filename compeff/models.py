@@ -130,16 +130,13 @@ def teach_formats(
         examples.append((ids, labels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, steps))
-    # batches of lessons of similar length (padding was ~40% of the work with random batches)
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
     rng = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        picks = batches[int(torch.randint(len(batches), (1,), generator=rng))]
+        picks = torch.randint(len(examples), (batch_size,), generator=rng).tolist()
         width = max(len(examples[i][0]) for i in picks)
-        input_ids = torch.full((len(picks), width), tokenizer.pad_token_id)
-        labels = torch.full((len(picks), width), -100)
-        mask = torch.zeros((len(picks), width), dtype=torch.long)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
         for row, i in enumerate(picks):
             ids, lab = examples[i]
             input_ids[row, : len(ids)] = torch.tensor(ids)
