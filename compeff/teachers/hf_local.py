@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from compeff.models import resolve_model
@@ -50,8 +51,9 @@ class HFTeacher(Teacher):
 
         hf_logging.disable_progress_bar()  # compeff shows its own progress
 
-        self.model = model
         path = resolve_model(model)
+        # a built-in model is rebuilt when compeff changes it: its version is part of its name (cache keys)
+        self.model = f"{model}@{Path(path).name}" if model.startswith("builtin:") else model
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
