@@ -276,15 +276,15 @@ def standardise_lesson(rng: random.Random) -> list[dict[str, str]]:
 def demos_lesson(rng: random.Random) -> list[dict[str, str]]:
     """The demonstration prompt for a canned task, answered with two new input/output pairs."""
     from compeff.prompts import render_prompt
+    from compeff.synth.tasks_stage import format_demos, labels_line
 
     task = rng.choice(TASK_BANK)
     seeds = []
     for _ in range(rng.randint(1, 2)):
         text = _short_text(rng)
-        seeds.append(f"Input: {text}\nOutput: {task_output(task, rng, text)}")
-    labels = f"\nAllowed labels: {', '.join(task['labels'])}" if task.get("labels") else ""
+        seeds.append({"input": text, "output": task_output(task, rng, text)})
     prompt = render_prompt("task_demos", instruction=task["description"], output_format=task["output_format"],
-                           labels=labels, seed_demos="\n\n".join(seeds), text1=random_text(rng, 100, noise=0.5),
+                           labels=labels_line(task), seed_demos=format_demos(seeds), text1=random_text(rng, 100, noise=0.5),
                            text2=random_text(rng, 100, noise=0.5))  # fmt: skip
     pairs = []
     for _ in range(2):

@@ -81,7 +81,7 @@ def run_pipeline(
             try:
                 manifest = get_stage(name)(recipe, force=forced)
             except StageConflict as exc:
-                reason = str(exc).split("(changed: ", 1)[-1].split(")", 1)[0]
+                reason = ", ".join(exc.changed) or "unknown"
                 progress.console.print(
                     f"[yellow]{name}: settings or inputs changed ({reason}): starting it over"
                     + (", with the later stages of its chain" if chain.index(name) < len(chain) - 1 else "")

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from compeff.runs import FAILURES_FILE, MANIFEST_FILE, iter_jsonl, read_manifest
+from compeff.runs import FAILURES_FILE, MANIFEST_FILE, atomic_write_text, iter_jsonl, read_manifest
 from compeff.stages import STAGE_NAMES
 
 # The summaries stages write, in the order they are shown.
@@ -92,9 +92,10 @@ def report_markdown(run_dir: Path, outcomes: list[dict[str, Any]] | None = None,
     lines = [f"# compeff run: {title or run_dir.name}", "", f"Run folder `{run_dir}`, report written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}.", ""]  # fmt: skip
     stage_dirs = [run_dir / n for n in STAGE_NAMES if (run_dir / n / MANIFEST_FILE).is_file()]
+    usages = {d.name: teacher_usage(d) for d in stage_dirs}
     usage: Counter[str] = Counter()
-    for d in stage_dirs:
-        usage.update(teacher_usage(d))
+    for u in usages.values():
+        usage.update(u)
     manifests = {d.name: read_manifest(d) or {} for d in stage_dirs}
     lines += ["## Stages", "", "| stage | status | this run | ok | failed | seconds (stage) | teacher tokens |",
               "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -102,7 +103,7 @@ def report_markdown(run_dir: Path, outcomes: list[dict[str, Any]] | None = None,
     for d in stage_dirs:
         m = manifests[d.name]
         o = done.get(d.name, {})
-        u = teacher_usage(d)
+        u = usages[d.name]
         tokens = u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
         counts = m.get("counts", {})
         this_run = f"{o['action']} ({o['reason']})" if o.get("reason") else o.get("action", "-")
@@ -156,8 +157,6 @@ def write_report(run_dir: Path, recipe: Any = None, outcomes: list[dict[str, Any
     title = recipe.run.name if recipe is not None else run_dir.name
     markdown = report_markdown(run_dir, outcomes, title)
     html = report_html(markdown, run_dir, f"compeff run: {title}")
-    for name, text in (("report.md", markdown), ("report.html", html)):
-        tmp = run_dir / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(run_dir / name)
+    atomic_write_text(run_dir / "report.md", markdown)
+    atomic_write_text(run_dir / "report.html", html)
     return run_dir / "report.md"

@@ -31,7 +31,13 @@ MANIFEST_FILE = "manifest.json"
 
 
 class StageConflict(RuntimeError):
-    """A stage folder holds work made from other settings or inputs; ``--force`` starts it over."""
+    """A stage folder holds work made from other settings or inputs; ``--force`` starts it over.
+
+    ``changed`` names the config keys and inputs that differ."""
+
+    def __init__(self, message: str, changed: list[str] | None = None):
+        super().__init__(message)
+        self.changed = changed or []
 
 
 def fingerprint_obj(obj: Any) -> str:
@@ -126,10 +132,15 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a file's text in one step (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 @dataclass
@@ -200,7 +211,8 @@ class Stage:
                 changed += sorted(k for k in input_prints if old.get("inputs", {}).get(k) != input_prints[k])
                 raise StageConflict(
                     f"{folder}: made with other settings or inputs (changed: {', '.join(changed) or 'unknown'}); "
-                    "rerun with --force to start this stage over"
+                    "rerun with --force to start this stage over",
+                    changed,
                 )
         if writer:
             (folder / DATA_FILE).touch(exist_ok=True)  # the data file exists even when nothing succeeds

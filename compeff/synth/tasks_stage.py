@@ -66,10 +66,12 @@ def _rng_for(key: str, seed: int) -> random.Random:
 
 
 def format_demos(demos: list[dict[str, str]]) -> str:
+    """Seed demonstrations as the demo prompt shows them."""
     return "\n\n".join(f"Input: {d['input']}\nOutput: {d['output']}" for d in demos)
 
 
-def _labels_line(task: dict[str, Any]) -> str:
+def labels_line(task: dict[str, Any]) -> str:
+    """The 'Allowed labels' line of the demo prompt (empty for tasks without labels)."""
     return f"\nAllowed labels: {', '.join(task['labels'])}" if task.get("labels") else ""
 
 
@@ -275,7 +277,7 @@ def _build_tasks(
                 "task_demos",
                 instruction=task["instruction"],
                 output_format=task["output_format"],
-                labels=_labels_line(task),
+                labels=labels_line(task),
                 seed_demos=format_demos(seeds),
                 text1=pair[0]["text"][:600],
                 text2=pair[1]["text"][:600],
