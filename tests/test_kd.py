@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from compeff.models import minilm_path
 from compeff.train.baselines import baseline_logits
 from compeff.train.encoder_kd import (
+    Encoded,
     TeacherLogitCache,
     classifier_metrics,
     encode,
@@ -103,6 +104,25 @@ def test_head_tail_truncation_keeps_both_ends(minilm_classifier):
     assert "start" in decoded and "finale" in decoded
     assert "finale" not in tok.decode(plain.input_ids[0])
     assert int(both.attention_mask.sum()) == 32
+
+
+def test_length_sorted_prediction_keeps_the_row_order(minilm_classifier):
+    tok, model = minilm_classifier
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(rng.integers(1, 60))) + f" row{i}" for i in range(21)]
+    data = encode(tok, texts, [0] * len(texts), 48, "head_tail")
+    batched = predict_logits(model, data, batch_size=4)
+    one_by_one = np.concatenate(
+        [
+            predict_logits(
+                model,
+                Encoded(data.input_ids[i : i + 1], data.attention_mask[i : i + 1], data.labels[i : i + 1]),
+            )
+            for i in range(len(texts))
+        ]
+    )
+    assert batched.shape == (21, 2)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
 def test_cached_teacher_logits_are_reused(tmp_path, minilm_classifier):

@@ -77,19 +77,28 @@ def _batches(n: int, size: int, rng: np.random.Generator | None = None):
 
 
 def predict_logits(model: Any, data: Encoded, batch_size: int = 64) -> np.ndarray:
-    """Classifier logits for every row, in order (float32)."""
+    """Classifier logits for every row, in the data's order (float32).
+
+    Rows are batched shortest first so each batch carries little padding (long-text sets such as IMDb
+    mix 50- and 256-token rows); the logits are put back in the original order."""
     device = next(model.parameters()).device
     model.eval()
+    lengths = data.attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
     out = []
     with torch.inference_mode():
-        for idx in _batches(len(data), batch_size):
+        for start in range(0, len(data), batch_size):
+            idx = order[start : start + batch_size]
             mask = data.attention_mask[idx]
-            width = int(mask.sum(1).max())  # drop the batch's common padding
+            width = int(lengths[idx].max())  # drop the batch's common padding
             logits = model(
                 input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
             ).logits
             out.append(logits.float().cpu())
-    return torch.cat(out).numpy()
+    logits = torch.empty((len(data), out[0].shape[1]), dtype=torch.float32) if out else torch.empty((0, 0))
+    if out:
+        logits[order] = torch.cat(out)
+    return logits.numpy()
 
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor | None]
