@@ -19,7 +19,13 @@ from compeff.data import DataError, select_user_texts
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.shards import finished_shards, shard_of, shard_stage_name
-from compeff.synth.instructions import plan_pairings, qc_reason, render_instruction, task_definition
+from compeff.synth.instructions import (
+    instruction_head,
+    plan_pairings,
+    qc_reason,
+    render_instruction,
+    task_definition,
+)
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
@@ -97,6 +103,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         name = shard_stage_name("generate", settings.shard)
     by_id = {t["id"]: t for t in tasks}
     definitions = {t["id"]: task_definition(t) for t in tasks}
+    heads = {t["id"]: instruction_head(t) for t in tasks}
     inputs: dict[str, Path] = {"tasks": tasks_file}
     skipped = 0
     if settings.proxy:
@@ -115,7 +122,9 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
             messages=[
                 {
                     "role": "user",
-                    "content": render_instruction(task, text["text"][: settings.max_chars], demos),
+                    "content": render_instruction(
+                        task, text["text"][: settings.max_chars], demos, heads[pairing.task_id]
+                    ),
                 }
             ],
             params=params,

@@ -86,8 +86,8 @@ def plan_pairings(
     ]
 
 
-def render_instruction(task: dict[str, Any], text: str, demos: list[dict[str, str]]) -> str:
-    """The user message: task instruction, its output rules, inlined demonstrations, then the text."""
+def instruction_head(task: dict[str, Any]) -> str:
+    """The part of a task's user message that every sample shares: instruction and output rules."""
     parts = [task["description"].strip()]
     if task["type"] != "analysis":
         parts.append(f"Output format: {task['output_format']}")
@@ -97,6 +97,15 @@ def render_instruction(task: dict[str, Any], text: str, demos: list[dict[str, st
             parts.append("Copy the spans exactly as they appear in the text.")
         if task.get("json_schema"):
             parts.append(f"JSON schema: {json.dumps(task['json_schema'], ensure_ascii=False)}")
+    return "\n\n".join(parts)
+
+
+def render_instruction(
+    task: dict[str, Any], text: str, demos: list[dict[str, str]], head: str | None = None
+) -> str:
+    """The user message: task instruction, its output rules, inlined demonstrations, then the text.
+    ``head`` is :func:`instruction_head` of the task, when the caller keeps it (many samples per task)."""
+    parts = [instruction_head(task) if head is None else head]
     if demos:
         parts.append("Examples:\n" + "\n\n".join(f"Text: {d['input']}\nAnswer: {d['output']}" for d in demos))
     parts.append(f"Text: {text}")

@@ -11,6 +11,11 @@ from typing import Any
 _FENCE = re.compile(r"```(?:json|JSON|python)?\s*\n?(.*?)```", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover
+    _fast_loads = json.loads
+
 
 def _candidates(text: str) -> list[str]:
     """Fenced blocks, the whole answer, then the outermost bracketed span (the earliest opening first)."""
@@ -28,8 +33,8 @@ def _candidates(text: str) -> list[str]:
 def parse_json_lenient(text: str) -> Any:
     """The first JSON (or Python-literal) value found in a teacher answer."""
     try:  # the common case: the answer is clean JSON
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = _fast_loads(text)
+    except ValueError:  # orjson's and json's decode errors are both ValueErrors
         pass
     else:
         if isinstance(value, (list, dict)):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compeff.synth.jsonparse import parse_json_lenient
 
@@ -97,14 +97,15 @@ class TaskDefinition(BaseModel):
     copy_exact: bool | None = None
     json_schema: dict[str, Any] | None = None
     examples: list[Demo] = Field(default_factory=list)
-    _schema_key: str | None = PrivateAttr(default=None)
+
+    @cached_property
+    def _schema_key(self) -> str:
+        return json.dumps(self.json_schema, sort_keys=True)
 
     def schema_error(self, value: Any) -> str | None:
         """Why a value breaks this task's JSON schema (None when it fits or there is no schema)."""
         if not self.json_schema:
             return None
-        if self._schema_key is None:
-            self._schema_key = json.dumps(self.json_schema, sort_keys=True)
         return _schema_error(self._schema_key, value)
 
     @field_validator("type", mode="before")

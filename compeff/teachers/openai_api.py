@@ -19,9 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from compeff.teachers.base import (
     ChatRequest,
@@ -34,7 +32,11 @@ from compeff.teachers.base import (
     TeacherTimeout,
 )
 
+if TYPE_CHECKING:  # aiohttp is imported where a session is made: a parent that hands its requests
+    import aiohttp  # to the client process never needs it (and saves ~0.2 s of start-up)
+
 _DONE = object()
+_JSON_HEADERS = {"Content-Type": "application/json"}
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -47,10 +49,15 @@ try:  # orjson parses and writes the bodies several times faster than json
     def _dumps(value: Any) -> str:
         return orjson.dumps(value).decode("utf-8")
 
+    _dumps_bytes = orjson.dumps
+
 except ImportError:  # pragma: no cover
     _loads = json.loads
     _JSONDecodeError = (json.JSONDecodeError,)
     _dumps = json.dumps
+
+    def _dumps_bytes(value: Any) -> bytes:
+        return json.dumps(value).encode("utf-8")
 
 
 def run_loop(coro: Any) -> Any:
@@ -115,6 +122,7 @@ class OpenAITeacher(Teacher):
         backoff_s: float = 0.5,
         backoff_max_s: float = 30.0,
         extra_body: dict[str, Any] | None = None,
+        client_process: bool = True,
     ):
         super().__init__()
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -130,11 +138,20 @@ class OpenAITeacher(Teacher):
         self.backoff_max_s = backoff_max_s
         self.extra_body = extra_body or {}
         self._next_endpoint = itertools.count()
+        self.client_process = client_process
+        self._client: Any = None  # the ClientProcess: started now, so it is ready by the first request
+        if client_process:
+            from compeff.teachers.client_process import ClientProcess
+
+            self._client = ClientProcess(self._settings(), window=2 * concurrency)
+            self._client.start()
 
     # ------------------------------------------------------------------ one request
-    async def _attempt(self, session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> TeacherResult:
+    async def _attempt(self, session: aiohttp.ClientSession, url: str, body: bytes) -> TeacherResult:
+        import aiohttp
+
         try:
-            async with session.post(url, json=body) as resp:
+            async with session.post(url, data=body, headers=_JSON_HEADERS) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     retry_after = resp.headers.get("Retry-After")
@@ -161,9 +178,20 @@ class OpenAITeacher(Teacher):
             delay = max(delay, min(float(retry_after), self.backoff_max_s))
         return delay
 
+    def encode(self, request: ChatRequest) -> bytes:
+        """The request's HTTP body (JSON bytes)."""
+        return _dumps_bytes({**_request_body(self.model, request), **self.extra_body})
+
     async def complete(self, session: aiohttp.ClientSession, request: ChatRequest) -> TeacherResult:
         """Answer one request with retries; never raises, a failure comes back as a failed result."""
-        body = {**_request_body(self.model, request), **self.extra_body}
+        result = await self.complete_body(session, request.id, self.encode(request))
+        result.meta = request.meta
+        return result
+
+    async def complete_body(
+        self, session: aiohttp.ClientSession, request_id: str, body: bytes
+    ) -> TeacherResult:
+        """Send one encoded request with retries; a failure comes back as a failed result."""
         started = time.perf_counter()
         error: TeacherError | None = None
         attempt = 0
@@ -180,22 +208,23 @@ class OpenAITeacher(Teacher):
             except Exception as exc:  # a bug or odd input must fail this request, not the whole batch
                 error = TeacherError(f"{type(exc).__name__}: {exc}")
                 break
-            result.id, result.attempts, result.meta = request.id, attempt, request.meta
+            result.id, result.attempts = request_id, attempt
             result.latency_s = time.perf_counter() - started
             return result
         assert error is not None
         return TeacherResult(
-            id=request.id,
+            id=request_id,
             ok=False,
             error=str(error),
             error_kind=error.kind,
             attempts=attempt,
             latency_s=time.perf_counter() - started,
-            meta=request.meta,
         )
 
     # ------------------------------------------------------------------ many requests
     def _session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         headers = {"Authorization": f"Bearer {self.api_key or 'EMPTY'}"}
         connector = aiohttp.TCPConnector(
             limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300
@@ -228,8 +257,29 @@ class OpenAITeacher(Teacher):
 
     streams_requests = True
 
+    def _settings(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this client in the client process."""
+        return {
+            "model": self.model,
+            "base_urls": [e.removesuffix("/chat/completions") for e in self.endpoints],
+            "api_key": self.api_key,
+            "concurrency": self.concurrency,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.max_retries,
+            "backoff_s": self.backoff_s,
+            "backoff_max_s": self.backoff_max_s,
+            "extra_body": self.extra_body,
+        }
+
     def _generate(self, requests: Iterable[ChatRequest]) -> Iterator[TeacherResult]:
         if isinstance(requests, list) and not requests:
+            return
+        if self.client_process:
+            if self._client is None:  # closed earlier: start again
+                from compeff.teachers.client_process import ClientProcess
+
+                self._client = ClientProcess(self._settings(), window=2 * self.concurrency)
+            yield from self._client.generate(requests, self.encode)
             return
         results: queue.Queue = queue.Queue()
         buffer: list[TeacherResult] = []
@@ -274,3 +324,9 @@ class OpenAITeacher(Teacher):
                 yield from item
         finally:
             sys.setswitchinterval(interval)
+
+    def close(self) -> None:
+        """Stop the client process, if one was started."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,279 @@
+"""The OpenAI client's event loop in a process of its own.
+
+A stage does real work per answer (quality checks, records, fsync'd appends, reports) and builds the
+next requests while earlier ones are in flight. In one Python process that work and the event loop
+that keeps hundreds of connections moving share one GIL, and each slows the other. Here the loop
+runs in a child process (``python -m compeff.teachers.client_process``): the parent sends request
+bodies, already serialised, in small batches and gets parsed answers back, so the two sides run on
+two cores.
+
+Wire protocol (pickled messages over two pipes): parent -> child: the client settings once, then per
+call ``("begin",)``, ``("req", [(id, body), ...])``..., ``("end",)``; ``("exit",)`` to stop.
+Child -> parent: ``("res", [result tuple, ...])``... and ``("done",)`` when every request of the call
+is answered, or ``("crash", traceback)``. The parent keeps at most ``window`` requests outstanding,
+so a lazy request source is pulled only as fast as the server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from compeff.teachers.base import ChatRequest, TeacherError, TeacherResult
+
+BATCH = 64  # requests or results per pipe message
+FLUSH_S = 0.01  # the child hands over finished results at least this often
+
+
+class ClientProcessError(TeacherError):
+    """The client process died or crashed; the requests of the call in progress are lost to it."""
+
+    kind = "client_process"
+
+
+def _as_tuple(result: TeacherResult) -> tuple:
+    return (
+        result.id,
+        result.ok,
+        result.texts,
+        result.finish_reasons,
+        result.logprobs,
+        result.usage,
+        result.error,
+        result.error_kind,
+        result.attempts,
+        result.latency_s,
+    )
+
+
+def _from_tuple(row: tuple, meta: dict[str, Any]) -> TeacherResult:
+    rid, ok, texts, reasons, logprobs, usage, error, error_kind, attempts, latency = row
+    return TeacherResult(
+        id=rid,
+        ok=ok,
+        texts=texts,
+        finish_reasons=reasons,
+        logprobs=logprobs,
+        usage=usage,
+        error=error,
+        error_kind=error_kind,
+        attempts=attempts,
+        latency_s=latency,
+        meta=meta,
+    )
+
+
+class ClientProcess:
+    """Parent side: starts the child, streams one call's requests to it and yields the results."""
+
+    def __init__(self, settings: dict[str, Any], window: int):
+        self.settings = settings
+        self.window = window
+        self._proc: subprocess.Popen | None = None
+        self._to_child: Connection | None = None
+        self._from_child: Connection | None = None
+
+    def start(self) -> None:
+        """Launch the child; it imports its libraries while the caller prepares the first requests."""
+        down_r, down_w = os.pipe()  # parent -> child
+        up_r, up_w = os.pipe()  # child -> parent
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "compeff.teachers.client_process", str(down_r), str(up_w)],
+            pass_fds=(down_r, up_w),
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(down_r)
+        os.close(up_w)
+        self._to_child = Connection(down_w, readable=False)
+        self._from_child = Connection(up_r, writable=False)
+        self._to_child.send(self.settings)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def generate(
+        self, requests: Iterable[ChatRequest], encode: Callable[[ChatRequest], bytes]
+    ) -> Iterator[TeacherResult]:
+        """Answer every request (completion order); ``encode`` turns one into its HTTP body."""
+        if not self.alive:
+            self.close()
+            self.start()
+        assert self._to_child is not None and self._from_child is not None
+        to_child, from_child = self._to_child, self._from_child
+        metas: dict[str, dict[str, Any]] = {}
+        credits = threading.Semaphore(self.window)
+        problems: list[BaseException] = []
+
+        def send() -> None:
+            chunk: list[tuple[str, bytes]] = []
+            try:
+                to_child.send(("begin",))
+                for request in requests:
+                    if not credits.acquire(blocking=False):
+                        if chunk:  # what is waiting goes out before we wait for answers
+                            to_child.send(("req", chunk))
+                            chunk = []
+                        credits.acquire()
+                    metas[request.id] = request.meta
+                    chunk.append((request.id, encode(request)))
+                    if len(chunk) >= BATCH:
+                        to_child.send(("req", chunk))
+                        chunk = []
+                if chunk:
+                    to_child.send(("req", chunk))
+            except BaseException as exc:  # the source raised (bad input) or the pipe broke
+                problems.append(exc)
+            finally:
+                with contextlib.suppress(OSError):
+                    to_child.send(("end",))
+
+        sender = threading.Thread(target=send, name="teacher-requests", daemon=True)
+        sender.start()
+        finished = False
+        try:
+            while True:
+                try:
+                    message = from_child.recv()
+                except (EOFError, OSError):
+                    code = self._proc.poll() if self._proc else None
+                    raise ClientProcessError(f"the teacher client process died (exit code {code})") from None
+                if message[0] == "done":
+                    finished = True
+                    break
+                if message[0] == "crash":
+                    raise ClientProcessError(f"the teacher client process crashed:\n{message[1]}")
+                credits.release(len(message[1]))
+                for row in message[1]:
+                    yield _from_tuple(row, metas.pop(row[0], {}))
+        finally:
+            if not finished:  # abandoned or broken mid-call: requests are still in flight there
+                self.close(kill=True)
+                credits.release(self.window)  # let a waiting sender run into the closed pipe
+            sender.join(timeout=5)
+        if problems and not isinstance(problems[0], OSError):
+            raise problems[0]
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the child (politely unless ``kill``) and release the pipes."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                if kill or self._to_child is None:
+                    proc.kill()
+                else:
+                    self._to_child.send(("exit",))
+            except OSError:
+                proc.kill()
+            # the child winds down on its own; reaping it need not hold the caller up
+            threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+        for conn in (self._to_child, self._from_child):
+            if conn is not None:
+                conn.close()
+        self._to_child = self._from_child = None
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------------ child side
+async def _serve_call(teacher: Any, inbox: Connection, outbox: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    todo: asyncio.Queue = asyncio.Queue()
+    handover: queue.Queue = queue.Queue()
+    buffer: list[tuple] = []
+
+    def add(items: list[tuple[str, bytes]]) -> None:
+        for item in items:
+            todo.put_nowait(item)
+
+    def read() -> None:
+        while True:
+            try:
+                message = inbox.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the parent is gone: nobody wants these answers
+            if message[0] == "req":
+                loop.call_soon_threadsafe(add, message[1])
+            elif message[0] == "end":
+                loop.call_soon_threadsafe(todo.put_nowait, None)
+                return
+
+    def write() -> None:
+        while (batch := handover.get()) is not None:
+            outbox.send(("res", batch))
+
+    def flush() -> None:
+        if buffer:
+            handover.put(buffer[:])
+            buffer.clear()
+
+    async def worker(session: Any) -> None:
+        while (item := await todo.get()) is not None:
+            result = await teacher.complete_body(session, item[0], item[1])
+            buffer.append(_as_tuple(result))
+            if len(buffer) >= BATCH:
+                flush()
+        todo.put_nowait(None)  # the next worker stops too
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            flush()
+
+    reader = threading.Thread(target=read, daemon=True)
+    writer = threading.Thread(target=write, daemon=True)
+    reader.start()
+    writer.start()
+    tick = asyncio.create_task(ticker())
+    async with teacher._session() as session:
+        await asyncio.gather(*(worker(session) for _ in range(teacher.concurrency)))
+    tick.cancel()
+    flush()
+    handover.put(None)
+    writer.join()
+    reader.join()
+    outbox.send(("done",))
+
+
+def main(argv: list[str]) -> None:
+    """Child entry point: serve calls until the parent says exit or goes away."""
+    from compeff.teachers.openai_api import OpenAITeacher, run_loop
+
+    inbox = Connection(int(argv[0]), writable=False)
+    outbox = Connection(int(argv[1]), readable=False)
+    try:
+        settings = inbox.recv()
+    except (EOFError, OSError):
+        return
+    teacher = OpenAITeacher(**settings, client_process=False)
+    while True:
+        try:
+            message = inbox.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "exit":
+            return
+        try:
+            run_loop(_serve_call(teacher, inbox, outbox))
+        except BaseException:
+            outbox.send(("crash", traceback.format_exc()))
+            return
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
