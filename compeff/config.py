@@ -109,6 +109,11 @@ class TeacherSettings(Section):
     )
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (with jitter).")
     backoff_max_s: float = Field(30.0, ge=0, description="Upper bound of one retry delay.")
+    client_process: bool = Field(
+        True,
+        description="Run the HTTP client (openai backend) in its own process, so a stage's per-answer "
+        "work does not slow the connections down; false keeps it in a thread of this process.",
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_tokens: int = Field(512, ge=1, description="Most new tokens per answer.")

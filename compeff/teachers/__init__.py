@@ -57,6 +57,7 @@ def make_teacher(settings) -> Teacher:
             max_retries=settings.max_retries,
             backoff_s=settings.backoff_s,
             backoff_max_s=settings.backoff_max_s,
+            client_process=settings.client_process,
         )
     if settings.backend == "vllm":
         from compeff.teachers.vllm_engine import VLLMTeacher

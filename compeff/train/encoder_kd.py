@@ -56,7 +56,9 @@ def encode(
     budget = max_length - len(special)
     head = int(budget * HEAD_SHARE)
     rows = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]:  # no "too long" warning: cut below
         if len(ids) > budget:
             ids = ids[:head] + ids[len(ids) - (budget - head) :]
         rows.append(prefix + ids + suffix)
@@ -76,7 +78,9 @@ def _batches(n: int, size: int, rng: np.random.Generator | None = None):
         yield torch.from_numpy(order[start : start + size])
 
 
-def predict_logits(model: Any, data: Encoded, batch_size: int = 64) -> np.ndarray:
+def predict_logits(
+    model: Any, data: Encoded, batch_size: int = 64, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     """Classifier logits for every row, in the data's order (float32).
 
     Rows are batched shortest first so each batch carries little padding (long-text sets such as IMDb
@@ -95,6 +99,8 @@ def predict_logits(model: Any, data: Encoded, batch_size: int = 64) -> np.ndarra
                 input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
             ).logits
             out.append(logits.float().cpu())
+            if progress is not None:
+                progress(len(idx))
     logits = torch.empty((len(data), out[0].shape[1]), dtype=torch.float32) if out else torch.empty((0, 0))
     if out:
         logits[order] = torch.cat(out)

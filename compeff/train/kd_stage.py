@@ -40,6 +40,14 @@ def _load_set(spec: str, limit: int | None, seed: int, data_dir: str | None):
     return [rows[i]["text"] for i in keep], np.array([rows[i]["label"] for i in keep]), names
 
 
+def _logits_with_progress(model: Any, data: Any, what: str, progress: bool) -> np.ndarray:
+    """``predict_logits`` with a progress line: scoring 25,000 long reviews takes minutes on a CPU."""
+    from compeff.train.encoder_kd import predict_logits
+
+    with Tracker(f"kd logits: {what}", total=len(data), enabled=progress) as tracker:
+        return predict_logits(model, data, progress=lambda n: tracker.advance(n))
+
+
 def _parameters(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -58,7 +66,6 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         classifier_metrics,
         encode,
         layer_pruned_copy,
-        predict_logits,
         train_classifier,
     )
 
@@ -117,9 +124,9 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
             )
         else:
             t_train = cache.get(teacher_dir, f"{k.train_set}|{k.train_limit}|{recipe.run.seed}", k.max_length,
-                                k.truncation, lambda: predict_logits(teacher, train))  # fmt: skip
+                                k.truncation, lambda: _logits_with_progress(teacher, train, "teacher, train", progress))  # fmt: skip
         t_test = cache.get(teacher_dir, f"{k.test_set}|{k.test_limit}|{recipe.run.seed}", k.max_length, k.truncation,
-                           lambda: predict_logits(teacher, test))  # fmt: skip
+                           lambda: _logits_with_progress(teacher, test, "teacher, test", progress))  # fmt: skip
         stage.extra["teacher_runs"] = cache.computed
         rows = []
         if "teacher|-|-" not in done:
@@ -182,7 +189,7 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
                     temperature=temperature, alpha=alpha, hidden=match,
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
-                logits = predict_logits(student, s_test)
+                logits = _logits_with_progress(student, s_test, f"{spec.name} {loss} {seed}, test", progress)
                 out = stage.folder / "students" / f"{spec.name}-{loss}-{seed}"
                 student.save_pretrained(out)
                 s_tokenizer.save_pretrained(out)
