@@ -33,7 +33,6 @@ import orjson
 from compeff.teachers.base import ChatRequest, TeacherError, TeacherResult
 
 BATCH = 64  # requests or results per pipe message
-FLUSH_S = 0.01  # the child hands over finished results at least this often
 
 
 class ClientProcessError(TeacherError):
@@ -113,19 +112,32 @@ class ClientProcess:
         assert self._to_child is not None and self._from_child is not None
         to_child, from_child = self._to_child, self._from_child
         metas: dict[str, dict[str, Any]] = {}
-        credits = threading.Semaphore(self.window)
+        # the look-ahead window: plain counters (one writer each) and an event for the rare wait; a
+        # threading.Semaphore costs a Python-level lock round per request
+        answered = [0]
+        room = threading.Event()
+        stopped = False  # the caller left mid-call: stop reading the source
         problems: list[BaseException] = []
 
         def send() -> None:
             chunk: list[tuple[str, bytes]] = []
+            sent = 0
             try:
                 to_child.send(("begin",))
                 for request in requests:
-                    if not credits.acquire(blocking=False):
+                    if sent - answered[0] >= self.window:
                         if chunk:  # what is waiting goes out before we wait for answers
                             to_child.send(("req", chunk))
                             chunk = []
-                        credits.acquire()
+                        while sent - answered[0] >= self.window and not stopped:
+                            room.clear()
+                            if sent - answered[0] < self.window or stopped:
+                                break
+                            room.wait()
+                    if stopped:
+                        chunk = []
+                        return
+                    sent += 1
                     metas[request.id] = request.meta
                     chunk.append((request.id, encode(request)))
                     if len(chunk) >= BATCH:
@@ -154,13 +166,15 @@ class ClientProcess:
                     break
                 if message[0] == "crash":
                     raise ClientProcessError(f"the teacher client process crashed:\n{message[1]}")
-                credits.release(len(message[1]))
+                answered[0] += len(message[1])
+                room.set()
                 for row in message[1]:
                     yield _from_row(row, metas.pop(row[0], {}))
         finally:
             if not finished:  # abandoned or broken mid-call: requests are still in flight there
+                stopped = True
+                room.set()
                 self.close(kill=True)
-                credits.release(self.window)  # let a waiting sender run into the closed pipe
             sender.join(timeout=5)
         if problems and not isinstance(problems[0], OSError):
             raise problems[0]
@@ -219,32 +233,33 @@ async def _serve_call(teacher: Any, inbox: Connection, outbox: Connection) -> No
         while (batch := handover.get()) is not None:
             outbox.send_bytes(orjson.dumps(["res", batch]))
 
+    flush_due = False
+
     def flush() -> None:
+        nonlocal flush_due
+        flush_due = False
         if buffer:
             handover.put(buffer[:])
             buffer.clear()
 
     async def worker(session: Any) -> None:
+        nonlocal flush_due
         while (item := await todo.get()) is not None:
             result = await teacher.complete_body(session, item[0], item[1])
             buffer.append(_as_row(result))
             if len(buffer) >= BATCH:
                 flush()
+            elif not flush_due:  # answers finished in this turn of the loop leave together, at its end
+                flush_due = True
+                loop.call_soon(flush)
         todo.put_nowait(None)  # the next worker stops too
-
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            flush()
 
     reader = threading.Thread(target=read, daemon=True)
     writer = threading.Thread(target=write, daemon=True)
     reader.start()
     writer.start()
-    tick = asyncio.create_task(ticker())
     async with teacher._session() as session:
         await asyncio.gather(*(worker(session) for _ in range(teacher.concurrency)))
-    tick.cancel()
     flush()
     handover.put(None)
     writer.join()
