@@ -10,8 +10,9 @@ two cores.
 Wire protocol (two pipes): parent -> child, pickled: the client settings once, then per call
 ``("begin",)``, ``("req", [(id, body), ...])``..., ``("end",)``; ``("exit",)`` to stop. Child -> parent,
 JSON (orjson reads it several times faster than pickle): ``["res", [result row, ...]]``... and
-``["done"]`` when every request of the call is answered, or ``["crash", traceback]``. The parent keeps at most ``window`` requests outstanding,
-so a lazy request source is pulled only as fast as the server answers.
+``["done"]`` when every request of the call is answered, or ``["crash", traceback]``. The parent keeps
+at most ``window`` requests outstanding, so a lazy request source is read only as fast as the server
+answers. POSIX only (inherited pipe descriptors); elsewhere the client stays in a thread.
 """
 
 from __future__ import annotations

@@ -138,9 +138,9 @@ class OpenAITeacher(Teacher):
         self.backoff_max_s = backoff_max_s
         self.extra_body = extra_body or {}
         self._next_endpoint = itertools.count()
-        self.client_process = client_process
+        self.client_process = client_process and os.name == "posix"
         self._client: Any = None  # the ClientProcess: started now, so it is ready by the first request
-        if client_process:
+        if self.client_process:
             from compeff.teachers.client_process import ClientProcess
 
             self._client = ClientProcess(self._settings(), window=2 * concurrency)
