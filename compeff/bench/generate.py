@@ -1,9 +1,10 @@
 """``compeff bench generate``: samples/s of the whole generate stage against the raw client.
 
 Both run against the same loopback server (its own process, scripted answers, fixed latency) on the
-same planned requests, one after the other: the raw client is ``OpenAITeacher.generate`` alone; the
-pipeline is ``run_generate_stage`` end to end (plan, render, teacher, QC, batch-wise fsync'd appends,
-report), with the SQLite cache off and on.
+same planned requests, one after the other: the raw client is an ``OpenAITeacher`` started, its
+``generate`` over the rendered requests, and closed (its client process starts and stops in every round,
+as it does in the stage); the pipeline is ``run_generate_stage`` end to end (load texts, plan, render,
+teacher, QC, batch-wise fsync'd appends, report), with the SQLite cache off and on.
 """
 
 from __future__ import annotations
