@@ -141,9 +141,7 @@ class OpenAITeacher(Teacher):
         self.client_process = client_process and os.name == "posix"
         self._client: Any = None  # the ClientProcess: started now, so it is ready by the first request
         if self.client_process:
-            from compeff.teachers.client_process import ClientProcess
-
-            self._client = ClientProcess(self._settings(), window=2 * concurrency)
+            self._client = self._new_client()
             self._client.start()
 
     # ------------------------------------------------------------------ one request
@@ -257,7 +255,13 @@ class OpenAITeacher(Teacher):
 
     streams_requests = True
 
-    def _settings(self) -> dict[str, Any]:
+    def _new_client(self) -> Any:
+        """A ClientProcess for this client's settings; up to twice ``concurrency`` requests ahead."""
+        from compeff.teachers.client_process import ClientProcess
+
+        return ClientProcess(self._client_settings(), window=2 * self.concurrency)
+
+    def _client_settings(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this client in the client process."""
         return {
             "model": self.model,
@@ -276,9 +280,7 @@ class OpenAITeacher(Teacher):
             return
         if self.client_process:
             if self._client is None:  # closed earlier: start again
-                from compeff.teachers.client_process import ClientProcess
-
-                self._client = ClientProcess(self._settings(), window=2 * self.concurrency)
+                self._client = self._new_client()
             yield from self._client.generate(requests, self.encode)
             return
         results: queue.Queue = queue.Queue()
