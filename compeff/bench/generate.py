@@ -21,7 +21,7 @@ from compeff.bench.teacher import start_server
 from compeff.config import load_recipe
 from compeff.data import select_user_texts
 from compeff.synth.generate import run_generate_stage
-from compeff.synth.instructions import plan_pairings, render_instruction
+from compeff.synth.instructions import pairing_prompts, plan_pairings
 from compeff.teachers import ChatRequest, sampling_params
 from compeff.teachers.openai_api import OpenAITeacher
 
@@ -78,16 +78,14 @@ def run_generate_bench(
             # the same requests the stage will send, built the same way
             texts, _ = select_user_texts(sources, n_samples, recipe.run.seed + 1)
             plan = plan_pairings(tasks, len(texts), n_samples, 2, recipe.run.seed)
-            by_id = {t["id"]: t for t in tasks}
+            prompt = pairing_prompts({t["id"]: t for t in tasks}, texts, recipe.generate.max_chars)
             params = sampling_params(recipe.teacher)
             requests = [
                 ChatRequest(
-                    id=f"raw-{p.id}",
-                    messages=[{"role": "user", "content": render_instruction(by_id[p.task_id], texts[p.text_index]["text"], [by_id[p.task_id]["demos"][i] for i in p.demo_indices])}],
-                    params=params,
+                    id=f"raw-{p.id}", messages=[{"role": "user", "content": prompt(p)}], params=params
                 )
                 for p in plan
-            ]  # fmt: skip
+            ]
             measured: dict[str, list[tuple[int, float]]] = {}
             for round_ in range(rounds):  # interleaved rounds: the machine's noise hits every variant alike
                 start = time.perf_counter()  # the client's start-up counts, as it does in the stage

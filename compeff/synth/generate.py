@@ -19,13 +19,7 @@ from compeff.data import DataError, select_user_texts
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.shards import finished_shards, shard_of, shard_stage_name
-from compeff.synth.instructions import (
-    instruction_head,
-    plan_pairings,
-    qc_reason,
-    render_instruction,
-    task_definition,
-)
+from compeff.synth.instructions import pairing_prompts, plan_pairings, qc_reason, task_definition
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
@@ -50,19 +44,12 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _skip_with_proxy(plan, by_id, texts, proxy_path: str, share: float, max_chars: int | None = None):
+def _skip_with_proxy(plan, by_id, prompt, proxy_path: str, share: float):
     """The plan without the pairs the difficulty proxy predicts easiest (per task)."""
     from compeff.select.proxy import PROXY_FILE, load_proxy, skip_predicted_easy
 
     proxy = load_proxy(proxy_path)
-    prompts = [
-        render_instruction(
-            by_id[p.task_id],
-            texts[p.text_index]["text"][:max_chars],
-            [by_id[p.task_id]["demos"][i] for i in p.demo_indices],
-        )
-        for p in plan
-    ]
+    prompts = [prompt(p) for p in plan]
     kept, _ = skip_predicted_easy(
         plan, prompts, [p.task_id for p in plan], [by_id[p.task_id]["type"] for p in plan], proxy, share
     )
@@ -103,32 +90,22 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         name = shard_stage_name("generate", settings.shard)
     by_id = {t["id"]: t for t in tasks}
     definitions = {t["id"]: task_definition(t) for t in tasks}
-    heads = {t["id"]: instruction_head(t) for t in tasks}
+    prompt = pairing_prompts(by_id, texts, settings.max_chars)
     inputs: dict[str, Path] = {"tasks": tasks_file}
     skipped = 0
     if settings.proxy:
         plan, skipped, inputs["proxy"] = _skip_with_proxy(
-            plan, by_id, texts, settings.proxy, settings.proxy_skip, settings.max_chars
+            plan, by_id, prompt, settings.proxy, settings.proxy_skip
         )
     params = sampling_params(recipe.teacher)
     sampling = params.to_dict()
 
     def build(pairing) -> ChatRequest:
-        task = by_id[pairing.task_id]
-        text = texts[pairing.text_index]
-        demos = [task["demos"][i] for i in pairing.demo_indices]
         return ChatRequest(
             id=pairing.id,
-            messages=[
-                {
-                    "role": "user",
-                    "content": render_instruction(
-                        task, text["text"][: settings.max_chars], demos, heads[pairing.task_id]
-                    ),
-                }
-            ],
+            messages=[{"role": "user", "content": prompt(pairing)}],
             params=params,
-            meta={"task_id": pairing.task_id, "text_id": text["id"]},
+            meta={"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]},
         )
 
     stage = Stage.open(recipe.run_dir, name, config=_stage_config(recipe), inputs=inputs, force=force)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,6 +111,23 @@ def render_instruction(
         parts.append("Examples:\n" + "\n\n".join(f"Text: {d['input']}\nAnswer: {d['output']}" for d in demos))
     parts.append(f"Text: {text}")
     return "\n\n".join(parts)
+
+
+def pairing_prompts(
+    tasks: dict[str, dict[str, Any]], texts: list[dict[str, Any]], max_chars: int | None = None
+) -> Callable[[Pairing], str]:
+    """A function from a planned pairing to its user message (each task's head rendered once), so the
+    generate stage, its difficulty proxy and the benchmark all build the very same prompt."""
+    heads = {task_id: instruction_head(task) for task_id, task in tasks.items()}
+
+    def prompt(pairing: Pairing) -> str:
+        task = tasks[pairing.task_id]
+        demos = [task["demos"][i] for i in pairing.demo_indices]
+        return render_instruction(
+            task, texts[pairing.text_index]["text"][:max_chars], demos, heads[pairing.task_id]
+        )
+
+    return prompt
 
 
 def task_definition(task: dict[str, Any]) -> TaskDefinition | None:

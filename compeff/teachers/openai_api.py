@@ -46,15 +46,11 @@ try:  # orjson parses and writes the bodies several times faster than json
     _loads = orjson.loads
     _JSONDecodeError: tuple = (orjson.JSONDecodeError, json.JSONDecodeError)
 
-    def _dumps(value: Any) -> str:
-        return orjson.dumps(value).decode("utf-8")
-
     _dumps_bytes = orjson.dumps
 
 except ImportError:  # pragma: no cover
     _loads = json.loads
     _JSONDecodeError = (json.JSONDecodeError,)
-    _dumps = json.dumps
 
     def _dumps_bytes(value: Any) -> bytes:
         return json.dumps(value).encode("utf-8")
@@ -228,9 +224,7 @@ class OpenAITeacher(Teacher):
             limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300
         )
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        return aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=headers, json_serialize=_dumps
-        )
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
 
     async def run_all(self, requests: Iterable[ChatRequest], emit: Callable[[TeacherResult], None]) -> None:
         """Answer every request with ``concurrency`` workers, calling ``emit`` with each result; the

@@ -101,10 +101,12 @@ def predict_logits(
             out.append(logits.float().cpu())
             if progress is not None:
                 progress(len(idx))
-    logits = torch.empty((len(data), out[0].shape[1]), dtype=torch.float32) if out else torch.empty((0, 0))
-    if out:
-        logits[order] = torch.cat(out)
-    return logits.numpy()
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    logits = torch.cat(out)
+    restored = torch.empty_like(logits)
+    restored[order] = logits
+    return restored.numpy()
 
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor | None]
