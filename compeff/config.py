@@ -7,6 +7,7 @@ and missing files raise :class:`ConfigError` whose message names the key path.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _looks_local(name: str) -> bool:
@@ -55,6 +56,29 @@ def _must_exist(value: str | None, info: ValidationInfo | None = None) -> str | 
 Source = Annotated[str, AfterValidator(_must_exist)]
 
 
+def _plain_name(value: str) -> str:
+    """A name joined into paths (run, stage, student): [A-Za-z0-9._-]+ and not '.' or '..'."""
+    if not _PLAIN.match(value) or value in (".", ".."):
+        raise ValueError("use letters, digits, '.', '_' and '-' only (not '.' or '..'): it names a folder")
+    return value
+
+
+def _http_url(value: str) -> str:
+    """An http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {value!r}")
+    return value
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9._-]+$")
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 def _shard_spec(value: str | None) -> str | None:
     """'K/N' with 0 <= K < N, normalised; None passes."""
     if value is None:
@@ -74,9 +98,11 @@ ShardSpec = Annotated[str | None, AfterValidator(_shard_spec)]
 
 # --------------------------------------------------------------------------------------------- run
 class RunSettings(Section):
-    name: str = Field("quickstart", description="Name of the run; artifacts go to <dir>/<name>/<stage>/.")
+    name: PlainName = Field(
+        "quickstart", description="Name of the run; artifacts go to <dir>/<name>/<stage>/."
+    )
     dir: str = Field("runs", description="Folder that holds run folders.")
-    seed: int = Field(42, description="Seed for every random choice of the run.")
+    seed: Seed = Field(42, description="Seed for every random choice of the run (0 <= seed < 2**32).")
     stages: list[str] = Field(
         default_factory=list,
         description="Stages that `compeff run` executes, in order (empty: every implemented stage).",
@@ -95,20 +121,31 @@ class TeacherSettings(Section):
         description="Model name as the server knows it (openai), or a path / hub id (vllm, hf). "
         "'builtin:tiny-chat' is a tiny random chat LM built locally: it runs offline, its text is meaningless.",
     )
-    base_urls: list[str] = Field(
+    base_urls: list[HttpUrl] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/v1"],
+        min_length=1,
         description="OpenAI-compatible endpoints, used round-robin (one per vLLM replica).",
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Environment variable holding the API key, if any."
     )
-    concurrency: int = Field(64, ge=1, description="Requests in flight at once (openai backend).")
-    timeout_s: float = Field(120.0, gt=0, description="Deadline for one HTTP request, seconds.")
+    concurrency: int = Field(64, ge=1, le=4096, description="Requests in flight at once (openai backend).")
+    timeout_s: float = Field(
+        120.0, gt=0, le=86400, allow_inf_nan=False, description="Deadline for one HTTP request, seconds."
+    )
     max_retries: int = Field(
         5, ge=0, description="Retries after a 429, 5xx, timeout, connection error or malformed body."
     )
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (with jitter).")
-    backoff_max_s: float = Field(30.0, ge=0, description="Upper bound of one retry delay.")
+    backoff_s: float = Field(
+        0.5,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="First retry delay; doubles each retry (with jitter).",
+    )
+    backoff_max_s: float = Field(
+        30.0, ge=0, le=3600, allow_inf_nan=False, description="Upper bound of one retry delay."
+    )
     client_process: bool = Field(
         True,
         description="Run the HTTP client (openai backend) in its own process, so a stage's per-answer "
@@ -177,9 +214,10 @@ class DataSettings(Section):
         default_factory=lambda: ["imdb:test", "tweeteval_sentiment:test"],
         description="Labelled sets for evaluation.",
     )
-    data_dir: str | None = Field(
+    dir: str | None = Field(
         None,
-        description="Folder of the short-named data sets (default: $COMPEFF_DATA_DIR or ../shared/data).",
+        description="Folder with full copies of the short-named data sets (<dir>/imdb/test.jsonl.gz, ...). "
+        "Unset: $COMPEFF_DATA_DIR, then the sample shipped with compeff, then the Hugging Face hub.",
     )
 
 
@@ -188,7 +226,7 @@ class TeachSettings(Section):
     input: str | None = Field(
         None, description="jsonl of chat requests: {id, messages} or {id, prompt} per line."
     )
-    stage: str = Field("teach", description="Stage folder name under the run folder.")
+    stage: PlainName = Field("teach", description="Stage folder name under the run folder.")
     system: str | None = Field(None, description="System message put before every request.")
 
     @field_validator("input")
@@ -339,7 +377,7 @@ class SampleSettings(Section):
     a: float = Field(
         1.0, gt=0, le=1, description="Peak of the keep curve F (1: the hardest are likeliest kept)."
     )
-    seed: int | None = Field(None, description="Seed of the draws (null: run.seed).")
+    seed: Seed | None = Field(None, description="Seed of the draws (null: run.seed).")
 
 
 class SftSettings(Section):
@@ -411,8 +449,8 @@ class EvalSettings(Section):
         "imdb and tweeteval_sentiment know theirs.",
     )
     k_shot: int = Field(4, ge=0, description="Demonstrations per prompt, drawn from the set's train split.")
-    seeds: list[int] = Field(
-        default_factory=lambda: [42, 52, 62], description="Seeds of the demo draws, averaged."
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [42, 52, 62], min_length=1, description="Seeds of the demo draws, averaged."
     )
     limit: int | None = Field(None, ge=1, description="Stratified subsample of each set.")
     chat_template: bool = Field(
@@ -427,7 +465,7 @@ class EvalSettings(Section):
 
 
 class KdStudent(Section):
-    name: str = Field(description="Row name of the student in the results.")
+    name: PlainName = Field(description="Row name of the student in the results (and its folder name).")
     model: str | None = Field(None, description="An HF encoder to start from (hub id or path).")
     init_from_teacher: bool = Field(
         False, description="Start from a layer-pruned copy of the fine-tuned teacher."
@@ -488,8 +526,8 @@ class KdSettings(Section):
     student_epochs: float = Field(3, gt=0, description="Student training epochs.")
     student_lr: float = Field(1e-4, gt=0, description="Student learning rate.")
     batch_size: int = Field(32, ge=1, description="Texts per step.")
-    seeds: list[int] = Field(
-        default_factory=lambda: [42], description="Seeds of the student runs (mean +- std)."
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [42], min_length=1, description="Seeds of the student runs (mean +- std)."
     )
     baselines: bool = Field(
         True, description="Also fit the TF-IDF naive Bayes and logistic-regression baselines."

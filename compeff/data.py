@@ -1,6 +1,8 @@
 """Loaders for user texts and labelled sets: jsonl(.gz), json, parquet, csv, saved HF datasets, hub names.
 
-Short names (``imdb:unsupervised``, ``tweeteval_sentiment:test``) resolve to the project's data folder.
+Short names (``imdb:unsupervised``, ``tweeteval_sentiment:test``) resolve to a data folder (the recipe's
+``data.dir`` or $COMPEFF_DATA_DIR), then to the sample shipped in ``compeff/sample_data``, then to the
+Hugging Face hub.
 HTML line breaks are cleaned; empty or non-text rows are reported with their file and line, never
 crashed on.
 """
@@ -13,8 +15,10 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,50 +43,165 @@ def clean_text(text: str) -> str:
     return text.strip()
 
 
-def data_dir(explicit: str | Path | None = None) -> Path:
-    """Folder of the short-named data sets: explicit, $COMPEFF_DATA_DIR, or a ``shared/data`` next to
-    the working directory or to this package's checkout."""
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+SPLIT_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """Where a short name lives on the Hugging Face hub, and the splits it has there."""
+
+    repo: str
+    config: str | None
+    splits: tuple[str, ...]
+
+
+HUB_DATASETS: dict[str, HubDataset] = {
+    "imdb": HubDataset("stanfordnlp/imdb", None, ("train", "test", "unsupervised")),
+    "tweeteval_sentiment": HubDataset("cardiffnlp/tweet_eval", "sentiment", ("train", "validation", "test")),
+}
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    """A short name that resolved to the hub: read lazily, so a missing split fails early only offline."""
+
+    name: str
+    split: str
+    tried: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> HubDataset:
+        return HUB_DATASETS[self.name]
+
+    def __str__(self) -> str:
+        hub = self.source
+        return f"hub:{hub.repo}{':' + hub.config if hub.config else ''}:{self.split}"
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """Folder of the full short-named data sets: the recipe's ``data.dir``, else $COMPEFF_DATA_DIR, else
+    None (then the packaged sample and the hub are tried)."""
     if explicit:
-        return Path(explicit)
+        return Path(explicit).expanduser()
     env = os.environ.get("COMPEFF_DATA_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    candidates = [
-        Path.cwd() / "shared" / "data",
-        Path.cwd().parent / "shared" / "data",
-        here / "shared" / "data",
-        here.parent / "shared" / "data",
-    ]
-    for candidate in candidates:
-        if candidate.is_dir():
+    return Path(env).expanduser() if env else None
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for suffix in SPLIT_SUFFIXES:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
             return candidate
-    return candidates[1]
+    return None
 
 
-def resolve_source(spec: str, root: str | Path | None = None) -> Path | str:
-    """Map a source spec to a path (short names, files, folders) or keep 'hf:NAME[:SPLIT]' as is."""
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+_noticed: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Say once per process that a name was read from a smaller copy than the user may expect."""
+    if message not in _noticed:
+        _noticed.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def resolve_source(spec: str, root: str | Path | None = None) -> Path | str | HubSplit:
+    """Map a source spec to what will be read: a file or folder, 'hf:NAME[:SPLIT]' as is, or a short
+    name ('imdb:test') looked up in the data folder (``root`` / $COMPEFF_DATA_DIR), the packaged
+    sample, then the Hugging Face hub; the error names every place that was tried."""
     if spec.startswith("hf:"):
         return spec
     path = Path(spec).expanduser()
     if path.exists():
         return path
     match = _SHORT.match(spec)
-    if match:
-        name, split = match.groups()
-        folder = data_dir(root) / name
-        for suffix in (".jsonl.gz", ".jsonl", ".parquet", ".csv"):
-            candidate = folder / f"{split}{suffix}"
-            if candidate.exists():
-                return candidate
-        available = sorted(p.name.split(".")[0] for p in folder.glob("*.*")) if folder.is_dir() else []
-        hint = (
-            f" (splits there: {', '.join(available)})"
-            if available
-            else f" (no folder {folder}; set COMPEFF_DATA_DIR)"
-        )
-        raise DataError(f"data source '{spec}': no split '{split}' of '{name}'{hint}")
-    raise DataError(f"data source '{spec}': file not found")
+    if not match:
+        raise DataError(f"data source '{spec}': file not found")
+    name, split = match.groups()
+    tried: list[str] = []
+    folder = data_dir(root)
+    if folder is not None:
+        found = _split_file(folder / name, split)
+        if found is not None:
+            return found
+        origin = "data.dir" if root else "$COMPEFF_DATA_DIR"
+        tried.append(f"{origin}: no {folder / name / split}.jsonl[.gz]/.parquet/.csv")
+    else:
+        tried.append("no data folder set (data.dir or $COMPEFF_DATA_DIR)")
+    found = _split_file(SAMPLE_DIR / name, split)
+    if found is not None:
+        sizes = _sample_index().get(f"{name}:{split}", {})
+        if sizes.get("rows") != sizes.get("official_rows"):
+            _notice(
+                f"'{spec}' is read from compeff's packaged sample ({sizes.get('rows', '?'):,} of "
+                f"{sizes.get('official_rows', '?'):,} rows, stratified; see {SAMPLE_DIR / 'SOURCES.md'}); "
+                "set data.dir or $COMPEFF_DATA_DIR to full copies for the whole split"
+            )
+        return found
+    tried.append(
+        "packaged sample: " + (f"no split '{split}'" if name in _sample_names() else "no such data set")
+    )
+    hub = HUB_DATASETS.get(name)
+    if hub is None:
+        tried.append("hub: unknown short name (hub names: " + ", ".join(sorted(HUB_DATASETS)) + ")")
+    elif split not in hub.splits:
+        tried.append(f"hub: {hub.repo} has no split '{split}' ({', '.join(hub.splits)})")
+    elif _hub_offline():
+        tried.append(f"hub: {hub.repo} not tried (HF_HUB_OFFLINE is set)")
+    else:
+        return HubSplit(name, split, tuple(tried))
+    raise DataError(f"data source '{spec}': not found; tried " + "; ".join(tried))
+
+
+@lru_cache(maxsize=1)
+def _sample_index() -> dict[str, dict[str, int]]:
+    """Rows of each packaged split and of its official split (written by scripts/build_data_sample.py)."""
+    path = SAMPLE_DIR / "index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _sample_names() -> set[str]:
+    return {p.name for p in SAMPLE_DIR.iterdir() if p.is_dir()} if SAMPLE_DIR.is_dir() else set()
+
+
+def hub_rows(name: str, split: str, dataset: Any) -> Iterator[dict[str, Any]]:
+    """compeff's fields (id, text, label) from a hub split of a short-named data set.
+
+    Ids follow the local copies: IMDb ``<split>-<neg|pos|unsup>-<n>`` (n counts within the label, in
+    the split's order), TweetEval ``<split>-<row>``. Labels keep the hub's integers, which are
+    compeff's label order (IMDb 0 negative, 1 positive, -1 unlabelled; TweetEval 0/1/2 negative,
+    neutral, positive)."""
+    counts: dict[int, int] = {}
+    for index, row in enumerate(dataset):
+        label = int(row["label"])
+        if name == "imdb":
+            tag = {0: "neg", 1: "pos"}.get(label, "unsup")
+            n = counts[label] = counts.get(label, -1) + 1
+            rid = f"{'unsup' if split == 'unsupervised' else split}-{tag}-{n}"
+        else:
+            rid = f"{split}-{index}"
+        yield {"id": rid, "text": row["text"], "label": label}
+
+
+def _load_hub_split(hub_split: HubSplit) -> Any:
+    from datasets import load_dataset
+
+    hub = hub_split.source
+    try:
+        return load_dataset(hub.repo, hub.config, split=hub_split.split)
+    except Exception as exc:  # no network, no such repo, an auth wall: all one answer to the user
+        tried = "; ".join((*hub_split.tried, f"hub: {hub.repo} ({type(exc).__name__}: {exc})"))
+        raise DataError(
+            f"data source '{hub_split.name}:{hub_split.split}': not found; tried {tried}"
+        ) from None
 
 
 def dataset_name(spec: str) -> str | None:
@@ -126,8 +245,14 @@ def _iter_json_lines(
         yield f"{path}:{lineno}", row, None
 
 
-def _iter_rows(source: str, resolved: Path | str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _iter_rows(
+    source: str, resolved: Path | str | HubSplit
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Yield (location, row or None, problem) for every row of a source."""
+    if isinstance(resolved, HubSplit):
+        for i, row in enumerate(hub_rows(resolved.name, resolved.split, _load_hub_split(resolved))):
+            yield f"{source}[{i}]", row, None
+        return
     if isinstance(resolved, str):  # hf:NAME[:SPLIT]
         from datasets import load_dataset
 

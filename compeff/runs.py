@@ -11,10 +11,12 @@ that already has records resumes it: ``done_ids`` tells the stage what to skip.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -25,12 +27,113 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from compeff.data import DataError
+
+try:  # POSIX: one process per stage folder
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no stage lock
+    fcntl = None  # type: ignore[assignment]
+
 DATA_FILE = "data.jsonl"
 FAILURES_FILE = "failures.jsonl"
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class StageConflict(RuntimeError):
+class StageError(DataError):
+    """A stage folder cannot be used as asked (a bad name, a foreign folder, unreadable records)."""
+
+
+class StageLocked(StageError):
+    """Another live process holds the stage folder's lock."""
+
+
+def check_plain_name(name: str, what: str = "name") -> str:
+    """A run, stage or model name that is safe to join into a path: [A-Za-z0-9._-]+, not '.' or '..'."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise StageError(f"{what} {name!r}: use letters, digits, '.', '_' and '-' only (not '.' or '..')")
+    return name
+
+
+def stage_folder(run_dir: str | Path, name: str) -> Path:
+    """``run_dir/name`` for a plain stage name, checked to resolve inside the run folder (no symlink out)."""
+    check_plain_name(name, "stage name")
+    run_dir = Path(run_dir)
+    folder = run_dir / name
+    root = run_dir.resolve()
+    real = folder.resolve()
+    if real == root or not real.is_relative_to(root):
+        raise StageError(f"stage folder {folder} resolves to {real}, outside its run folder {root}")
+    return folder
+
+
+def is_stage_folder(folder: Path) -> bool:
+    """True when ``folder`` is a compeff stage folder: it has a manifest, or holds nothing but a lock
+    and nested stage folders (a stage whose phases ran before its own manifest was written)."""
+    if (folder / MANIFEST_FILE).is_file():
+        return True
+    for child in folder.iterdir():
+        if child.name == LOCK_FILE or child.name.endswith(".tmp"):
+            continue
+        if not (child.is_dir() and not child.is_symlink() and is_stage_folder(child)):
+            return False
+    return True
+
+
+def clear_stage_folder(folder: Path) -> None:
+    """Remove a stage folder's contents (not its lock); refuse a folder compeff did not make."""
+    if not folder.exists():
+        return
+    if folder.is_symlink() or not folder.is_dir() or not is_stage_folder(folder):
+        raise StageError(
+            f"{folder}: not a compeff stage folder (no {MANIFEST_FILE}); not removing it. "
+            "Move it away or choose another stage name"
+        )
+    for child in folder.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def take_stage_lock(folder: Path) -> int | None:
+    """An exclusive lock on a stage folder for this process (released on close or at any exit, so a
+    dead holder never blocks); a second process gets :class:`StageLocked` naming the holder's pid."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StageLocked(
+            f"{folder}: in use by another compeff process (pid {_lock_holder(path)}); "
+            "wait for it to finish or stop it"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def release_stage_lock(fd: int | None) -> None:
+    """Release a lock taken by :func:`take_stage_lock` (closing the descriptor drops it)."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class StageConflict(StageError):
     """A stage folder holds work made from other settings or inputs; ``--force`` starts it over.
 
     ``changed`` names the config keys and inputs that differ."""
@@ -54,7 +157,10 @@ def fingerprint_path(path: str | Path) -> str:
         manifest = path / MANIFEST_FILE
         if manifest.is_file():
             return json.loads(manifest.read_text()).get("fingerprint", "")
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        files = (
+            p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE and not p.name.endswith(".tmp")
+        )
+        for child in sorted(files):
             digest.update(str(child.relative_to(path)).encode())
             digest.update(fingerprint_path(child).encode())
         return digest.hexdigest()
@@ -94,49 +200,86 @@ def dumps_line(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
 
 
+def _decode_record(path: Path, lineno: int, line: bytes) -> dict[str, Any]:
+    """One stage record from a jsonl line: a JSON object with an id, or a StageError naming file:line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StageError(
+            f"{path}:{lineno}: not UTF-8 (byte {exc.start}); the file was changed outside compeff"
+        ) from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StageError(
+            f"{path}:{lineno}: invalid JSON ({exc.msg}); the file was changed outside compeff"
+        ) from None
+    if not isinstance(record, dict) or record.get("id") is None:
+        raise StageError(
+            f"{path}:{lineno}: not a JSON object with an 'id'; the file was changed outside compeff"
+        )
+    return record
+
+
 def _repair_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a jsonl file, cutting off a torn last line (the batch a kill interrupted)."""
+    """Read a stage's jsonl file; only a torn last line (no newline: the write a kill interrupted) is
+    cut off. A bad line anywhere else is not compeff's and stops the stage with file:line."""
     if not path.exists():
         return []
     raw = path.read_bytes()
     records: list[dict[str, Any]] = []
-    good_end = 0
     pos = 0
+    lineno = 0
     while pos < len(raw):
         nl = raw.find(b"\n", pos)
         if nl == -1:
             break  # no newline: torn write
+        lineno += 1
         line = raw[pos:nl]
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+            records.append(_decode_record(path, lineno, line))
         pos = nl + 1
-        good_end = pos
-    if good_end != len(raw):
+    if pos != len(raw):
         with path.open("r+b") as fh:
-            fh.truncate(good_end)
+            fh.truncate(pos)
+            fh.flush()
+            os.fsync(fh.fileno())
     return records
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the records of a jsonl file; a bad line raises ValueError naming file and line."""
-    with Path(path).open(encoding="utf-8") as fh:
+    """Yield the JSON objects of a jsonl file; a line that is not UTF-8, not JSON or not an object raises
+    :class:`StageError` naming file and line."""
+    with Path(path).open("rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise StageError(f"{path}:{lineno}: not UTF-8 (byte {exc.start})") from None
+            try:
+                row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+                raise StageError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise StageError(f"{path}:{lineno}: not a JSON object ({type(row).__name__})")
+            yield row
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace a file's bytes in one step, durable once this returns (written, fsynced, renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace a file's text in one step (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -172,6 +315,8 @@ class Stage:
     _started: float = field(default_factory=time.time)
     _data_fh: Any = None
     _fail_fh: Any = None
+    _lock: int | None = None
+    _running: bool = False  # a "running" manifest was written: close() writes the final one
 
     @classmethod
     def open(
@@ -185,35 +330,59 @@ class Stage:
     ) -> Stage:
         """Open (create or resume) ``run_dir/name``; refuse to mix work made from other settings.
 
-        ``writer=False`` (the non-zero ranks of a distributed job) reads the folder but never writes it.
+        The folder is locked for this process until :meth:`close`. ``writer=False`` (the non-zero ranks of
+        a distributed job) reads the folder but never writes or locks it.
         """
-        folder = Path(run_dir) / name
+        folder = stage_folder(run_dir, name)
         input_prints = {
             k: fingerprint_path(v) if Path(v).exists() else str(v) for k, v in (inputs or {}).items()
         }
         fp = fingerprint_obj({"stage": name, "config": config, "inputs": input_prints})
-        if force and folder.exists() and writer:
-            shutil.rmtree(folder)
+        lock = None
         if writer:
+            if folder.exists() and (
+                folder.is_symlink() or not folder.is_dir() or not is_stage_folder(folder)
+            ):
+                raise StageError(
+                    f"{folder}: holds files but no compeff {MANIFEST_FILE} (a manual delete or an interrupted "
+                    "--force?); compeff will not adopt or remove them. Move the folder away and run again"
+                )
             folder.mkdir(parents=True, exist_ok=True)
-        manifest_path = folder / MANIFEST_FILE
-        previous_status = None
-        old: dict[str, Any] | None = None
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
-            previous_status = old.get("status")
-            if old.get("fingerprint") != fp:
-                changed = sorted(
-                    k
-                    for k in set(old.get("config", {})) | set(config)
-                    if old.get("config", {}).get(k) != config.get(k)
-                )
-                changed += sorted(k for k in input_prints if old.get("inputs", {}).get(k) != input_prints[k])
-                raise StageConflict(
-                    f"{folder}: made with other settings or inputs (changed: {', '.join(changed) or 'unknown'}); "
-                    "rerun with --force to start this stage over",
-                    changed,
-                )
+            lock = take_stage_lock(folder)
+        try:
+            if force and writer:
+                clear_stage_folder(folder)
+            stage = cls._open_locked(folder, name, config, input_prints, fp, writer)
+        except BaseException:
+            release_stage_lock(lock)
+            raise
+        stage._lock = lock
+        return stage
+
+    @classmethod
+    def _open_locked(
+        cls,
+        folder: Path,
+        name: str,
+        config: dict[str, Any],
+        input_prints: dict[str, str],
+        fp: str,
+        writer: bool,
+    ) -> Stage:
+        old = read_manifest(folder)
+        previous_status = old.get("status") if old else None
+        if old is not None and old.get("fingerprint") != fp:
+            changed = sorted(
+                k
+                for k in set(old.get("config", {})) | set(config)
+                if old.get("config", {}).get(k) != config.get(k)
+            )
+            changed += sorted(k for k in input_prints if old.get("inputs", {}).get(k) != input_prints[k])
+            raise StageConflict(
+                f"{folder}: made with other settings or inputs (changed: {', '.join(changed) or 'unknown'}); "
+                "rerun with --force to start this stage over",
+                changed,
+            )
         if writer:
             (folder / DATA_FILE).touch(exist_ok=True)  # the data file exists even when nothing succeeds
             records = _repair_jsonl(folder / DATA_FILE)
@@ -232,8 +401,16 @@ class Stage:
         )
         stage.done_ids = {str(r["id"]) for r in records}
         stage.n_ok = stage.resumed_from = len(stage.done_ids)
-        stage._write_manifest(status="running")
+        if stage.was_complete:  # up to date: left exactly as it is unless the stage writes again
+            stage.n_failed = int((old or {}).get("counts", {}).get("failed", 0))
+        else:
+            stage._mark_running()
         return stage
+
+    def _mark_running(self) -> None:
+        if not self._running:
+            self._running = True
+            self._write_manifest(status="running")
 
     # ---------------------------------------------------------------- state
     @property
@@ -282,6 +459,7 @@ class Stage:
         lines = [dumps_line(r) for r in records]
         if not lines or not self.writer:
             return len(lines)
+        self._mark_running()
         fh = getattr(self, fh_attr)
         if fh is None:
             fh = path.open("ab")
@@ -320,19 +498,15 @@ class Stage:
 
     def write_artifact(self, filename: str, content: str | bytes | Any) -> Path:
         """Write a side file (report, JSON, plot bytes) atomically into the stage folder."""
-        path = self.folder / filename
+        path = self.folder / check_plain_name(filename, "artifact name")
         if not self.writer:
             return path
-        tmp = path.with_name(path.name + ".tmp")
-        if isinstance(content, bytes):
-            tmp.write_bytes(content)
-        elif isinstance(content, str):
-            tmp.write_text(content, encoding="utf-8")
-        else:
-            tmp.write_text(
-                json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-            )
-        os.replace(tmp, path)
+        self._mark_running()
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        elif not isinstance(content, bytes):
+            content = (json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        atomic_write_bytes(path, content)
         return path
 
     def _write_manifest(self, status: str) -> dict[str, Any]:
@@ -357,12 +531,19 @@ class Stage:
 
     def close(self, complete: bool = True) -> dict[str, Any]:
         """Flush files and write the final manifest; ``complete`` False marks an interrupted stage."""
-        for attr in ("_data_fh", "_fail_fh"):
-            fh = getattr(self, attr)
-            if fh is not None:
-                fh.close()
-                setattr(self, attr, None)
-        self.manifest = self._write_manifest(status="complete" if complete else "interrupted")
+        try:
+            for attr in ("_data_fh", "_fail_fh"):
+                fh = getattr(self, attr)
+                if fh is not None:
+                    fh.close()
+                    setattr(self, attr, None)
+            if self._running or not complete:
+                self.manifest = self._write_manifest(status="complete" if complete else "interrupted")
+            else:  # an up-to-date stage that wrote nothing: its manifest stays exactly as it was
+                self.manifest = dict(self.previous_manifest or {})
+        finally:
+            release_stage_lock(self._lock)
+            self._lock = None
         return self.manifest
 
     def __enter__(self) -> Stage:
@@ -386,6 +567,16 @@ def upstream_data(run_dir: Path, explicit: str | None, stage: str, what: str, ke
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
-    """The manifest of a stage folder, or None if the stage never ran."""
+    """The manifest of a stage folder, or None if the stage never ran; an unreadable one is a StageError."""
     path = Path(stage_dir) / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
+        raise StageError(
+            f"{path}: not a compeff manifest (empty or damaged); move the stage folder away or rerun with --force"
+        )
+    return manifest

@@ -86,6 +86,7 @@ def answer_requests(
 
         asked, skipped, todo = total or 0, len(stage.done_ids), registered(requests)
     counts = {"asked": asked, "skipped_done": skipped, "ok": 0, "failed": 0, "rejected": 0}
+    flush_every = teacher.flush_every or flush_every
     ok_buf: list[dict[str, Any]] = []
     fail_buf: list[dict[str, Any]] = []
     last_flush = time.monotonic()

@@ -10,21 +10,133 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from compeff.data import DataError, clean_text, load_labelled, load_texts
+from compeff.data import (
+    SAMPLE_DIR,
+    DataError,
+    clean_text,
+    hub_rows,
+    load_labelled,
+    load_texts,
+    resolve_source,
+)
 
 
-def test_short_names_resolve_to_shared_data():
+@pytest.fixture
+def no_data_dir(monkeypatch):
+    """As on a user's fresh machine: no data folder set, the hub unreachable."""
+    monkeypatch.delenv("COMPEFF_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_short_names_resolve_to_the_packaged_sample(no_data_dir):
+    assert resolve_source("imdb:unsupervised") == SAMPLE_DIR / "imdb" / "unsupervised.jsonl.gz"
     texts, report = load_texts("imdb:unsupervised", limit=20)
     assert len(texts) == 20 and not report.problems
     assert all("<br" not in t["text"] for t in texts)
-    assert texts[0]["source"] == "imdb:unsupervised" and texts[0]["id"]
+    assert texts[0]["source"] == "imdb:unsupervised" and texts[0]["id"].startswith("unsup-unsup-")
     rows, names, _ = load_labelled("tweeteval_sentiment:validation", limit=50)
     assert names == ["negative", "neutral", "positive"] and {r["label"] for r in rows} <= {0, 1, 2}
 
 
-def test_unknown_split_lists_the_available_ones():
-    with pytest.raises(DataError, match="splits there: .*test"):
+def test_packaged_sample_is_stratified_with_unique_ids(no_data_dir):
+    for spec, n_rows in [("imdb:train", 1000), ("imdb:test", 1000), ("tweeteval_sentiment:test", 4000)]:
+        rows, names, report = load_labelled(spec)
+        assert len(rows) == n_rows and not report.problems, spec
+        assert len({r["id"] for r in rows}) == n_rows, spec
+        assert {r["label"] for r in rows} == set(range(len(names))), spec
+    imdb = load_labelled("imdb:test")[0]
+    assert sum(r["label"] for r in imdb) == 500  # half positive
+    assert (SAMPLE_DIR / "SOURCES.md").read_text().count("research use") >= 2
+
+
+def test_data_folder_comes_before_the_sample(tmp_path, monkeypatch, no_data_dir):
+    folder = tmp_path / "full" / "imdb"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text('{"id": "mine-0", "text": "my own review", "label": 1}\n')
+    monkeypatch.setenv("COMPEFF_DATA_DIR", str(tmp_path / "full"))
+    assert [r["id"] for r in load_labelled("imdb:test")[0]] == ["mine-0"]
+    # a split the folder lacks falls through to the sample
+    assert resolve_source("imdb:train") == SAMPLE_DIR / "imdb" / "train.jsonl.gz"
+    # an explicit data.dir wins over the environment
+    other = tmp_path / "other" / "imdb"
+    other.mkdir(parents=True)
+    (other / "test.jsonl").write_text('{"id": "other-0", "text": "another review", "label": 0}\n')
+    assert [r["id"] for r in load_labelled("imdb:test", root=tmp_path / "other")[0]] == ["other-0"]
+
+
+def test_unknown_split_names_every_place_tried(no_data_dir):
+    with pytest.raises(DataError) as err:
         load_texts("imdb:dev")
+    message = str(err.value)
+    assert "no data folder set" in message and "packaged sample: no split 'dev'" in message
+    assert "stanfordnlp/imdb has no split 'dev'" in message
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
+        load_texts("tweeteval_sentiment:train")  # on the hub, not in the sample
+    with pytest.raises(DataError, match="unknown short name"):
+        load_texts("sst2:test")
+
+
+def _hub_shaped_copy(tmp_path, name: str):
+    """A saved local dataset with the hub's schema for ``name`` (text + ClassLabel label, no id)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    if name == "imdb":
+        labels = ClassLabel(names=["neg", "pos"])
+        rows = {"text": ["bad<br />film", "dull", "great", "superb"], "label": [0, 0, 1, 1]}
+    else:
+        labels = ClassLabel(names=["negative", "neutral", "positive"])
+        rows = {"text": ["ugh", "ok", "yay"], "label": [0, 1, 2]}
+    features = Features({"text": Value("string"), "label": labels})
+    Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_hub_rows_map_to_compeff_fields(tmp_path):
+    from datasets import load_from_disk
+
+    imdb = load_from_disk(str(_hub_shaped_copy(tmp_path, "imdb")))
+    assert list(hub_rows("imdb", "test", imdb)) == [
+        {"id": "test-neg-0", "text": "bad<br />film", "label": 0},
+        {"id": "test-neg-1", "text": "dull", "label": 0},
+        {"id": "test-pos-0", "text": "great", "label": 1},
+        {"id": "test-pos-1", "text": "superb", "label": 1},
+    ]
+    tweets = load_from_disk(str(_hub_shaped_copy(tmp_path, "tweeteval_sentiment")))
+    assert [r["id"] for r in hub_rows("tweeteval_sentiment", "train", tweets)] == [
+        "train-0",
+        "train-1",
+        "train-2",
+    ]
+
+
+def test_a_name_outside_the_sample_is_read_from_the_hub(tmp_path, monkeypatch, no_data_dir):
+    """The real hub path, with datasets' own loader answering from a saved copy of the hub's schema."""
+    import datasets
+
+    saved = _hub_shaped_copy(tmp_path, "tweeteval_sentiment")
+    calls = []
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return datasets.load_from_disk(str(saved))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    rows, names, report = load_labelled("tweeteval_sentiment:train")
+    assert calls == [("cardiffnlp/tweet_eval", "sentiment", "train")]
+    assert [(r["id"], r["text"], r["label"]) for r in rows] == [
+        ("train-0", "ugh", 0),
+        ("train-1", "ok", 1),
+        ("train-2", "yay", 2),
+    ]
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match="tried no data folder set.*packaged sample.*no route to host"):
+        load_labelled("tweeteval_sentiment:train")
 
 
 def test_html_breaks_are_cleaned():

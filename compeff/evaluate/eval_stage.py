@@ -143,7 +143,7 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
         total = len(sets) * len(s.seeds)
         with Tracker("eval (set x seed)", total=total, enabled=progress) as tracker:
             for spec in sets:
-                data = load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.data_dir, s.label_names)
+                data = load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.dir, s.label_names)
                 runs = []
                 all_preds: list[int] = []
                 for seed in s.seeds:

@@ -59,13 +59,13 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
     """Select user texts, ask the teacher for their attributes, parse, normalise and count them."""
     sources = recipe.data.user_texts
     for spec in sources:
-        resolve_source(spec, recipe.data.data_dir)  # a missing source fails before any model loads
+        resolve_source(spec, recipe.data.dir)  # a missing source fails before any model loads
     texts, reports = select_user_texts(
-        sources, recipe.enumerate.n_texts, recipe.run.seed, recipe.data.text_field, recipe.data.data_dir
+        sources, recipe.enumerate.n_texts, recipe.run.seed, recipe.data.text_field, recipe.data.dir
     )
     if not texts:
         raise DataError(f"data.user_texts: no usable text in {', '.join(sources)}")
-    inputs = {spec: str(resolve_source(spec, recipe.data.data_dir)) for spec in sources}
+    inputs = {spec: str(resolve_source(spec, recipe.data.dir)) for spec in sources}
     config = {
         "enumerate": recipe.enumerate.model_dump(exclude={"min_count", "min_frac"}),
         "teacher": teacher_identity(recipe.teacher),

@@ -70,7 +70,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         settings.n_samples,
         recipe.run.seed + 1,
         recipe.data.text_field,
-        recipe.data.data_dir,
+        recipe.data.dir,
     )
     if not texts:
         raise DataError(f"data.user_texts: no usable text in {', '.join(recipe.data.user_texts)}")

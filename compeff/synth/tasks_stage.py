@@ -137,7 +137,7 @@ def run_tasks_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
     source = perspectives_path(recipe)
     perspectives = load_perspectives(source, settings.max_perspectives)
     texts, _ = select_user_texts(
-        recipe.data.user_texts, 2000, recipe.run.seed, recipe.data.text_field, recipe.data.data_dir
+        recipe.data.user_texts, 2000, recipe.run.seed, recipe.data.text_field, recipe.data.dir
     )
     if len(texts) < 2:
         raise DataError("data.user_texts: demonstrations need at least two user texts")

@@ -166,6 +166,9 @@ class Teacher(abc.ABC):
 
     #: backends that read their requests lazily (so building them overlaps with answering them)
     streams_requests = False
+    #: results per durable write of a stage: a batched backend sets its batch size, so a kill loses at
+    #: most the batch in flight; None lets the stage group streamed answers (at most a second's worth)
+    flush_every: int | None = None
 
     def generate(self, requests: Iterable[ChatRequest], cache: Any = None) -> Iterator[TeacherResult]:
         """Answer requests, serving identical ones from ``cache`` (a TeacherCache) when given.

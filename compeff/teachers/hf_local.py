@@ -67,6 +67,7 @@ class HFTeacher(Teacher):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
+        self.flush_every = batch_size
         self.max_prompt_tokens = max_prompt_tokens or getattr(self.lm.config, "max_position_embeddings", 4096)
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:

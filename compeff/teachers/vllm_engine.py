@@ -31,6 +31,7 @@ class VLLMTeacher(Teacher):
         self._vllm = vllm
         self.model = model
         self.batch_size = batch_size
+        self.flush_every = batch_size
         self.llm = vllm.LLM(
             model=resolve_model(model),
             tensor_parallel_size=tensor_parallel_size,
