@@ -12,7 +12,6 @@ that already has records resumes it: ``done_ids`` tells the stage what to skip.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from compeff.data import DataError
+from compeff.fingerprints import fingerprint_obj, fingerprint_path, weights_fingerprint
+
+__all__ = ["fingerprint_obj", "fingerprint_path", "weights_fingerprint"]
 
 try:  # POSIX: one process per stage folder
     import fcntl
@@ -141,33 +143,6 @@ class StageConflict(StageError):
     def __init__(self, message: str, changed: list[str] | None = None):
         super().__init__(message)
         self.changed = changed or []
-
-
-def fingerprint_obj(obj: Any) -> str:
-    """Stable sha256 of a JSON-serialisable object (keys sorted)."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
-
-
-def fingerprint_path(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (names and bytes); a stage folder uses its manifest."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        manifest = path / MANIFEST_FILE
-        if manifest.is_file():
-            return json.loads(manifest.read_text()).get("fingerprint", "")
-        files = (
-            p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE and not p.name.endswith(".tmp")
-        )
-        for child in sorted(files):
-            digest.update(str(child.relative_to(path)).encode())
-            digest.update(fingerprint_path(child).encode())
-        return digest.hexdigest()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -556,8 +531,6 @@ class Stage:
 def upstream_data(run_dir: Path, explicit: str | None, stage: str, what: str, key: str) -> Path:
     """A stage's input: the explicit file when the recipe names one (``key``), else ``stage``'s data
     file in the run folder, which must exist."""
-    from compeff.data import DataError
-
     if explicit:
         return Path(explicit)
     path = run_dir / stage / DATA_FILE

@@ -14,6 +14,7 @@ from typing import Any
 
 from compeff.config import Recipe, TeacherSettings
 from compeff.data import DataError
+from compeff.fingerprints import weights_fingerprint
 from compeff.progress import Tracker
 from compeff.runs import Stage, iter_jsonl
 from compeff.teachers import ChatRequest, Teacher, TeacherCache, TeacherResult, make_teacher, sampling_params
@@ -28,7 +29,10 @@ class AnswerRejected(ValueError):
 def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
     """The part of the teacher config that changes answers (model, backend, sampling), not transport."""
     keys = ("backend", "model", "temperature", "top_p", "max_tokens", "n", "logprobs", "top_logprobs")
-    return {k: getattr(settings, k) for k in keys}
+    identity = {k: getattr(settings, k) for k in keys}
+    if settings.backend != "openai":  # a local model: its weights, not only its name
+        identity["weights"] = weights_fingerprint(settings.model)
+    return identity
 
 
 def open_cache(settings: TeacherSettings) -> TeacherCache | None:
@@ -37,9 +41,12 @@ def open_cache(settings: TeacherSettings) -> TeacherCache | None:
 
 
 @contextmanager
-def teacher_session(settings: TeacherSettings) -> Iterator[tuple[Teacher, TeacherCache | None]]:
-    """The recipe's teacher and request cache, closed when the block ends."""
-    teacher = make_teacher(settings)
+def teacher_session(
+    settings: TeacherSettings, seed: int | None = None
+) -> Iterator[tuple[Teacher, TeacherCache | None]]:
+    """The recipe's teacher and request cache, closed when the block ends; ``seed`` (the run seed) seeds
+    every sampled request by its id (see :meth:`Teacher.seeded`)."""
+    teacher = make_teacher(settings, seed=seed)
     cache = open_cache(settings)
     try:
         yield teacher, cache
@@ -89,14 +96,17 @@ def answer_requests(
     flush_every = teacher.flush_every or flush_every
     ok_buf: list[dict[str, Any]] = []
     fail_buf: list[dict[str, Any]] = []
+    rejected: list[ChatRequest] = []  # answers the stage cannot use: out of the cache, so a retry asks again
     last_flush = time.monotonic()
 
     def flush() -> None:
         nonlocal last_flush
+        teacher.forget(rejected, cache)
         counts["ok"] += stage.append(ok_buf)
         stage.fail(fail_buf)
         ok_buf.clear()
         fail_buf.clear()
+        rejected.clear()
         last_flush = time.monotonic()
 
     with Tracker(stage.name, total=asked + skipped, done=skipped, enabled=progress) as tracker:
@@ -107,6 +117,7 @@ def answer_requests(
                     ok_buf.append(to_record(request, result))
                     tracker.advance(ok=1)
                 except AnswerRejected as exc:
+                    rejected.append(request)
                     counts["rejected"] += 1
                     counts["failed"] += 1
                     fail_buf.append(
@@ -178,7 +189,7 @@ def run_teach_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
 
 
 def _answer_teach_requests(recipe: Recipe, stage: Stage, requests: list[ChatRequest], progress: bool) -> None:
-    with teacher_session(recipe.teacher) as (teacher, cache):
+    with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
 
         def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
             return {

@@ -78,7 +78,7 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
         requests = build_requests(texts, recipe)
         pending = stage.pending(requests)
         if pending:
-            with teacher_session(recipe.teacher) as (teacher, cache):
+            with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     try:

@@ -117,7 +117,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                 report_rows.add_row(row)
         pending = stage.pending(plan)
         if pending:
-            with teacher_session(recipe.teacher) as (teacher, cache):
+            with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]

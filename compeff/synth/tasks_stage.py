@@ -94,7 +94,7 @@ class _Phases:
             pending = stage.pending(requests)
             if pending:
                 if self.teacher is None:
-                    self.teacher = make_teacher(self.recipe.teacher)
+                    self.teacher = make_teacher(self.recipe.teacher, seed=self.recipe.run.seed)
                     self.cache = open_cache(self.recipe.teacher)
                 before = self.teacher.usage.to_dict()
                 counts = answer_requests(

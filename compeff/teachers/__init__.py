@@ -43,8 +43,16 @@ def sampling_params(settings, **override) -> SamplingParams:
     return SamplingParams(**base)
 
 
-def make_teacher(settings) -> Teacher:
-    """Build the backend a recipe's ``teacher`` section names (heavy imports happen only here)."""
+def make_teacher(settings, seed: int | None = None) -> Teacher:
+    """Build the backend a recipe's ``teacher`` section names (heavy imports happen only here).
+
+    ``seed`` (the run seed) gives every sampled request its own seed, derived from its id."""
+    teacher = _make_backend(settings)
+    teacher.seed = seed
+    return teacher
+
+
+def _make_backend(settings) -> Teacher:
     if settings.backend == "openai":
         from compeff.teachers.openai_api import OpenAITeacher
 

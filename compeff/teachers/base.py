@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -82,6 +84,19 @@ def _params_dict(params: SamplingParams) -> dict[str, Any]:
     return {f.name: getattr(params, f.name) for f in fields(params)}
 
 
+def request_seed(run_seed: int, request_id: str) -> int:
+    """The sampling seed of one request: a stable hash of the run seed and the request's id, so a rerun
+    draws the same answer and two requests with the same prompt draw independent ones."""
+    digest = hashlib.sha256(f"{run_seed}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def hash_seeds(seeds: list[int]) -> int:
+    """One seed for a batch of seeded requests (the hf backend draws a batch with one generator)."""
+    digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 @dataclass
 class ChatRequest:
     """One chat-completions request with a caller-chosen stable id."""
@@ -113,6 +128,16 @@ class TeacherResult:
     def text(self) -> str:
         """The first answer's text ('' if none)."""
         return self.texts[0] if self.texts else ""
+
+    @property
+    def cacheable(self) -> bool:
+        """Worth keeping for identical requests: ok, every answer non-empty text, none cut at max_tokens."""
+        return (
+            self.ok
+            and bool(self.texts)
+            and all(isinstance(t, str) and t.strip() for t in self.texts)
+            and "length" not in self.finish_reasons
+        )
 
     def failure_record(self) -> dict[str, Any]:
         """The line this result contributes to ``failures.jsonl``."""
@@ -156,9 +181,27 @@ class Teacher(abc.ABC):
     ``generate`` yields exactly one :class:`TeacherResult` per request (in completion order)."""
 
     model: str
+    #: the run seed; when set, every sampled request (temperature > 0) without a seed gets its own
+    seed: int | None = None
 
     def __init__(self) -> None:
         self.usage = Usage()
+
+    @property
+    def cache_identity(self) -> str:
+        """What the cache keys answers by: the model name; local backends add their weights' fingerprint."""
+        return self.model
+
+    def seeded(self, request: ChatRequest) -> ChatRequest:
+        """The request with its own sampling seed (see :func:`request_seed`) when it samples and has none."""
+        if self.seed is not None and request.params.temperature > 0 and request.params.seed is None:
+            request.params = dataclasses.replace(request.params, seed=request_seed(self.seed, request.id))
+        return request
+
+    def forget(self, requests: list[ChatRequest], cache: Any) -> None:
+        """Drop these requests' answers from ``cache`` (a stage rejected them: the retry asks again)."""
+        if cache is not None and requests:
+            cache.forget_many(self.cache_identity, requests)
 
     @abc.abstractmethod
     def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
@@ -185,7 +228,7 @@ class Teacher(abc.ABC):
             chunk: list[ChatRequest] = []
             for request in itertools.chain(requests, [None]):
                 if request is not None:
-                    chunk.append(request)
+                    chunk.append(self.seeded(request))
                     if len(chunk) < 256 and cache is not None:
                         continue
                     if cache is None:
@@ -195,7 +238,7 @@ class Teacher(abc.ABC):
                         continue
                 if not chunk:
                     continue
-                found, chunk_keys = cache.get_many(self.model, chunk)
+                found, chunk_keys = cache.get_many(self.cache_identity, chunk)
                 keys.update(chunk_keys)
                 for item in chunk:
                     if item.id in found:
@@ -222,16 +265,16 @@ class Teacher(abc.ABC):
                 if result.id in seen:
                     continue
                 seen.add(result.id)
-                if cache is not None and result.ok:
+                if cache is not None and result.cacheable:
                     to_cache.append((by_id[result.id], result))
                     if len(to_cache) >= 256:  # one transaction per burst, not per answer
-                        cache.put_many(self.model, to_cache, keys)
+                        cache.put_many(self.cache_identity, to_cache, keys)
                         to_cache.clear()
                 self.usage.add(result)
                 yield result
         finally:
             if cache is not None and to_cache:
-                cache.put_many(self.model, to_cache, keys)
+                cache.put_many(self.cache_identity, to_cache, keys)
         yield from drain_hits()
         for request in list(by_id.values()):  # a backend bug must not lose requests silently
             if request.id not in seen:

@@ -6,8 +6,11 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from compeff.data import DataError
 from compeff.teachers.base import ChatRequest, TeacherResult
 
 _SCHEMA = """
@@ -40,6 +43,10 @@ def request_key(model: str, request: ChatRequest) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+class CacheError(DataError):
+    """The cache file cannot be used (not a SQLite database, damaged, or a write failed)."""
+
+
 class TeacherCache:
     """Answers identical requests without calling the teacher. Only successful answers are kept."""
 
@@ -47,11 +54,19 @@ class TeacherCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=60000")
-        self._conn.execute(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=60.0, check_same_thread=False, isolation_level=None
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=60000")
+            self._conn.execute(_SCHEMA)
+            self._conn.execute("SELECT key, value FROM answers LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"teacher.cache {self.path}: not a usable SQLite cache ({exc}); move it away or set teacher.cache"
+            ) from None
         self.hits = 0
         self.misses = 0
 
@@ -71,21 +86,29 @@ class TeacherCache:
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                by_key.update(
-                    self._conn.execute(
+                try:
+                    rows = self._conn.execute(
                         f"SELECT key, value FROM answers WHERE key IN ({marks})", chunk
                     ).fetchall()
-                )
+                except sqlite3.Error as exc:
+                    raise CacheError(f"teacher.cache {self.path}: unreadable ({exc}); move it away") from None
+                by_key.update(rows)
         hits = {}
         for request in requests:
             raw = by_key.get(keys[request.id])
             if raw is None:
                 continue
-            value = json.loads(raw)
+            try:
+                value = json.loads(raw)
+                texts = value["texts"]
+            except (ValueError, TypeError, KeyError):
+                continue  # a damaged entry is a miss: the teacher answers again and the entry is replaced
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                continue
             hits[request.id] = TeacherResult(
                 id=request.id,
                 ok=True,
-                texts=value["texts"],
+                texts=texts,
                 logprobs=value.get("logprobs"),
                 usage=value.get("usage", {}),
                 finish_reasons=value.get("finish_reasons", []),
@@ -98,13 +121,14 @@ class TeacherCache:
         return hits, keys
 
     def put(self, model: str, request: ChatRequest, result: TeacherResult) -> None:
-        """Store a successful answer (first writer wins; concurrent writers are safe)."""
+        """Store a cacheable answer (the latest writer wins; concurrent writers are safe)."""
         self.put_many(model, [(request, result)])
 
     def put_many(
         self, model: str, pairs: list[tuple[ChatRequest, TeacherResult]], keys: dict[str, str] | None = None
     ) -> None:
-        """Store many successful answers in one transaction (``keys`` by request id, if known)."""
+        """Store many answers in one transaction (``keys`` by request id, if known); only cacheable ones
+        (ok, non-empty text, not cut at max_tokens) are kept."""
         rows = [
             (
                 keys[request.id] if keys and request.id in keys else request_key(model, request),
@@ -119,20 +143,42 @@ class TeacherCache:
                 ),
             )
             for request, result in pairs
-            if result.ok
+            if result.cacheable
         ]
         if not rows:
             return
         # one multi-row statement per chunk: executemany would release and re-take the GIL per row,
         # which stalls behind the event loop thread of the openai backend
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self._lock, self._transaction():
             for start in range(0, len(rows), 256):
                 chunk = rows[start : start + 256]
                 marks = ",".join(["(?, ?, ?)"] * len(chunk))
                 flat = [v for row in chunk for v in row]
-                self._conn.execute(f"INSERT OR IGNORE INTO answers (key, model, value) VALUES {marks}", flat)
+                self._conn.execute(f"INSERT OR REPLACE INTO answers (key, model, value) VALUES {marks}", flat)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT, rolled back on any error so the connection never stays inside a transaction."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            yield
             self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise CacheError(f"{self.path}: {exc}") from None
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise
+
+    def forget_many(self, model: str, requests: list[ChatRequest]) -> None:
+        """Remove the answers to these requests (a stage rejected them, so a retry must ask the teacher)."""
+        keys = [request_key(model, r) for r in requests]
+        with self._lock, self._transaction():
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                self._conn.execute(f"DELETE FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk)
 
     def __len__(self) -> int:
         with self._lock:

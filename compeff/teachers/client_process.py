@@ -36,6 +36,15 @@ from compeff.teachers.base import ChatRequest, TeacherError, TeacherResult
 BATCH = 64  # requests or results per pipe message
 
 
+# The child's entry point. ``python -m`` (and ``-c``) put the working directory first on sys.path, so an
+# ``orjson.py`` or ``aiohttp.py`` lying where compeff runs would be imported inside the child; the entry
+# drops that entry before importing anything that is not built in.
+_CHILD_MAIN = (
+    "import sys; del sys.path[0]; import runpy; "
+    "runpy.run_module('compeff.teachers.client_process', run_name='__main__', alter_sys=True)"
+)
+
+
 class ClientProcessError(TeacherError):
     """The client process died or crashed; the requests of the call in progress are lost to it."""
 
@@ -85,11 +94,11 @@ class ClientProcess:
         self._from_child: Connection | None = None
 
     def start(self) -> None:
-        """Launch the child; it imports its libraries while the caller prepares the first requests."""
+        """Launch the child (isolated from the working directory: see ``_CHILD_MAIN``); it imports its libraries while the caller prepares the first requests."""
         down_r, down_w = os.pipe()  # parent -> child
         up_r, up_w = os.pipe()  # child -> parent
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "compeff.teachers.client_process", str(down_r), str(up_w)],
+            [sys.executable, "-c", _CHILD_MAIN, str(down_r), str(up_w)],
             pass_fds=(down_r, up_w),
             stdin=subprocess.DEVNULL,
         )

@@ -140,10 +140,14 @@ def make_app(
         first_tops = None
         if isinstance(content, tuple):  # (text, top log-probabilities of the first token)
             content, first_tops = content
+        finish = "stop"
+        if isinstance(content, dict):  # a raw answer: {"content": any JSON value, "finish_reason": ...}
+            finish = content.get("finish_reason", "stop")
+            content = content.get("content")
         choices = []
         for i in range(n):
-            text = content if n == 1 else f"{content} #{i}"
-            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            text = content if n == 1 or not isinstance(content, str) else f"{content} #{i}"
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             if body.get("logprobs"):
                 k = int(body.get("top_logprobs") or 0)
                 choice["logprobs"] = {
@@ -157,12 +161,12 @@ def make_app(
                                 else [{"token": tok, "logprob": -0.1 * (j % 5)}]
                             )[:k],
                         }
-                        for j, tok in enumerate(text.split()[:64])
+                        for j, tok in enumerate(str(text).split()[:64])
                     ]
                 }
             choices.append(choice)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-        completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
+        completion_tokens = sum(len(str(c["message"]["content"]).split()) for c in choices)
         return web.json_response(
             {
                 "id": f"chatcmpl-{stats.requests}",

@@ -5,13 +5,22 @@ The embedded default teacher: it needs no server, so every stage runs offline on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+from compeff.fingerprints import weights_fingerprint
 from compeff.models import resolve_model
-from compeff.teachers.base import ChatRequest, SamplingParams, Teacher, TeacherResult, TeacherUnavailable
+from compeff.teachers.base import (
+    ChatRequest,
+    SamplingParams,
+    Teacher,
+    TeacherResult,
+    TeacherUnavailable,
+    hash_seeds,
+)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -54,6 +63,8 @@ class HFTeacher(Teacher):
         path = resolve_model(model)
         # a built-in model is rebuilt when compeff changes it: its version is part of its name (cache keys)
         self.model = f"{model}@{Path(path).name}" if model.startswith("builtin:") else model
+        # a local path is ambiguous (its files can change under the same name): key the cache on its weights
+        self._identity = weights_fingerprint(path) if Path(path).exists() else self.model
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -76,11 +87,16 @@ class HFTeacher(Teacher):
             ids = ids["input_ids"]
         return list(ids)
 
+    @property
+    def cache_identity(self) -> str:
+        return self._identity
+
     def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
         def key(r: ChatRequest) -> SamplingParams:
-            return r.params
+            # per-request seeds do not split batches: a batch is seeded from its requests' seeds
+            return dataclasses.replace(r.params, seed=None)
 
-        ordered = sorted(requests, key=lambda r: repr(r.params))
+        ordered = sorted(requests, key=lambda r: repr(key(r)))
         for params, group in groupby(ordered, key=key):
             prepared: list[tuple[ChatRequest, list[int]]] = []
             for request in group:
@@ -108,7 +124,10 @@ class HFTeacher(Teacher):
                 prepared.append((request, ids))
             prepared.sort(key=lambda item: len(item[1]))  # similar lengths batch with less padding
             for start in range(0, len(prepared), self.batch_size):
-                yield from self._run_batch(prepared[start : start + self.batch_size], params)
+                batch = prepared[start : start + self.batch_size]
+                seeds = [r.params.seed for r, _ in batch if r.params.seed is not None]
+                seed = hash_seeds(seeds) if seeds else None
+                yield from self._run_batch(batch, dataclasses.replace(params, seed=seed))
 
     def _run_batch(
         self, batch: list[tuple[ChatRequest, list[int]]], params: SamplingParams

@@ -86,18 +86,39 @@ def _request_body(model: str, request: ChatRequest) -> dict[str, Any]:
     return body
 
 
+MAX_BODY_BYTES = 64 << 20  # a chat completion far larger than any answer: a broken or hostile server
+
+
+async def _read_capped(resp: Any, url: str) -> bytes:
+    """A response body of at most MAX_BODY_BYTES; a longer one is a protocol error, not a memory spike."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
+        raise TeacherProtocolError(f"body of {resp.content_length} bytes from {url} exceeds {MAX_BODY_BYTES}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TeacherProtocolError(f"body from {url} exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_completion(raw: bytes) -> tuple[list[str], list[str | None], list[Any] | None, dict[str, int]]:
     """Texts, finish reasons, logprobs and usage of a chat-completions body; TeacherProtocolError if malformed."""
     try:
         data = _loads(raw)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        texts = [c["message"].get("content") or "" for c in choices]
+        texts = [c["message"].get("content") for c in choices]
     except (*_JSONDecodeError, UnicodeDecodeError) as exc:
         raise TeacherProtocolError(f"malformed JSON body: {exc}: {raw[:200]!r}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise TeacherProtocolError(f"body is not a chat completion (missing {exc}): {raw[:200]!r}") from None
     if not choices:
         raise TeacherProtocolError("answer has no choices")
+    for text in texts:
+        if not isinstance(text, str):
+            shown = "null" if text is None else type(text).__name__
+            raise TeacherProtocolError(f"answer content is {shown}, not text: {raw[:200]!r}")
     reasons = [c.get("finish_reason") for c in choices]
     logprobs = [c.get("logprobs") for c in choices] if any(c.get("logprobs") for c in choices) else None
     usage = {k: int(v) for k, v in (data.get("usage") or {}).items() if isinstance(v, int)}
@@ -146,7 +167,7 @@ class OpenAITeacher(Teacher):
 
         try:
             async with session.post(url, data=body, headers=_JSON_HEADERS) as resp:
-                raw = await resp.read()
+                raw = await _read_capped(resp, url)
                 if resp.status != 200:
                     retry_after = resp.headers.get("Retry-After")
                     try:

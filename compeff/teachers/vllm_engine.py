@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from itertools import groupby
+from typing import Any
 
+from compeff.fingerprints import weights_fingerprint
 from compeff.models import resolve_model
-from compeff.teachers.base import ChatRequest, Teacher, TeacherResult, TeacherUnavailable
+from compeff.teachers.base import ChatRequest, SamplingParams, Teacher, TeacherResult, TeacherUnavailable
 
 
 class VLLMTeacher(Teacher):
@@ -30,6 +33,7 @@ class VLLMTeacher(Teacher):
             ) from exc
         self._vllm = vllm
         self.model = model
+        self._identity = weights_fingerprint(resolve_model(model))
         self.batch_size = batch_size
         self.flush_every = batch_size
         self.llm = vllm.LLM(
@@ -39,23 +43,34 @@ class VLLMTeacher(Teacher):
             **engine_kwargs,
         )
 
+    @property
+    def cache_identity(self) -> str:
+        return self._identity
+
+    def _sampling(self, params: SamplingParams) -> Any:
+        return self._vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            logprobs=params.top_logprobs if params.logprobs else None,
+        )
+
     def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
-        ordered = sorted(requests, key=lambda r: repr(r.params))
-        for params, group in groupby(ordered, key=lambda r: r.params):
+        def key(r: ChatRequest) -> SamplingParams:
+            return dataclasses.replace(r.params, seed=None)  # seeds travel per request, not per group
+
+        ordered = sorted(requests, key=lambda r: repr(key(r)))
+        for _, group in groupby(ordered, key=key):
             group = list(group)
-            sp = self._vllm.SamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_tokens,
-                seed=params.seed,
-                stop=list(params.stop) or None,
-                logprobs=params.top_logprobs if params.logprobs else None,
-            )
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
                 try:
-                    outputs = self.llm.chat([r.messages for r in chunk], sp, use_tqdm=False)
+                    outputs = self.llm.chat(
+                        [r.messages for r in chunk], [self._sampling(r.params) for r in chunk], use_tqdm=False
+                    )
                 except Exception as exc:
                     for r in chunk:
                         yield TeacherResult(

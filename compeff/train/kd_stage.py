@@ -72,9 +72,7 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     hf_logging.disable_progress_bar()
     k = recipe.kd
     seed0 = k.seeds[0]
-    train_texts, train_labels, names = _load_set(
-        k.train_set, k.train_limit, recipe.run.seed, recipe.data.dir
-    )
+    train_texts, train_labels, names = _load_set(k.train_set, k.train_limit, recipe.run.seed, recipe.data.dir)
     test_texts, test_labels, _ = _load_set(k.test_set, k.test_limit, recipe.run.seed, recipe.data.dir)
     device = pick_device(k.device)
     config = {"kd": k.model_dump(exclude={"device"}), "seed": recipe.run.seed}
