@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -34,6 +35,39 @@ _SHORT = re.compile(r"^([A-Za-z0-9_\-]+):([A-Za-z0-9_\-]+)$")
 
 class DataError(ValueError):
     """A data source is missing or unreadable; the message names the source (and line)."""
+
+
+MAX_CLASSES = 1000  # more label values than this is a wrong field, not a classification set
+
+
+def check_text(where: str, text: str) -> str:
+    """The text, or a DataError naming ``where`` when it cannot be written as UTF-8 (a lone surrogate
+    such as ``\\ud83d`` from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: text holds an invalid character {text[exc.start]!r} (a lone surrogate)"
+        ) from None
+    return text
+
+
+def parse_label(value: Any, label_names: list[str] | None) -> int | None:
+    """An integer class from a label cell: an int, an integral number, a digit string or a label name;
+    None for anything else (booleans, fractions, infinities, other strings)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str):
+        stripped = value.strip()
+        if label_names and stripped in label_names:
+            return label_names.index(stripped)
+        if re.fullmatch(r"-?\d{1,9}", stripped):
+            return int(stripped)
+    return None
 
 
 def clean_text(text: str) -> str:
@@ -204,6 +238,13 @@ def _load_hub_split(hub_split: HubSplit) -> Any:
         ) from None
 
 
+def source_inputs(specs: list[str], root: str | Path | None = None) -> dict[str, Path | str]:
+    """What each source spec reads, for a stage's input fingerprints: a changed file reruns the stage."""
+    return {
+        f"data:{spec}": (r if isinstance(r := resolve_source(spec, root), Path) else str(r)) for spec in specs
+    }
+
+
 def dataset_name(spec: str) -> str | None:
     """The short data-set name of a spec ('imdb:test' -> 'imdb'), if it has one."""
     match = _SHORT.match(spec)
@@ -223,9 +264,10 @@ class LoadReport:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (Excel's CSVs) is not part of the first field's name
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return path.open(encoding="utf-8-sig")
 
 
 def _iter_json_lines(
@@ -315,8 +357,28 @@ def load_records(
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Load rows with a non-empty text (and a valid label, if asked): records get id, text, source."""
     resolved = resolve_source(spec, root)
+    try:
+        return _load_records(spec, resolved, text_field, label_field, limit, label_names)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{resolved}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} of a block); "
+            "save the file as UTF-8"
+        ) from None
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{resolved}: unreadable ({exc})") from None
+
+
+def _load_records(
+    spec: str,
+    resolved: Path | str | HubSplit,
+    text_field: str,
+    label_field: str | None,
+    limit: int | None,
+    label_names: list[str] | None,
+) -> tuple[list[dict[str, Any]], LoadReport]:
     report = LoadReport(source=spec)
     records: list[dict[str, Any]] = []
+    first_seen: dict[str, str] = {}
     for index, (where, row, problem) in enumerate(_iter_rows(spec, resolved)):
         if problem:
             report.add_problem(f"{where}: {problem}")
@@ -328,7 +390,7 @@ def load_records(
                 f"{where}: field '{text_field}' is {'missing' if text is None else type(text).__name__}, not text"
             )
             continue
-        text = clean_text(text)
+        text = clean_text(check_text(where, text))
         if not text:
             report.add_problem(f"{where}: empty text")
             continue
@@ -341,15 +403,24 @@ def load_records(
             "text": text,
             "source": spec,
         }
+        if record["id"] in first_seen:
+            raise DataError(
+                f"{where}: id {record['id']!r} appears twice (first at {first_seen[record['id']]})"
+            )
+        first_seen[record["id"]] = where
         if label_field:
-            label = row.get(label_field)
-            if isinstance(label, str) and label_names and label in label_names:
-                label = label_names.index(label)  # a label given by name
-            try:
-                record["label"] = int(label)
-            except (TypeError, ValueError):
-                report.add_problem(f"{where}: label '{label_field}' = {label!r} is not an integer class")
-                continue
+            label = parse_label(row.get(label_field), label_names)
+            if label is None:  # a labelled set with a broken label is a broken file: no silent skip
+                raise DataError(
+                    f"{where}: label '{label_field}' = {row.get(label_field)!r} is not an integer class"
+                    + (f" or one of {label_names}" if label_names else "")
+                )
+            if not label_names and not 0 <= label < MAX_CLASSES:
+                raise DataError(
+                    f"{where}: label {label} is outside 0..{MAX_CLASSES - 1}; give label names "
+                    "(eval.label_names) or check the label field"
+                )
+            record["label"] = label
         records.append(record)
         if limit and len(records) >= limit:
             break
@@ -402,12 +473,18 @@ def select_user_texts(
     rng = random.Random(seed)
     pools: list[list[dict[str, Any]]] = []
     reports = []
+    owner: dict[str, str] = {}
     for spec in sources:
         records, report = load_texts(spec, text_field=text_field, root=root)
         prefix = dataset_name(spec) or Path(spec).name.split(".")[0]
         for r in records:
             r["text_id"] = r["id"]
             r["id"] = f"{prefix}:{r['id']}"
+            if owner.setdefault(r["id"], spec) != spec:
+                raise DataError(
+                    f"data.user_texts: '{owner[r['id']]}' and '{spec}' both give the text id '{r['id']}' "
+                    "(ids are <file name>:<id>); rename one file or give its rows other ids"
+                )
         pools.append(records)
         reports.append(report)
     quotas = [0] * len(pools)

@@ -7,6 +7,7 @@ plots and failures), so ``compeff report RUN_DIR`` rebuilds it at any time, also
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import time
@@ -134,20 +135,30 @@ def report_markdown(run_dir: Path, outcomes: list[dict[str, Any]] | None = None,
 
 
 def report_html(markdown: str, run_dir: Path, title: str) -> str:
-    """The markdown report as one HTML file with every plot inlined (no other file needed to view it)."""
+    """The markdown report as one HTML file with every plot inlined (no other file needed to view it).
+
+    The report quotes untrusted text (user texts, teacher answers): raw HTML in it is escaped, never
+    rendered, and only PNG files inside the run folder are inlined; any other image is dropped."""
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    root = Path(run_dir).resolve()
 
     def inline(match: re.Match[str]) -> str:
-        path = Path(run_dir) / match.group(1)
-        if not path.is_file():
-            return match.group(0)
+        src = html.unescape(match.group(1))
+        path = (root / src).resolve()
+        if (
+            src.startswith(("/", "\\"))
+            or not path.is_relative_to(root)
+            or path.suffix != ".png"
+            or not path.is_file()
+        ):
+            return 'src=""'
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         return f'src="data:image/png;base64,{data}"'
 
-    body = re.sub(r'src="([^"]+\.png)"', inline, body)
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
+    body = re.sub(r'src="([^"]*)"', inline, body)
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{HTML_STYLE}</style></head><body>\n{body}</body></html>\n")  # fmt: skip
 
 

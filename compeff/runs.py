@@ -497,7 +497,7 @@ class Stage:
                 "seconds": round(time.time() - self._started, 3),
             },
             "versions": library_versions(),
-            "argv": sys.argv,
+            "argv": redact_argv(sys.argv),
             **self.extra,
         }
         if self.writer:
@@ -537,6 +537,14 @@ def upstream_data(run_dir: Path, explicit: str | None, stage: str, what: str, ke
     if not path.is_file():
         raise DataError(f"{path}: no {what} (run `compeff {stage}` first or set {key})")
     return path
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with credentials inside URLs (``http://user:pass@host``) replaced by ``***``."""
+    return [_URL_CREDENTIALS.sub(r"\g<scheme>***@", arg) for arg in argv]
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compeff.config import Recipe, TeacherSettings
-from compeff.data import DataError
+from compeff.data import DataError, check_text
 from compeff.fingerprints import weights_fingerprint
 from compeff.progress import Tracker
 from compeff.runs import Stage, iter_jsonl
@@ -146,6 +146,7 @@ def read_chat_requests(
     """Read a jsonl of {id, messages} or {id, prompt}; a bad line raises DataError naming file:line."""
     params = sampling_params(settings)
     requests = []
+    first_line: dict[str, int] = {}
     try:
         for lineno, row in enumerate(iter_jsonl(path), 1):
             if "id" not in row:
@@ -156,9 +157,22 @@ def read_chat_requests(
                 messages = [{"role": "user", "content": row["prompt"]}]
             else:
                 raise DataError(f"{path}:{lineno}: needs 'messages' (a list) or 'prompt' (a string)")
+            if not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise DataError(f"{path}:{lineno}: every message needs a 'role' and a text 'content'")
+            for m in messages:
+                check_text(f"{path}:{lineno}", m["content"])
             if system:
                 messages = [{"role": "system", "content": system}, *messages]
-            requests.append(ChatRequest(id=str(row["id"]), messages=messages, params=params))
+            rid = str(row["id"])
+            if rid in first_line:
+                raise DataError(
+                    f"{path}:{lineno}: id {rid!r} appears twice (first on line {first_line[rid]})"
+                )
+            first_line[rid] = lineno
+            requests.append(ChatRequest(id=rid, messages=messages, params=params))
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise

@@ -18,6 +18,7 @@ from compeff.data import (
     load_labelled,
     load_texts,
     resolve_source,
+    select_user_texts,
 )
 
 
@@ -178,9 +179,59 @@ def test_csv_parquet_json_and_saved_dataset(tmp_path):
         assert not report.problems
 
 
-def test_labels_must_be_integers(tmp_path):
+@pytest.mark.parametrize("label", ['"pos"', "Infinity", "1.7", "true", "null"])
+def test_labels_must_be_integer_classes(tmp_path, label):
     path = tmp_path / "l.jsonl"
-    path.write_text('{"id": 1, "text": "a", "label": "pos"}\n{"id": 2, "text": "b", "label": 1}\n')
-    rows, _, report = load_labelled(str(path))
-    assert [r["id"] for r in rows] == ["2"]
-    assert "l.jsonl:1" in report.problems[0] and "'pos'" in report.problems[0]
+    path.write_text(f'{{"id": 2, "text": "b", "label": 1}}\n{{"id": 1, "text": "a", "label": {label}}}\n')
+    with pytest.raises(DataError, match=r"l.jsonl:2: label 'label' = .* is not an integer class"):
+        load_labelled(str(path))
+
+
+def test_integral_numbers_digit_strings_and_names_are_labels(tmp_path):
+    path = tmp_path / "l.jsonl"
+    rows = [{"id": "a", "text": "x", "label": 1.0}, {"id": "b", "text": "y", "label": "0"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["label"] for r in load_labelled(str(path))[0]] == [1, 0]
+    named = tmp_path / "n.jsonl"
+    named.write_text('{"id": "a", "text": "x", "label": "positive"}\n')
+    assert load_labelled(str(named), label_names=["negative", "positive"])[0][0]["label"] == 1
+
+
+def test_a_huge_label_is_refused_not_turned_into_millions_of_classes(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"id": 1, "text": "a", "label": 30000000}\n')
+    with pytest.raises(DataError, match="outside 0..999"):
+        load_labelled(str(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "id 'a' appears twice"),
+        ('{"id": "a", "text": "bad \\ud83d"}\n', "lone surrogate"),
+    ],
+)
+def test_duplicate_ids_and_lone_surrogates_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_texts(str(path))
+
+
+def test_latin1_bytes_and_a_csv_byte_order_mark(tmp_path):
+    latin = tmp_path / "t.csv"
+    latin.write_bytes("id,text\n1,caf\xe9 cr\xe8me\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_texts(str(latin))
+    bom = tmp_path / "b.csv"
+    bom.write_bytes("id,text,label\n1,fine,1\n".encode("utf-8-sig"))
+    rows, _, report = load_labelled(str(bom))
+    assert [(r["id"], r["text"], r["label"]) for r in rows] == [("1", "fine", 1)] and not report.problems
+
+
+def test_two_sources_with_the_same_ids_are_refused(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "texts.jsonl").write_text('{"id": "1", "text": "hello"}\n')
+    with pytest.raises(DataError, match="both give the text id 'texts:1'"):
+        select_user_texts([str(tmp_path / "a" / "texts.jsonl"), str(tmp_path / "b" / "texts.jsonl")], 2)

@@ -311,3 +311,99 @@ def test_the_client_process_does_not_import_from_the_working_directory(tmp_path,
             teacher.close()
     assert all(r.ok for r in results) and not marker.exists()
     assert os.getcwd() == str(tmp_path)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from compeff.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _assert_one_line_exit_2(result, *needles: str) -> None:
+    output = result.output.strip()
+    assert result.exit_code == 2, output[-2000:]
+    assert "Traceback" not in output and len(output.splitlines()) <= 2, output[-2000:]
+    for needle in needles:
+        assert needle in output, output
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("teacher.base_urls=[]", "teacher.base_urls"),
+        ("teacher.base_urls=[ftp://x]", "teacher.base_urls.0"),
+        ("run.seed=-1", "run.seed"),
+        ("teacher.timeout_s=.inf", "teacher.timeout_s"),
+        ("teacher.concurrency=1e9", "teacher.concurrency"),
+        ("eval.seeds=[]", "eval.seeds"),
+        ("kd.seeds=[]", "kd.seeds"),
+    ],
+)
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, override, key):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "1", "prompt": "hi"}\n')
+    _assert_one_line_exit_2(_cli("teach", "--input", str(inp), "--set", override), key)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"id": "1", "prompt": "a"}\n{"id": "1", "prompt": "b"}\n', "id '1' appears twice"),
+        ('{"id": "1", "prompt": "a"}\n42\n', "in.jsonl:2: not a JSON object"),
+        ('"just a string"\n', "in.jsonl:1: not a JSON object"),
+        ('{"id": "1", "prompt": "bad \\ud83d"}\n', "lone surrogate"),
+        ('{"id": "1", "messages": [{"role": "user", "content": 5}]}\n', "text 'content'"),
+    ],
+)
+def test_bad_teach_input_is_one_line_and_exit_2(tmp_path, content, needle):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content)
+    _assert_one_line_exit_2(_cli("teach", "--input", str(inp)), needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_utf8_teach_input_is_one_line_and_exit_2(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"id": "1", "prompt": "caf\xe9"}\n')
+    _assert_one_line_exit_2(_cli("teach", "--input", str(inp)), "not UTF-8")
+
+
+def test_a_corrupted_cache_file_is_one_line_and_exit_2(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "1", "prompt": "hi"}\n')
+    cache = tmp_path / "cache.sqlite"
+    cache.write_bytes(b"garbage" * 1000)
+    with FakeServer() as srv:
+        result = _cli(
+            "teach",
+            "--input",
+            str(inp),
+            "--set",
+            "teacher.backend=openai",
+            "--set",
+            "teacher.model=fake",
+            "--set",
+            f"teacher.base_urls=[{srv.base_url}]",
+            "--set",
+            f"teacher.cache={cache}",
+        )
+    _assert_one_line_exit_2(result, "not a usable SQLite cache")
+
+
+def test_credentials_in_a_base_url_stay_out_of_the_manifest(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "1", "prompt": "hi"}\n')
+    with FakeServer() as srv:
+        url = srv.base_url.replace("http://", "http://alice:s3cret@")
+        proc = subprocess.run(
+            compeff_cmd("teach", "--input", str(inp), "--set", "teacher.backend=openai", "--set",
+                        "teacher.model=fake", "--set", f"teacher.base_urls=[{url}]", "--set", "teacher.cache=null"),
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = (tmp_path / "runs" / "quickstart" / "teach" / "manifest.json").read_text()
+    assert "s3cret" not in manifest and "***@" in manifest

@@ -30,7 +30,7 @@ from compeff.evaluate.classification import (
     summarise,
 )
 from compeff.progress import Tracker, console
-from compeff.runs import Stage, iter_jsonl
+from compeff.runs import Stage, iter_jsonl, weights_fingerprint
 
 DEMO_SPLITS = {"imdb": "imdb:train", "tweeteval_sentiment": "tweeteval_sentiment:validation"}
 
@@ -130,9 +130,9 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
         "sets": sets,
         "seed": recipe.run.seed,
     }
-    inputs = {"adapter": Path(adapter) / "adapter_model.safetensors"} if adapter else {}
-    if adapter is None and Path(model).is_dir() and (Path(model) / "model.safetensors").exists():
-        inputs = {"model": Path(model) / "model.safetensors"}
+    config["weights"] = weights_fingerprint(model) if s.backend == "hf" else None
+    config["adapter_weights"] = weights_fingerprint(adapter) if adapter else None
+    inputs: dict[str, Path] = {}
     stage = Stage.open(recipe.run_dir, "eval", config=config, inputs=inputs, force=force)
     with stage:
         done_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}

@@ -12,6 +12,8 @@ retained set stays as hard (hard selection of ``sample.ratio``, mean rho within 
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from compeff.config import EmbedderSettings, Recipe
 from compeff.data import DataError
 from compeff.progress import console
-from compeff.runs import Stage, iter_jsonl
+from compeff.runs import Stage, iter_jsonl, read_manifest
 
 PROXY_FILE = "proxy.joblib"
 TASK_TYPES = (
@@ -190,8 +192,11 @@ def run_proxy(recipe: Recipe, force: bool = False, progress: bool = True) -> dic
             )
         )
         final = make_regressor(settings.proxy_head, recipe.run.seed).fit(X, y)  # every sample for use
+        buffer = io.BytesIO()
         joblib.dump({"model": final, "embedder": recipe.embedder.model_dump(), "task_types": TASK_TYPES},
-                    stage.folder / PROXY_FILE)  # fmt: skip
+                    buffer)  # fmt: skip
+        stage.write_artifact(PROXY_FILE, buffer.getvalue())  # atomic: never half a pickle
+        stage.extra["proxy_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
         stage.write_artifact("report.json", report)
         stage.write_artifact("report.md", proxy_markdown(report))
         stage.extra["report"] = report
@@ -229,7 +234,10 @@ def proxy_markdown(report: dict[str, Any]) -> str:
 
 
 def load_proxy(path: str | Path) -> dict[str, Any]:
-    """A saved proxy (a proxy.joblib file or the score-proxy folder holding it)."""
+    """A saved proxy (a proxy.joblib file or the score-proxy folder holding it).
+
+    A joblib file is a pickle, which runs code when loaded: only a proxy that compeff wrote is loaded,
+    i.e. one inside a completed score-proxy stage folder whose manifest records the file's sha256."""
     import joblib
 
     path = Path(path)
@@ -237,6 +245,13 @@ def load_proxy(path: str | Path) -> dict[str, Any]:
         path = path / PROXY_FILE
     if not path.is_file():
         raise DataError(f"{path}: no difficulty proxy (train one with `compeff score --proxy`)")
+    manifest = read_manifest(path.parent) or {}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if manifest.get("status") != "complete" or manifest.get("proxy_sha256") != digest:
+        raise DataError(
+            f"{path}: not a proxy written by `compeff score --proxy` (its stage manifest does not record this "
+            "file); compeff loads no other pickle"
+        )
     return joblib.load(path)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.data import DataError
 from compeff.progress import Tracker, console
-from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data
+from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data, weights_fingerprint
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.plots import histogram_png
 from compeff.shards import finished_shards, parse_shard, shard_of, shard_stage_name
@@ -74,7 +74,11 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
             "padding_side",
         }
     )
-    return {"score": settings, "scorer": scorer_name(recipe)}
+    return {
+        "score": settings,
+        "scorer": scorer_name(recipe),
+        "scorer_weights": weights_fingerprint(scorer_name(recipe)),
+    }
 
 
 def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:

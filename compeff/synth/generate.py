@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compeff.config import Recipe
-from compeff.data import DataError, select_user_texts
+from compeff.data import DataError, select_user_texts, source_inputs
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.shards import finished_shards, shard_of, shard_stage_name
@@ -91,7 +91,10 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
     by_id = {t["id"]: t for t in tasks}
     definitions = {t["id"]: task_definition(t) for t in tasks}
     prompt = pairing_prompts(by_id, texts, settings.max_chars)
-    inputs: dict[str, Path] = {"tasks": tasks_file}
+    inputs: dict[str, Path | str] = {
+        "tasks": tasks_file,
+        **source_inputs(recipe.data.user_texts, recipe.data.dir),
+    }
     skipped = 0
     if settings.proxy:
         plan, skipped, inputs["proxy"] = _skip_with_proxy(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compeff.config import Recipe
-from compeff.data import DataError, select_user_texts
+from compeff.data import DataError, select_user_texts, source_inputs
 from compeff.progress import console
 from compeff.prompts import load_prompt, render_prompt
 from compeff.runs import Stage, iter_jsonl
@@ -150,7 +150,8 @@ def run_tasks_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
         "teacher": teacher_identity(recipe.teacher),
         "prompts": prompts,
     }
-    stage = Stage.open(recipe.run_dir, "tasks", config=config, inputs={"perspectives": source}, force=force)
+    inputs = {"perspectives": source, **source_inputs(recipe.data.user_texts, recipe.data.dir)}
+    stage = Stage.open(recipe.run_dir, "tasks", config=config, inputs=inputs, force=force)
     report: dict[str, Any] = {}
     with stage:
         phases = _Phases(recipe, stage.folder, progress)
