@@ -51,6 +51,11 @@ class StageLocked(StageError):
     """Another live process holds the stage folder's lock."""
 
 
+def input_fingerprints(inputs: dict[str, str | Path] | None) -> dict[str, str]:
+    """What a stage's manifest records of its inputs: a file's or folder's fingerprint, else the value."""
+    return {k: fingerprint_path(v) if Path(v).exists() else str(v) for k, v in (inputs or {}).items()}
+
+
 def check_plain_name(name: str, what: str = "name") -> str:
     """A run, stage or model name that is safe to join into a path: [A-Za-z0-9._-]+, not '.' or '..'."""
     if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in (".", ".."):
@@ -279,6 +284,7 @@ class Stage:
     inputs: dict[str, str]
     fingerprint: str
     done_ids: set[str] = field(default_factory=set)
+    failed_ids: set[str] = field(default_factory=set)  # ids with a line in failures.jsonl when opened
     n_ok: int = 0
     n_failed: int = 0
     resumed_from: int = 0
@@ -309,9 +315,7 @@ class Stage:
         a distributed job) reads the folder but never writes or locks it.
         """
         folder = stage_folder(run_dir, name)
-        input_prints = {
-            k: fingerprint_path(v) if Path(v).exists() else str(v) for k, v in (inputs or {}).items()
-        }
+        input_prints = input_fingerprints(inputs)
         fp = fingerprint_obj({"stage": name, "config": config, "inputs": input_prints})
         lock = None
         if writer:
@@ -361,9 +365,9 @@ class Stage:
         if writer:
             (folder / DATA_FILE).touch(exist_ok=True)  # the data file exists even when nothing succeeds
             records = _repair_jsonl(folder / DATA_FILE)
-            _repair_jsonl(folder / FAILURES_FILE)
+            failures = _repair_jsonl(folder / FAILURES_FILE)
         else:
-            records = []
+            records = failures = []
         stage = cls(
             folder=folder,
             name=name,
@@ -375,9 +379,11 @@ class Stage:
             writer=writer,
         )
         stage.done_ids = {str(r["id"]) for r in records}
+        stage.failed_ids = {str(r["id"]) for r in failures}
         stage.n_ok = stage.resumed_from = len(stage.done_ids)
+        stage.n_failed = len(stage.failed_ids - stage.done_ids)  # failed, and no record since
         if stage.was_complete:  # up to date: left exactly as it is unless the stage writes again
-            stage.n_failed = int((old or {}).get("counts", {}).get("failed", 0))
+            stage.n_failed = int((old or {}).get("counts", {}).get("failed", stage.n_failed))
         else:
             stage._mark_running()
         return stage
@@ -458,14 +464,20 @@ class Stage:
             batch.append(record)
         n = self._write_lines("_data_fh", self.data_path, batch)
         self.n_ok += n
+        self.n_failed -= sum(1 for r in batch if str(r["id"]) in self.failed_ids)  # a retry that worked
         return n
 
     def fail(self, records: Iterable[dict[str, Any]]) -> int:
-        """Record failed items (``id`` and ``reason`` at least); they are retried when the stage resumes."""
+        """Record failed items (``id`` and ``reason`` at least); they are retried when the stage resumes.
+        An id already in this folder's failures is not written again (a retry that fails once more)."""
         batch = []
         for record in records:
             if "id" not in record or "reason" not in record:
                 raise ValueError(f"{self.name}: a failure needs 'id' and 'reason'")
+            rid = str(record["id"])
+            if rid in self.failed_ids:
+                continue
+            self.failed_ids.add(rid)
             batch.append({**record, "time": round(time.time(), 3)})
         n = self._write_lines("_fail_fh", self.failures_path, batch)
         self.n_failed += n

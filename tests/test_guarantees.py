@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -407,3 +408,51 @@ def test_credentials_in_a_base_url_stay_out_of_the_manifest(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = (tmp_path / "runs" / "quickstart" / "teach" / "manifest.json").read_text()
     assert "s3cret" not in manifest and "***@" in manifest
+
+
+# ------------------------------------------------------------------ 9. untrusted text in report.html
+def test_report_html_escapes_teacher_text_and_inlines_only_run_folder_images(tmp_path):
+    from compeff.report import write_report
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nSECRET-BYTES")
+    run = tmp_path / "run"
+    with Stage.open(run, "enumerate", config={}) as st:
+        st.write_artifact("plot.png", b"\x89PNG\r\n\x1a\nOWN-PLOT")
+        st.write_artifact(
+            "summary.md",
+            "# Attributes\n\n| attribute | description |\n|---|---|\n"
+            "| joy | <img src=x onerror=alert(1)> |\n\n"
+            f"<script>alert(2)</script>\n\n![p]({secret})\n\n![q](../secret.png)\n\n![own](enumerate/plot.png)\n",
+        )
+    write_report(run)
+    page = (run / "report.html").read_text()
+    assert "<img src=x" not in page and "<script>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;script&gt;" in page
+    import base64
+
+    assert base64.b64encode(b"\x89PNG\r\n\x1a\nSECRET-BYTES").decode() not in page
+    assert (
+        str(secret) not in page.replace("&quot;", '"').split("<body>")[1].split("alt=")[0] or 'src=""' in page
+    )
+    assert base64.b64encode(b"\x89PNG\r\n\x1a\nOWN-PLOT").decode() in page
+
+
+# ------------------------------------------------------------------ 11. only compeff's own proxy pickles load
+def test_a_pickle_compeff_did_not_write_is_not_loaded(tmp_path):
+    import pickle
+
+    from compeff.data import DataError
+    from compeff.select.proxy import load_proxy
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "proxy.joblib"
+    bad.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DataError, match="not a proxy written by"):
+        load_proxy(bad)
+    assert not marker.exists()

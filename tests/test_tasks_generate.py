@@ -429,3 +429,25 @@ def test_generate_skips_pairs_the_proxy_predicts_easy(tmp_path, scripted):
         f["id"] for f in iter_jsonl(gen / "failures.jsonl")
     }
     assert len(answered) == 80 - manifest["proxy_skipped"]
+
+
+def test_merge_checks_the_shards_against_the_recipe_and_adds_failures_once(tmp_path, scripted):
+    path = recipe_for(tmp_path, scripted.base_url)
+    run_tasks_stage(load_recipe(path), progress=False)
+    for k in range(2):
+        run_generate_stage(load_recipe(path, [f"generate.shard={k}/2"]), progress=False)
+    from compeff.data import DataError
+
+    with pytest.raises(DataError, match=r"other settings or inputs than this recipe \(changed: teacher"):
+        run_generate_stage(
+            load_recipe(path, ["generate.merge=true", "teacher.temperature=0.3"]), progress=False
+        )
+    run_dir = load_recipe(path).run_dir
+    shard = run_dir / "generate-shard-0-of-2"
+    with (shard / "failures.jsonl").open("a") as fh:  # a failure kept by the shard
+        fh.write(json.dumps({"id": "never-answered", "reason": "HTTP 500", "time": 0}) + "\n")
+    for _ in range(3):
+        run_generate_stage(load_recipe(path, ["generate.merge=true"]), progress=False)
+    merged = run_dir / "generate" / "failures.jsonl"
+    ids = [f["id"] for f in iter_jsonl(merged)]
+    assert ids.count("never-answered") == 1 and len(ids) == len(set(ids))

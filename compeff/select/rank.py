@@ -140,9 +140,15 @@ def token_scores(
     """Rank score and negative log-likelihood of each target given the logits before it.
 
     ``logits`` is [N, vocab] (any float dtype), ``targets`` [N]. Returns two float64 tensors of [N].
-    On a CPU the rank score comes from the compiled kernel (:mod:`compeff.select.rank_kernel`), on a
-    GPU (or with ``COMPEFF_RANK_KERNEL=torch``) from the torch code below; both are exact.
+    float32 / bfloat16 / float16 logits are scored from float32 probabilities: on a CPU by the compiled
+    kernel (:mod:`compeff.select.rank_kernel`), on a GPU (or with ``COMPEFF_RANK_KERNEL=torch``) by the
+    torch code below; both equal :mod:`compeff.select.reference` on the same float32 probabilities, and
+    differ from a float64 computation by about 1e-6 where a nucleus edge falls between two nearly equal
+    probabilities. float64 logits (a float64 scorer) are scored in float64 throughout, and then agree
+    with the reference to 1e-9.
     """
+    if logits.dtype == torch.float64:  # a float64 scorer: exact to the definition in float64
+        return _float64_scores(logits, targets, top_p)
     kernel = _cpu_kernel() if logits.device.type == "cpu" else None
     n, vocab = logits.shape
     scores = torch.empty(n, dtype=torch.float64, device=logits.device)
@@ -170,6 +176,30 @@ def token_scores(
             inside = r < sizes
             score[need[inside]] = r[inside].double() / sizes[inside].double()
         scores[start : start + step] = score
+    return scores, nll
+
+
+def _float64_scores(
+    logits: torch.Tensor, targets: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank scores and NLL from float64 probabilities, a stable descending sort per row chunk (batched
+    in torch: the float64 path is for exact checks and small vocabularies, not for speed)."""
+    n, vocab = logits.shape
+    scores = torch.empty(n, dtype=torch.float64, device=logits.device)
+    nll = torch.empty(n, dtype=torch.float64, device=logits.device)
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, step):
+        x = logits[start : start + step]
+        t = targets[start : start + step]
+        probs = torch.softmax(x, dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        sizes = ((sorted_probs.cumsum(-1) < top_p).sum(-1) + 1).clamp(max=vocab)
+        rank = (order == t[:, None]).int().argmax(-1)
+        score = torch.where(
+            rank < sizes, rank.double() / sizes.double(), torch.ones_like(rank, dtype=torch.float64)
+        )
+        scores[start : start + step] = score
+        nll[start : start + step] = _nll(x, t, probs.gather(1, t[:, None]).squeeze(1))
     return scores, nll
 
 

@@ -16,7 +16,7 @@ def reference_token_score(logits_row: Any, target: int, top_p: float) -> float:
     """The rank score of one token from the logits at the position before it."""
     import torch
 
-    probs = torch.softmax(logits_row.float(), dim=-1)
+    probs = torch.softmax(logits_row if logits_row.dtype == torch.float64 else logits_row.float(), dim=-1)
     sorted_probs, order = torch.sort(probs, descending=True, stable=True)
     cumulative = sorted_probs.double().cumsum(0)
     nucleus = int((cumulative < top_p).sum()) + 1

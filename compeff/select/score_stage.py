@@ -19,7 +19,14 @@ from compeff.progress import Tracker, console
 from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data, weights_fingerprint
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.plots import histogram_png
-from compeff.shards import finished_shards, parse_shard, shard_of, shard_stage_name
+from compeff.shards import (
+    check_shards_match,
+    finished_shards,
+    merge_shard_records,
+    parse_shard,
+    shard_of,
+    shard_stage_name,
+)
 
 SATURATION = 0.5  # warn when over half of the rho values sit at an end of [0, 1]
 
@@ -84,9 +91,14 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
 def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Score the distillation set (or a shard of it, or merge the shards); then the proxy if asked."""
     settings = recipe.score
-    if settings.warmup_samples and not settings.merge:
+    if settings.warmup_samples:  # the shards were scored by the warmed-up scorer: the merge checks that
+        scorer = str(recipe.run_dir / "score-warmup" / "model") if settings.merge else None
         recipe = recipe.model_copy(
-            update={"score": settings.model_copy(update={"scorer": warm_up_scorer(recipe, force, progress)})}
+            update={
+                "score": settings.model_copy(
+                    update={"scorer": scorer or warm_up_scorer(recipe, force, progress)}
+                )
+            }
         )
     manifest = merge_score_shards(recipe, force) if settings.merge else _score(recipe, force, progress)
     if settings.proxy and not settings.shard:
@@ -160,22 +172,15 @@ def merge_score_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Join every finished ``score-shard-K-of-N`` into ``score``."""
     shards = finished_shards(recipe.run_dir, "score")
     source = score_input(recipe)
+    check_shards_match(shards, _stage_config(recipe), {"data": source})
     stage = Stage.open(
         recipe.run_dir, "score", config=_stage_config(recipe), inputs={"data": source}, force=force
     )
     with stage:
-        rows = sorted((r for p in shards for r in iter_jsonl(p / "data.jsonl")), key=lambda r: str(r["id"]))
-        stage.append(rows)
-        done = stage.done_ids
-        stage.fail(
-            f
-            for p in shards
-            if (p / "failures.jsonl").exists()
-            for f in iter_jsonl(p / "failures.jsonl")
-            if str(f["id"]) not in done
-        )
-        stage.extra["merged_shards"] = [p.name for p in shards]
-        write_score_summary(stage, None)
+        if not stage.was_complete:  # else merged before from these very shards: left as it is
+            merge_shard_records(stage, shards)
+            stage.extra["merged_shards"] = [p.name for p in shards]
+            write_score_summary(stage, None)
     assert stage.manifest is not None
     return stage.manifest
 

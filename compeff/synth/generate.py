@@ -18,7 +18,13 @@ from compeff.config import Recipe
 from compeff.data import DataError, select_user_texts, source_inputs
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
-from compeff.shards import finished_shards, shard_of, shard_stage_name
+from compeff.shards import (
+    check_shards_match,
+    finished_shards,
+    merge_shard_records,
+    shard_of,
+    shard_stage_name,
+)
 from compeff.synth.instructions import pairing_prompts, plan_pairings, qc_reason, task_definition
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
@@ -168,25 +174,21 @@ def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Join every finished ``generate-shard-K-of-N`` into ``generate`` (in sample order)."""
     shards = finished_shards(recipe.run_dir, "generate")
     tasks_file = recipe.run_dir / "tasks" / TASKS_FILE
-    stage = Stage.open(
-        recipe.run_dir, "generate", config=_stage_config(recipe), inputs={"tasks": tasks_file}, force=force
-    )
+    inputs = {"tasks": tasks_file, **source_inputs(recipe.data.user_texts, recipe.data.dir)}
+    check_shards_match(shards, _stage_config(recipe), inputs)
+    stage = Stage.open(recipe.run_dir, "generate", config=_stage_config(recipe), inputs=inputs, force=force)
     with stage:
-        rows = [row for p in shards for row in iter_jsonl(p / "data.jsonl")]
-        rows.sort(key=lambda r: r["id"])
-        stage.append(rows)
-        failures = [
-            row for p in shards if (p / "failures.jsonl").exists() for row in iter_jsonl(p / "failures.jsonl")
-        ]
-        done = stage.done_ids
-        stage.fail(f for f in failures if f["id"] not in done)
-        by_id = {t["id"]: t for t in load_tasks(tasks_file)}
-        planned = sum((read_manifest(p) or {}).get("planned", 0) for p in shards)
-        report = build_report(stage.data_path, stage.failures_path, by_id, planned)
-        stage.write_artifact("report.json", report)
-        stage.write_artifact("report.md", report_markdown(report))
-        stage.extra.update(merged_shards=[p.name for p in shards], planned=planned)
-        console.print(f"generate: merged {len(shards)} shards, {len(rows)} samples -> {stage.data_path}")
+        if stage.was_complete:  # merged before from these very shards: left as it is
+            console.print(f"generate: merge up to date ({stage.folder})")
+        else:
+            merge_shard_records(stage, shards)
+            by_id = {t["id"]: t for t in load_tasks(tasks_file)}
+            planned = sum((read_manifest(p) or {}).get("planned", 0) for p in shards)
+            report = build_report(stage.data_path, stage.failures_path, by_id, planned)
+            stage.write_artifact("report.json", report)
+            stage.write_artifact("report.md", report_markdown(report))
+            stage.extra.update(merged_shards=[p.name for p in shards], planned=planned)
+            console.print(f"generate: merged {len(shards)} shards, {stage.n_ok} samples -> {stage.data_path}")
     assert stage.manifest is not None
     return stage.manifest
 
