@@ -41,20 +41,24 @@ def test_teach_survives_faults_and_two_sigkills(tmp_path):
             "--set", f"teacher.cache={tmp_path / 'cache.sqlite'}",
         )  # fmt: skip
         kills = 0
+        at_kill: list[int] = []
         for _attempt in range(6):  # two killed runs, then runs until the stage is complete
             proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     start_new_session=True)  # fmt: skip
             if kills < 2:
-                deadline = time.monotonic() + 60
                 data = folder / "data.jsonl"
                 before = data.read_bytes().count(b"\n") if data.exists() else 0
-                target = before + rng.randint(100, 800)  # a random moment: after this many more answers
+                deadline = time.monotonic() + 60
+                # a random moment once answers flow: some lines written since the start, then a random wait
                 while time.monotonic() < deadline and proc.poll() is None:
-                    if data.exists() and data.stat().st_size > 0 and data.read_bytes().count(b"\n") >= target:
+                    if data.exists() and data.read_bytes().count(b"\n") > before:
                         break
-                    time.sleep(rng.uniform(0.01, 0.1))
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 1.5))
                 os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its client process, at once
                 proc.wait(timeout=30)
+                assert (read_manifest(folder) or {}).get("status") != "complete"  # killed mid-run
+                at_kill.append(data.read_bytes().count(b"\n") if data.exists() else 0)
                 kills += 1
                 continue
             _, err = proc.communicate(timeout=240)
@@ -63,6 +67,8 @@ def test_teach_survives_faults_and_two_sigkills(tmp_path):
                 break
         assert sum(srv.stats.faults.values()) > 100  # the faults really happened
     assert kills == 2 and read_manifest(folder)["status"] == "complete"
+    assert 0 < at_kill[0] <= at_kill[1] < N_PROMPTS, at_kill
+    print(f"soak: killed at {at_kill} answered lines of {N_PROMPTS}")
     rows = list(iter_jsonl(folder / "data.jsonl"))
     ids = Counter(r["id"] for r in rows)
     assert ids.most_common(1)[0][1] == 1  # nothing duplicated
