@@ -32,12 +32,12 @@ def test_teach_survives_faults_and_two_sigkills(tmp_path):
     )
     rng = random.Random(2026)
     folder = tmp_path / "runs" / "soak" / "teach"
-    with FakeServer(faults=plan, latency_ms=2, max_seconds=300) as srv:
+    with FakeServer(faults=plan, latency_ms=20, max_seconds=300) as srv:
         cmd = compeff_cmd(
             "teach", "--input", str(inp), "--set", "run.name=soak", "--set", "teacher.backend=openai",
             "--set", f"teacher.base_urls=[{srv.base_url}]", "--set", "teacher.model=fake",
             "--set", "teacher.timeout_s=0.3", "--set", "teacher.max_retries=8", "--set", "teacher.backoff_s=0.01",
-            "--set", "teacher.backoff_max_s=0.05", "--set", "teacher.concurrency=32",
+            "--set", "teacher.backoff_max_s=0.05", "--set", "teacher.concurrency=16",
             "--set", f"teacher.cache={tmp_path / 'cache.sqlite'}",
         )  # fmt: skip
         kills = 0
