@@ -455,3 +455,35 @@ def test_a_pickle_compeff_did_not_write_is_not_loaded(tmp_path):
     with pytest.raises(DataError, match="not a proxy written by"):
         load_proxy(bad)
     assert not marker.exists()
+
+
+def test_a_response_body_over_the_cap_is_a_protocol_failure(monkeypatch):
+    from compeff.teachers import openai_api
+
+    monkeypatch.setattr(openai_api, "MAX_BODY_BYTES", 2000)
+    with FakeServer(responder=lambda m, b: "x" * 5000) as srv:
+        teacher = OpenAITeacher("fake", base_urls=srv.base_url, client_process=False, max_retries=0)
+        [result] = list(teacher.generate(_same_prompt(1, temperature=0.0)))
+        teacher.close()
+    assert not result.ok and result.error_kind == "protocol" and "exceeds 2000" in result.error
+
+
+def test_a_failed_cache_write_is_rolled_back_and_the_next_one_works(tmp_path):
+    import sqlite3
+
+    from compeff.teachers.base import TeacherResult
+    from compeff.teachers.cache import CacheError
+
+    cache = TeacherCache(tmp_path / "c.sqlite")
+    request = _same_prompt(1, temperature=0.0)[0]
+    answer = TeacherResult(id=request.id, ok=True, texts=["fine"], finish_reasons=["stop"])
+    other = sqlite3.connect(tmp_path / "c.sqlite")
+    other.execute("DROP TABLE answers")  # the write below fails inside its transaction
+    other.commit()
+    with pytest.raises(CacheError):
+        cache.put_many("m", [(request, answer)])
+    other.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, value TEXT NOT NULL, "
+                  "created REAL NOT NULL DEFAULT (julianday('now')))")  # fmt: skip
+    other.commit()
+    cache.put_many("m", [(request, answer)])  # no "cannot start a transaction within a transaction"
+    assert cache.get("m", request).text == "fine"

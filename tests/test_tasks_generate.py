@@ -451,3 +451,21 @@ def test_merge_checks_the_shards_against_the_recipe_and_adds_failures_once(tmp_p
     merged = run_dir / "generate" / "failures.jsonl"
     ids = [f["id"] for f in iter_jsonl(merged)]
     assert ids.count("never-answered") == 1 and len(ids) == len(set(ids))
+
+
+def test_rewritten_user_texts_make_generate_stale(tmp_path, scripted):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(
+        "".join(json.dumps({"id": str(i), "text": f"a review number {i}"}) + "\n" for i in range(12))
+    )
+    path = recipe_for(tmp_path, scripted.base_url, data__user_texts=[str(texts)], generate__n_samples=12)
+    recipe = load_recipe(path)
+    run_tasks_stage(recipe, progress=False)
+    run_generate_stage(recipe, progress=False)
+    texts.write_text(
+        "".join(json.dumps({"id": str(i), "text": f"another text {i}"}) + "\n" for i in range(12))
+    )
+    from compeff.runs import StageConflict
+
+    with pytest.raises(StageConflict, match=r"data:"):
+        run_generate_stage(load_recipe(path), progress=False)
