@@ -193,7 +193,13 @@ class EmbedderSettings(Section):
 class StudentSettings(Section):
     model: str = Field(
         "builtin:tiny-chat",
-        description="Student causal LM: path or hub id (paper: meta-llama/Llama-3.2-3B-Instruct).",
+        description="Student causal LM: path, hub id or builtin:smollm2 (paper: meta-llama/Llama-3.2-3B-Instruct).",
+    )
+    keep_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Cut the student from `model`: keep these decoder layers (with the embeddings, final norm "
+        "and head), e.g. every third of SmolLM2's 30; built once into $COMPEFF_HOME with a card naming its origin.",
     )
 
     @field_validator("model")

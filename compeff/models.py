@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from compeff.llm_models import compeff_home, pruned_decoder, smollm2_path
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -152,11 +154,6 @@ def teach_formats(
     model.save_pretrained(path)
 
 
-def compeff_home() -> Path:
-    """Where built-in models are built: $COMPEFF_HOME or ~/.cache/compeff."""
-    return Path(os.environ.get("COMPEFF_HOME", Path.home() / ".cache" / "compeff"))
-
-
 def tiny_chat_path() -> Path:
     """Path of the built-in tiny chat LM, building it once (safe when several processes race)."""
     target = compeff_home() / f"tiny-chat-{TINY_CHAT_VERSION}"
@@ -199,6 +196,18 @@ def resolve_model(name: str) -> str:
         return str(tiny_chat_path())
     if name == "builtin:minilm":
         return str(minilm_path())
+    if name == "builtin:smollm2":
+        return str(smollm2_path())
     if name.startswith("builtin:"):
-        raise ValueError(f"unknown built-in model '{name}' (known: builtin:tiny-chat, builtin:minilm)")
+        raise ValueError(
+            f"unknown built-in model '{name}' (known: builtin:smollm2, builtin:minilm, builtin:tiny-chat)"
+        )
     return name
+
+
+def student_model(settings) -> str:
+    """The student a recipe names (``student.model``), or the pruned copy of it that
+    ``student.keep_layers`` asks for (built once into $COMPEFF_HOME)."""
+    if not getattr(settings, "keep_layers", None):
+        return settings.model
+    return str(pruned_decoder(settings.model, resolve_model(settings.model), list(settings.keep_layers)))

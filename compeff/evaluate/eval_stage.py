@@ -29,6 +29,7 @@ from compeff.evaluate.classification import (
     stratified_subset,
     summarise,
 )
+from compeff.models import student_model
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, iter_jsonl, weights_fingerprint
 
@@ -68,17 +69,17 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
     """(model, adapter) to evaluate, following ``eval.model``."""
     choice = recipe.eval.model
     if choice == "student":
-        return recipe.student.model, recipe.eval.adapter
+        return student_model(recipe.student), recipe.eval.adapter
     if choice == "teacher":
         return recipe.teacher.model, recipe.eval.adapter
     if choice:
         return choice, recipe.eval.adapter
     trained = recipe.run_dir / "sft" / "model"
     if (trained / "adapter_config.json").exists():
-        return recipe.student.model, str(trained)
+        return student_model(recipe.student), str(trained)
     if (trained / "config.json").exists():
         return str(trained), None
-    return recipe.student.model, recipe.eval.adapter
+    return student_model(recipe.student), recipe.eval.adapter
 
 
 def _prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[str]:

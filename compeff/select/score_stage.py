@@ -15,6 +15,7 @@ import numpy as np
 
 from compeff.config import Recipe
 from compeff.data import DataError
+from compeff.models import student_model
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data, weights_fingerprint
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
@@ -50,7 +51,7 @@ def score_input(recipe: Recipe) -> Path:
 
 
 def scorer_name(recipe: Recipe) -> str:
-    return recipe.score.scorer or recipe.student.model
+    return recipe.score.scorer or student_model(recipe.student)
 
 
 def score_options(recipe: Recipe) -> ScoreOptions:

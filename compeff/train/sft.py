@@ -19,7 +19,7 @@ from typing import Any
 
 from compeff.config import ConfigError, Recipe
 from compeff.data import DataError
-from compeff.models import CHATML_TEMPLATE, resolve_model
+from compeff.models import CHATML_TEMPLATE, resolve_model, student_model
 from compeff.progress import console
 from compeff.runs import Stage, read_manifest, upstream_data
 from compeff.select.score_stage import read_chat_set
@@ -227,7 +227,7 @@ def run_sft_stage(
     rows = read_chat_set(source)
     if not rows:
         raise DataError(f"{source}: no sample to train on")
-    path = resolve_model(recipe.student.model)
+    path = resolve_model(student_model(recipe.student))
     cuda = torch.cuda.is_available()
     if s.load_in_4bit and not cuda:
         raise ConfigError("sft.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and bitsandbytes")
@@ -254,7 +254,7 @@ def run_sft_stage(
             "and lose their end[/yellow]"
         )
     bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
-    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model, "seed": recipe.run.seed}  # fmt: skip
+    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(), "seed": recipe.run.seed}  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only rank 0 writes
     stage = Stage.open(
         recipe.run_dir, stage_name, config=config, inputs={"data": source}, force=force, writer=main
