@@ -151,6 +151,18 @@ class TeacherSettings(Section):
         description="Run the HTTP client (openai backend) in its own process, so a stage's per-answer "
         "work does not slow the connections down; false keeps it in a thread of this process.",
     )
+    structured_output: bool = Field(
+        True,
+        description="Constrain the teacher's answers to their JSON schema where compeff asks for JSON (task "
+        "ideas, definitions, demonstrations, structured answers): the openai backend sends response_format, "
+        "the hf backend decodes through xgrammar. false: free text, parsed leniently.",
+    )
+    response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema",
+        description="How the openai backend sends a schema: json_schema = OpenAI / vLLM "
+        '({"type": "json_schema", "json_schema": {...}}); json_object = the llama.cpp server '
+        '({"type": "json_object", "schema": ...}).',
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_tokens: int = Field(512, ge=1, description="Most new tokens per answer.")

@@ -108,12 +108,18 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         )
     params = sampling_params(recipe.teacher)
     sampling = params.to_dict()
+    # a structured task's answers follow its own schema (constrained when teacher.structured_output)
+    task_params = {
+        tid: sampling_params(recipe.teacher, schema=t["json_schema"])
+        for tid, t in by_id.items()
+        if t.get("type") == "structured" and t.get("json_schema")
+    }
 
     def build(pairing) -> ChatRequest:
         return ChatRequest(
             id=pairing.id,
             messages=[{"role": "user", "content": prompt(pairing)}],
-            params=params,
+            params=task_params.get(pairing.task_id, params),
             meta={"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]},
         )
 

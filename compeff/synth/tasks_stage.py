@@ -21,6 +21,8 @@ from compeff.data import DataError, select_user_texts, source_inputs
 from compeff.progress import console
 from compeff.prompts import load_prompt, render_prompt
 from compeff.runs import Stage, iter_jsonl
+from compeff.synth import answer_schemas
+from compeff.synth.answer_schemas import schema_text
 from compeff.synth.tasks import (
     TaskDefinition,
     TaskRejected,
@@ -84,7 +86,7 @@ class _Phases:
         self.progress = progress
         self.teacher: Teacher | None = None
         self.cache = None
-        self.params = sampling_params(recipe.teacher)
+        self._params_by_schema: dict[str | None, Any] = {}
 
     def run(self, phase: str, config: dict[str, Any], requests: list[ChatRequest], to_record) -> Stage:
         stage = Stage.open(
@@ -113,10 +115,15 @@ class _Phases:
             self.cache.close()
         return usage
 
-    def ask(self, rid: str, prompt: str, meta: dict[str, Any]) -> ChatRequest:
-        return ChatRequest(
-            id=rid, messages=[{"role": "user", "content": prompt}], params=self.params, meta=meta
-        )
+    def ask(
+        self, rid: str, prompt: str, meta: dict[str, Any], schema: dict[str, Any] | None = None
+    ) -> ChatRequest:
+        """A request for one phase; ``schema`` is the JSON the answer must follow (structured output)."""
+        key = schema_text(schema)
+        params = self._params_by_schema.get(key)
+        if params is None:
+            params = self._params_by_schema[key] = sampling_params(self.recipe.teacher, schema=schema)
+        return ChatRequest(id=rid, messages=[{"role": "user", "content": prompt}], params=params, meta=meta)
 
 
 def _rejecting(fn):
@@ -192,6 +199,7 @@ def _build_tasks(
                     f"p{p['id']}:analysis",
                     render_prompt("analysis", n=str(settings.analysis_instructions), **fields),
                     {"perspective": p["id"], "kind": "analysis"},
+                    answer_schemas.ANALYSIS,
                 )
             )
         requests.append(
@@ -199,6 +207,7 @@ def _build_tasks(
                 f"p{p['id']}:ideas",
                 render_prompt("task_ideas", n=str(settings.ideas_per_perspective), **fields),
                 {"perspective": p["id"], "kind": "ideas"},
+                answer_schemas.IDEAS,
             )
         )
 
@@ -231,6 +240,7 @@ def _build_tasks(
                     f"p{row['perspective']}:t{j}",
                     prompt,
                     {"perspective": row["perspective"], "idea_type": idea["type"]},
+                    answer_schemas.DEFINITION,
                 )
             )
 
@@ -283,7 +293,7 @@ def _build_tasks(
                 text1=pair[0]["text"][:600],
                 text2=pair[1]["text"][:600],
             )
-            requests.append(phases.ask(rid, prompt, {"task_id": row["id"]}))
+            requests.append(phases.ask(rid, prompt, {"task_id": row["id"]}, answer_schemas.DEMO_PAIR))
     definitions = {r["id"]: TaskDefinition.model_validate(r["task"]) for r in kept}
 
     def demo_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:

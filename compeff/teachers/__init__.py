@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from compeff.teachers.base import (
@@ -29,8 +30,9 @@ __all__ = [
 ]
 
 
-def sampling_params(settings, **override) -> SamplingParams:
-    """SamplingParams from a recipe's TeacherSettings, with per-call overrides."""
+def sampling_params(settings, schema: dict | None = None, **override) -> SamplingParams:
+    """SamplingParams from a recipe's TeacherSettings, with per-call overrides; ``schema`` (a JSON
+    schema the answer must follow) is kept when ``teacher.structured_output`` is on."""
     base = dict(
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -39,6 +41,8 @@ def sampling_params(settings, **override) -> SamplingParams:
         logprobs=settings.logprobs,
         top_logprobs=settings.top_logprobs,
     )
+    if schema is not None and getattr(settings, "structured_output", False):
+        base["json_schema"] = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     base.update(override)
     return SamplingParams(**base)
 
@@ -66,6 +70,7 @@ def _make_backend(settings) -> Teacher:
             backoff_s=settings.backoff_s,
             backoff_max_s=settings.backoff_max_s,
             client_process=settings.client_process,
+            response_format=settings.response_format,
         )
     if settings.backend == "vllm":
         from compeff.teachers.vllm_engine import VLLMTeacher

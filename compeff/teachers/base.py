@@ -73,6 +73,8 @@ class SamplingParams:
     top_logprobs: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: JSON schema (canonical JSON text) the answer must follow: decoding is constrained to it
+    json_schema: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(_params_dict(self))  # a copy: the cached dict is shared by every request

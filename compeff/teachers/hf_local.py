@@ -79,6 +79,8 @@ class HFTeacher(Teacher):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
         self.flush_every = batch_size
+        self._grammar_compiler: Any = None
+        self._grammars: dict[str, Any] = {}
         self.max_prompt_tokens = max_prompt_tokens or getattr(self.lm.config, "max_position_embeddings", 4096)
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
@@ -90,6 +92,27 @@ class HFTeacher(Teacher):
     @property
     def cache_identity(self) -> str:
         return self._identity
+
+    def _grammar_processor(self, schema_text: str, rows: int) -> Any:
+        """An xgrammar logits processor holding every row of a batch to ``schema_text`` (a schema is
+        compiled once per teacher; a processor serves one generate() call)."""
+        try:
+            import xgrammar as xgr
+            from xgrammar.contrib.hf import LogitsProcessor
+        except ImportError as exc:
+            raise TeacherUnavailable(
+                "structured output on the hf backend needs xgrammar (pip install xgrammar)"
+            ) from exc
+        if self._grammar_compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.lm.config.vocab_size)
+            self._grammar_compiler = xgr.GrammarCompiler(info)
+        compiled = self._grammars.get(schema_text)
+        if compiled is None:
+            # compact JSON: free whitespace lets a small model pad with newlines until max_tokens
+            compiled = self._grammars[schema_text] = self._grammar_compiler.compile_json_schema(
+                schema_text, any_whitespace=False
+            )
+        return LogitsProcessor([compiled] * rows)
 
     def _generate(self, requests: list[ChatRequest]) -> Iterator[TeacherResult]:
         def key(r: ChatRequest) -> SamplingParams:
@@ -155,6 +178,10 @@ class HFTeacher(Teacher):
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p)
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        if params.json_schema:
+            gen_kwargs["logits_processor"] = [
+                self._grammar_processor(params.json_schema, len(batch) * copies)
+            ]
         try:
             with torch.inference_mode():
                 out = self.lm.generate(

@@ -65,7 +65,16 @@ def run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _request_body(model: str, request: ChatRequest) -> dict[str, Any]:
+def response_format(schema_text: str, style: str) -> dict[str, Any]:
+    """The ``response_format`` that asks a server to follow a JSON schema: OpenAI's and vLLM's form
+    (``json_schema``) or llama.cpp's (``json_object`` with the schema beside it)."""
+    schema = json.loads(schema_text)
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def _request_body(model: str, request: ChatRequest, style: str = "json_schema") -> dict[str, Any]:
     p = request.params
     body: dict[str, Any] = {
         "model": model,
@@ -83,6 +92,8 @@ def _request_body(model: str, request: ChatRequest) -> dict[str, Any]:
         body["logprobs"] = True
         if p.top_logprobs:
             body["top_logprobs"] = p.top_logprobs
+    if p.json_schema:
+        body["response_format"] = response_format(p.json_schema, style)
     return body
 
 
@@ -140,6 +151,7 @@ class OpenAITeacher(Teacher):
         backoff_max_s: float = 30.0,
         extra_body: dict[str, Any] | None = None,
         client_process: bool = True,
+        response_format: str = "json_schema",
     ):
         super().__init__()
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -154,6 +166,7 @@ class OpenAITeacher(Teacher):
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.extra_body = extra_body or {}
+        self.response_format = response_format
         self._next_endpoint = itertools.count()
         self.client_process = client_process and os.name == "posix"
         self._client: Any = None  # the ClientProcess: started now, so it is ready by the first request
@@ -195,7 +208,7 @@ class OpenAITeacher(Teacher):
 
     def encode(self, request: ChatRequest) -> bytes:
         """The request's HTTP body (JSON bytes)."""
-        return _dumps_bytes({**_request_body(self.model, request), **self.extra_body})
+        return _dumps_bytes({**_request_body(self.model, request, self.response_format), **self.extra_body})
 
     async def complete(self, session: aiohttp.ClientSession, request: ChatRequest) -> TeacherResult:
         """Answer one request with retries; never raises, a failure comes back as a failed result."""

@@ -48,7 +48,18 @@ class VLLMTeacher(Teacher):
         return self._identity
 
     def _sampling(self, params: SamplingParams) -> Any:
+        extra: dict[str, Any] = {}
+        if params.json_schema:  # constrained decoding: the newer and the older vLLM spelling
+            import json
+
+            schema = json.loads(params.json_schema)
+            sp_module = self._vllm.sampling_params
+            if hasattr(sp_module, "StructuredOutputsParams"):
+                extra["structured_outputs"] = sp_module.StructuredOutputsParams(json=schema)
+            else:
+                extra["guided_decoding"] = sp_module.GuidedDecodingParams(json=schema)
         return self._vllm.SamplingParams(
+            **extra,
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
