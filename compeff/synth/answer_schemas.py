@@ -12,28 +12,39 @@ from typing import Any
 
 from compeff.synth.tasks import TASK_TYPES
 
-_TEXT = {"type": "string", "minLength": 1}
 
-ANALYSIS: dict[str, Any] = {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 8}
+def _text(least: int, most: int) -> dict[str, Any]:
+    """A string of bounded length: the bounds keep a small model from an empty answer or from one string
+    that runs until max_tokens (both seen with SmolLM2-135M before the bounds)."""
+    return {"type": "string", "minLength": least, "maxLength": most}
+
+
+_NAME = _text(3, 60)
+
+ANALYSIS: dict[str, Any] = {"type": "array", "items": _text(15, 300), "minItems": 1, "maxItems": 8}
 IDEAS: dict[str, Any] = {
     "type": "array",
     "minItems": 1,
     "maxItems": 8,
     "items": {
         "type": "object",
-        "properties": {"name": _TEXT, "type": {"enum": list(TASK_TYPES)}, "description": _TEXT},
+        "properties": {"name": _NAME, "type": {"enum": list(TASK_TYPES)}, "description": _text(10, 300)},
         "required": ["name", "type", "description"],
     },
 }
-_DEMO = {"type": "object", "properties": {"input": _TEXT, "output": _TEXT}, "required": ["input", "output"]}
+_DEMO = {
+    "type": "object",
+    "properties": {"input": _text(1, 600), "output": _text(1, 300)},
+    "required": ["input", "output"],
+}
 DEFINITION: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": _TEXT,
+        "name": _NAME,
         "type": {"enum": list(TASK_TYPES)},
-        "instruction": _TEXT,
-        "output_format": _TEXT,
-        "labels": {"type": "array", "items": _TEXT},
+        "instruction": _text(10, 500),
+        "output_format": _text(2, 200),
+        "labels": {"type": "array", "items": _text(1, 40), "maxItems": 10},
         "copy_exact": {"type": "boolean"},
         "json_schema": {"type": "object"},
         "examples": {"type": "array", "items": _DEMO, "maxItems": 6},
@@ -50,7 +61,7 @@ ATTRIBUTES: dict[str, Any] = {
             "maxItems": 12,
             "items": {
                 "type": "object",
-                "properties": {"name": _TEXT, "description": _TEXT},
+                "properties": {"name": _NAME, "description": _text(5, 200)},
                 "required": ["name", "description"],
             },
         }
