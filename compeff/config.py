@@ -454,6 +454,11 @@ class EvalSettings(Section):
         "null: the run's sft output if there is one, else the student.",
     )
     adapter: str | None = Field(None, description="A LoRA adapter folder to load on top of the model.")
+    compare: list[Literal["teacher", "student"]] = Field(
+        default_factory=list,
+        description="Also evaluate these local models (hf backend) in the same harness, side by side: "
+        "'teacher' (teacher.model) and 'student' (the student before sft, pruned if student.keep_layers).",
+    )
     backend: Literal["hf", "openai"] = Field(
         "hf",
         description="hf: a local causal LM; openai: a served model through the teacher settings (top logprobs).",

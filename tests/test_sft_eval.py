@@ -113,6 +113,13 @@ def test_full_sft_lifts_accuracy_from_chance(tmp_path, tiny_lm):
     md = (r.run_dir / "eval" / "results.md").read_text()
     assert "overall" in md and "Confusion" in md
     assert (r.run_dir / "eval" / "results.csv").read_text().startswith("set,n,accuracy")
+    side = recipe(tmp_path, tiny_lm, train, test, "full", "sft.learning_rate=3e-3", "sft.max_steps=200",
+                  "eval.compare=[student]")  # fmt: skip
+    both = run_eval_stage(side, force=True, progress=False)["results"]["comparison"]
+    assert both["evaluated"]["model"] == str(out / "model") and both["student"]["model"] == str(tiny_lm)
+    assert both["evaluated"]["overall"]["accuracy"] == 100 * accuracy(after)  # the same harness
+    assert both["student"]["overall"]["accuracy"] <= 70  # the student before sft: chance level
+    assert "Side by side" in (r.run_dir / "eval" / "results.md").read_text()
 
 
 def test_lora_adapter_trains_saves_and_reloads(tmp_path, tiny_lm):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,11 +118,19 @@ def _served_predictions(recipe: Recipe, prompts: list[str], label_names: list[st
     return preds, np.array(scores), failures
 
 
+def _compared_models(recipe: Recipe) -> list[tuple[str, str]]:
+    """(tag, model) of each model ``eval.compare`` adds beside the evaluated one."""
+    paths = {"teacher": recipe.teacher.model, "student": student_model(recipe.student)}
+    return [(tag, paths[tag]) for tag in recipe.eval.compare]
+
+
 def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Evaluate the chosen model on every set and seed; write the results table."""
+    """Evaluate the chosen model (and the ``eval.compare`` models) on every set and seed; write the
+    results tables."""
     s = recipe.eval
     model, adapter = resolve_eval_model(recipe)
     sets = s.sets or recipe.data.eval_sets
+    compared = _compared_models(recipe)
     config = {
         "eval": s.model_dump(exclude={"batch_size", "device"}),
         "model": model if s.backend == "hf" else f"{recipe.teacher.model}@openai",
@@ -133,73 +140,110 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
     }
     config["weights"] = weights_fingerprint(model) if s.backend == "hf" else None
     config["adapter_weights"] = weights_fingerprint(adapter) if adapter else None
-    inputs: dict[str, Path] = {}
-    stage = Stage.open(recipe.run_dir, "eval", config=config, inputs=inputs, force=force)
+    config["compared"] = {tag: weights_fingerprint(path) for tag, path in compared}
+    stage = Stage.open(recipe.run_dir, "eval", config=config, inputs={}, force=force)
     with stage:
-        done_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        done_rows: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
         for row in iter_jsonl(stage.data_path):
-            done_rows.setdefault((row["set"], row["seed"]), []).append(row)
-        scorer = None
-        per_set: dict[str, dict[str, Any]] = {}
-        total = len(sets) * len(s.seeds)
-        with Tracker("eval (set x seed)", total=total, enabled=progress) as tracker:
-            for spec in sets:
-                data = load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.dir, s.label_names)
-                runs = []
-                all_preds: list[int] = []
-                for seed in s.seeds:
-                    rows = done_rows.get((spec, seed))
-                    if rows is None or len(rows) != len(data.texts):
-                        prompts = _prompts(data, s.k_shot, seed, s.max_chars)
-                        if s.backend == "openai":
-                            preds, scores, failures = _served_predictions(
-                                recipe, prompts, data.label_names, f"{spec}|{seed}"
-                            )
-                            stage.fail(failures)
-                        else:
-                            if scorer is None:
-                                scorer = HFLabelScorer(
-                                    model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
-                                )
-                            preds, scores = scorer.predict(prompts, data.label_names)
-                        rows = [
-                            {"id": f"{spec}|{seed}|{i}", "set": spec, "seed": seed, "label": y, "pred": p,
-                             "scores": [round(float(v), 5) for v in sc]}
-                            for i, (y, p, sc) in enumerate(zip(data.labels, preds, scores, strict=True))
-                        ]  # fmt: skip
-                        stage.append(rows)
-                    preds = [r["pred"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("|", 1)[1]))]
-                    truth = data.labels
-                    scored = [(y, p if p >= 0 else (y + 1) % len(data.label_names)) for y, p in zip(truth, preds, strict=True)]  # fmt: skip
-                    runs.append(
-                        {
-                            "seed": seed,
-                            **classification_metrics(
-                                [a for a, _ in scored], [b for _, b in scored], len(data.label_names)
-                            ),
-                        }
-                    )
-                    all_preds += preds
-                    tracker.advance(1)
-                result = mean_over_seeds(runs)
-                result.update(
-                    n=len(data.texts),
-                    label_names=data.label_names,
-                    predicted_share=label_shares(all_preds, data.label_names),
+            done_rows.setdefault((row.get("model_tag", ""), row["set"], row["seed"]), []).append(row)
+        data_sets = {
+            spec: load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.dir, s.label_names)
+            for spec in sets
+        }
+        evaluated = [("", model, adapter, s.backend)] + [(tag, path, None, "hf") for tag, path in compared]
+        total = len(sets) * len(s.seeds) * len(evaluated)
+        per_model: dict[str, dict[str, dict[str, Any]]] = {}
+        with Tracker("eval (model x set x seed)", total=total, enabled=progress) as tracker:
+            for tag, name, adapter_path, backend in evaluated:
+                per_model[tag] = _evaluate_model(
+                    recipe, stage, tag, name, adapter_path, backend, data_sets, done_rows, tracker
                 )
-                per_set[spec] = result
+        per_set = per_model[""]
         overall = summarise(per_set)
-        results = {"model": model, "adapter": adapter, "backend": s.backend, "settings": config, "sets": per_set, "overall": overall}  # fmt: skip
+        comparison = {
+            tag or "evaluated": {"model": name, "sets": per_model[tag], "overall": summarise(per_model[tag])}
+            for tag, name, _, _ in evaluated
+        }
+        results = {"model": model, "adapter": adapter, "backend": s.backend, "settings": config, "sets": per_set,
+                   "overall": overall, "comparison": comparison if compared else None}  # fmt: skip
         stage.write_artifact("results.json", results)
         stage.write_artifact("results.csv", results_csv(per_set))
         stage.write_artifact("results.md", results_markdown(results))
         stage.extra["overall"] = overall
+        if compared:
+            stage.extra["compared"] = {tag: c["overall"] for tag, c in comparison.items()}
         console.print(
             f"eval: {model}{' + ' + adapter if adapter else ''}: accuracy {overall['accuracy']:.1f}, "
             f"macro-F1 {overall['macro_f1']:.1f} (mean over {len(per_set)} sets x 100) -> {stage.folder}"
         )
     assert stage.manifest is not None
     return {**stage.manifest, "results": results}
+
+
+def _evaluate_model(
+    recipe: Recipe,
+    stage: Stage,
+    tag: str,
+    model: str,
+    adapter: str | None,
+    backend: str,
+    data_sets: dict[str, LabelledSet],
+    done_rows: dict[tuple[str, str, int], list[dict[str, Any]]],
+    tracker: Tracker,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of one model on every set (mean over seeds), reusing the rows an earlier run kept."""
+    s = recipe.eval
+    scorer = None
+    per_set: dict[str, dict[str, Any]] = {}
+    prefix = f"{tag}|" if tag else ""
+    try:
+        for spec, data in data_sets.items():
+            runs = []
+            all_preds: list[int] = []
+            for seed in s.seeds:
+                rows = done_rows.get((tag, spec, seed))
+                if rows is None or len(rows) != len(data.texts):
+                    prompts = _prompts(data, s.k_shot, seed, s.max_chars)
+                    if backend == "openai":
+                        preds, scores, failures = _served_predictions(
+                            recipe, prompts, data.label_names, f"{spec}|{seed}"
+                        )
+                        stage.fail(failures)
+                    else:
+                        if scorer is None:
+                            scorer = HFLabelScorer(
+                                model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
+                            )
+                        preds, scores = scorer.predict(prompts, data.label_names)
+                    rows = [
+                        {"id": f"{prefix}{spec}|{seed}|{i}", "set": spec, "seed": seed, "label": y, "pred": p,
+                         "scores": [round(float(v), 5) for v in sc], **({"model_tag": tag} if tag else {})}
+                        for i, (y, p, sc) in enumerate(zip(data.labels, preds, scores, strict=True))
+                    ]  # fmt: skip
+                    stage.append(rows)
+                preds = [r["pred"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("|", 1)[1]))]
+                truth = data.labels
+                scored = [(y, p if p >= 0 else (y + 1) % len(data.label_names)) for y, p in zip(truth, preds, strict=True)]  # fmt: skip
+                runs.append(
+                    {
+                        "seed": seed,
+                        **classification_metrics(
+                            [a for a, _ in scored], [b for _, b in scored], len(data.label_names)
+                        ),
+                    }
+                )
+                all_preds += preds
+                tracker.advance(1)
+            result = mean_over_seeds(runs)
+            result.update(
+                n=len(data.texts),
+                label_names=data.label_names,
+                predicted_share=label_shares(all_preds, data.label_names),
+            )
+            per_set[spec] = result
+    finally:
+        del scorer  # one model in memory at a time
+    return per_set
 
 
 def results_csv(per_set: dict[str, dict[str, Any]]) -> str:
@@ -229,6 +273,16 @@ def results_markdown(results: dict[str, Any]) -> str:
         )
     o = results["overall"]
     lines.append(f"| **overall** (mean x 100) | | **{o['accuracy']:.1f}** | **{o['macro_f1']:.1f}** |")
+    if results.get("comparison"):
+        names = list(results["sets"])
+        lines += ["", "Side by side, same prompts and seeds (accuracy / macro-F1, x 100):", "",
+                  "| model | " + " | ".join(names) + " | overall |", "|---|" + "---:|" * (len(names) + 1)]  # fmt: skip
+        for tag, c in results["comparison"].items():
+            cells = [
+                f"{100 * c['sets'][n]['accuracy']:.1f} / {100 * c['sets'][n]['macro_f1']:.1f}" for n in names
+            ]
+            lines.append(f"| {tag} (`{c['model']}`) | " + " | ".join(cells)
+                         + f" | {c['overall']['accuracy']:.1f} / {c['overall']['macro_f1']:.1f} |")  # fmt: skip
     for name, r in results["sets"].items():
         names = r["label_names"]
         lines += ["", f"Confusion on {name} (rows: truth, columns: prediction; summed over seeds)", ""]
