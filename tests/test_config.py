@@ -26,7 +26,8 @@ def test_shipped_recipes_validate():
     assert (paper.sft.learning_rate, paper.sft.lr_scheduler, paper.sft.epochs) == (5e-5, "cosine", 4)
     assert (paper.sft.max_length, paper.sft.weight_decay) == (2048, 0.1)
     quick = load_recipe(REPO / "recipes" / "quickstart.yaml")
-    assert quick.teacher.backend == "hf"
+    assert quick.teacher.backend == "hf" and quick.teacher.model == "builtin:smollm2"
+    assert quick.student.model == "builtin:smollm2" and len(quick.student.keep_layers) == 10
 
 
 def test_set_overrides_parse_yaml_values(tmp_path):
