@@ -171,3 +171,19 @@ def test_min_count_threshold():
     assert min_count_threshold(20000, 10, None) == 10
     assert min_count_threshold(20, 10, 0.1) == 2
     assert min_count_threshold(20, 10, 0.0) == 1
+
+
+def test_prompt_echoes_and_junk_names_are_dropped_and_counted():
+    from compeff.prompts import load_prompt
+    from compeff.synth.attributes import count_attributes, drop_echoes_and_junk, prompt_echoes
+
+    answers = [
+        ("t1", [{"name": "Attribute name", "description": "x"}, {"name": "irony", "description": "y"}]),
+        ("t2", [{"name": "attribute name", "description": "x"}, {"name": "2", "description": ""}]),
+        ("t3", [{"name": "Tone", "description": "z"}, {"name": "the", "description": ""}, {"name": "irony"}]),
+    ]
+    echoes = prompt_echoes(load_prompt("enumerate"))
+    assert {"attribute name", "tone"} <= echoes
+    kept, dropped = drop_echoes_and_junk(count_attributes(answers), echoes)
+    assert set(kept) == {"irony"} and kept["irony"].count == 2
+    assert dropped == {"echoes": 2, "echo_mentions": 3, "junk": 2, "junk_mentions": 2}

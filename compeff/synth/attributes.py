@@ -213,6 +213,65 @@ def count_attributes(per_text: Iterable[tuple[str, list[dict]]]) -> dict[str, At
     return dict(stats)
 
 
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "to",
+        "in",
+        "on",
+        "for",
+        "with",
+        "this",
+        "that",
+        "it",
+        "its",
+        "is",
+        "are",
+        "be",
+        "text",
+        "value",
+        "name",
+    ]
+)
+
+
+def prompt_echoes(prompt: str) -> set[str]:
+    """Normalised names a weak teacher copies back from the enumerate prompt instead of reading the
+    text: its answer-shape placeholder ("Attribute name") and the examples it quotes ("tone", ...)."""
+    echoes = set(normalise_name("attribute name"))
+    for quoted in re.findall(r'"([^"\n]{2,40})"', prompt):
+        echoes.update(normalise_name(quoted))
+    for placeholder in re.findall(r"\*\*([^*\n]{2,40})\*\*", prompt):
+        echoes.update(normalise_name(placeholder))
+    return echoes
+
+
+def junk_name(name: str) -> bool:
+    """A normalised name that cannot be an attribute: no word of three letters, or only stopwords."""
+    words = re.findall(r"[^\W\d_]+", name)
+    return not any(len(w) >= 3 for w in words) or all(w in _STOPWORDS for w in words)
+
+
+def drop_echoes_and_junk(
+    stats: dict[str, AttributeStats], echoes: set[str]
+) -> tuple[dict[str, AttributeStats], dict[str, int]]:
+    """The stats without prompt echoes and junk names, and how many names (and mentions) were dropped."""
+    kept, dropped = {}, {"echoes": 0, "echo_mentions": 0, "junk": 0, "junk_mentions": 0}
+    for name, entry in stats.items():
+        kind = "echoes" if name in echoes else "junk" if junk_name(name) else None
+        if kind is None:
+            kept[name] = entry
+            continue
+        dropped[kind] += 1
+        dropped["echo_mentions" if kind == "echoes" else "junk_mentions"] += entry.count
+    return kept, dropped
+
+
 def min_count_threshold(n_texts: int, min_count: int, min_frac: float | None) -> int:
     """The count an attribute needs: min_count, or ceil(min_frac * texts) when the relative form is set."""
     if min_frac is not None:

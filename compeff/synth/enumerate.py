@@ -19,8 +19,10 @@ from compeff.runs import Stage, iter_jsonl
 from compeff.synth.attributes import (
     AttributeParseError,
     count_attributes,
+    drop_echoes_and_junk,
     min_count_threshold,
     parse_attributes,
+    prompt_echoes,
 )
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
 from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
@@ -46,13 +48,18 @@ def build_requests(texts: list[dict[str, Any]], recipe: Recipe) -> list[ChatRequ
 def write_attributes(stage: Stage, n_texts: int, recipe: Recipe) -> dict[str, Any]:
     """Aggregate every parsed answer in the stage into attributes.jsonl; returns summary counts."""
     per_text = ((r["id"], r["attributes"]) for r in iter_jsonl(stage.data_path))
-    stats = count_attributes(per_text)
+    stats, dropped = drop_echoes_and_junk(count_attributes(per_text), prompt_echoes(load_prompt("enumerate")))
     threshold = min_count_threshold(n_texts, recipe.enumerate.min_count, recipe.enumerate.min_frac)
     kept = sorted((s for s in stats.values() if s.count >= threshold), key=lambda s: (-s.count, s.name))
     stage.write_artifact(
         ATTRIBUTES_FILE, "".join(json.dumps(s.to_record(), ensure_ascii=False) + "\n" for s in kept)
     )
-    return {"distinct_attributes": len(stats), "kept_attributes": len(kept), "min_count_used": threshold}
+    return {
+        "distinct_attributes": len(stats),
+        "kept_attributes": len(kept),
+        "min_count_used": threshold,
+        "dropped_names": dropped,
+    }
 
 
 def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -104,7 +111,8 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
             **summary,
         )
         console.print(
-            f"enumerate: {stage.n_ok}/{len(texts)} texts parsed, {summary['distinct_attributes']} distinct attributes, "
+            f"enumerate: {stage.n_ok}/{len(texts)} texts parsed, {summary['distinct_attributes']} distinct attributes "
+            f"({summary['dropped_names']['echoes']} prompt echoes and {summary['dropped_names']['junk']} junk names dropped), "
             f"{summary['kept_attributes']} seen >= {summary['min_count_used']} times -> {stage.folder / ATTRIBUTES_FILE}"
         )
     assert stage.manifest is not None
