@@ -187,3 +187,19 @@ def test_prompt_echoes_and_junk_names_are_dropped_and_counted():
     kept, dropped = drop_echoes_and_junk(count_attributes(answers), echoes)
     assert set(kept) == {"irony"} and kept["irony"].count == 2
     assert dropped == {"echoes": 2, "echo_mentions": 3, "junk": 2, "junk_mentions": 2}
+
+
+def test_json_answers_parse_like_lists():
+    from compeff.synth.attributes import parse_attributes
+
+    answer = (
+        '{"attributes": [{"name": "Irony", "description": "saying the opposite", "value": "strong"},'
+        ' {"name": "irony", "description": "dup", "value": "x"}, {"name": "pacing", "description": "speed", "value": "slow"}]}'
+    )
+    items = parse_attributes(answer)
+    assert [(i.name, i.description, i.value) for i in items] == [
+        ("Irony", "saying the opposite", "strong"),
+        ("pacing", "speed", "slow"),
+    ]
+    with pytest.raises(AttributeParseError):
+        parse_attributes('{"attributes": []}')

@@ -61,8 +61,8 @@ ATTRIBUTES: dict[str, Any] = {
             "maxItems": 12,
             "items": {
                 "type": "object",
-                "properties": {"name": _NAME, "description": _text(5, 200)},
-                "required": ["name", "description"],
+                "properties": {"name": _NAME, "description": _text(5, 200), "value": _text(1, 120)},
+                "required": ["name", "description", "value"],
             },
         }
     },
@@ -71,5 +71,7 @@ ATTRIBUTES: dict[str, Any] = {
 
 
 def schema_text(schema: dict[str, Any] | None) -> str | None:
-    """A schema as canonical JSON text (what a request carries and its cache key covers)."""
-    return None if schema is None else json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    """A schema as compact JSON text (what a request carries and its cache key covers). Keys keep their
+    order: a constrained answer writes its properties in the schema's order (a name before its
+    description reads better to a small model than the reverse)."""
+    return None if schema is None else json.dumps(schema, separators=(",", ":"))

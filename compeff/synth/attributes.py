@@ -137,10 +137,41 @@ def _describe(rest: str, more: list[str]) -> tuple[str, str]:
     return re.sub(r"\s+", " ", description), value.strip().rstrip(".")
 
 
+def _json_attributes(answer: str) -> list[tuple[str, str, str]] | None:
+    """(name, description, value) of a JSON answer {"attributes": [...]}, or None when it is not one."""
+    if not answer.lstrip().startswith(("{", "[")):
+        return None
+    from compeff.synth.jsonparse import parse_json_lenient
+
+    try:
+        value = parse_json_lenient(answer)
+    except ValueError:
+        return None
+    items = value.get("attributes") if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        return None
+    return [
+        (str(i.get("name") or ""), str(i.get("description") or ""), str(i.get("value") or ""))
+        for i in items
+        if isinstance(i, dict)
+    ]
+
+
 def parse_attributes(answer: str) -> list[ParsedAttribute]:
-    """Items of a teacher answer as (name, description, value); duplicates (same name) kept once."""
+    """Items of a teacher answer as (name, description, value), from JSON ({"attributes": [...]}, the
+    structured-output form) or a numbered list; duplicates (same name) kept once."""
     out: list[ParsedAttribute] = []
     seen: set[str] = set()
+    as_json = _json_attributes(answer)
+    if as_json is not None:
+        for name, description, value in as_json:
+            name = re.sub(r"\s+", " ", name).strip(" .\"'“”")
+            if name and len(name.split()) <= _MAX_NAME_WORDS and name.lower() not in seen:
+                seen.add(name.lower())
+                out.append(ParsedAttribute(name=name, description=description.strip(), value=value.strip()))
+        if not out:
+            raise AttributeParseError("no attribute in the JSON answer")
+        return out
     for item in _split_items(answer):
         parsed = _name_and_rest(item.first)
         if parsed is None:

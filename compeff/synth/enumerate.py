@@ -16,6 +16,7 @@ from compeff.data import DataError, resolve_source, select_user_texts
 from compeff.progress import console
 from compeff.prompts import load_prompt, render_prompt
 from compeff.runs import Stage, iter_jsonl
+from compeff.synth import answer_schemas
 from compeff.synth.attributes import (
     AttributeParseError,
     count_attributes,
@@ -30,14 +31,20 @@ from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, 
 ATTRIBUTES_FILE = "attributes.jsonl"
 
 
+def prompt_name(recipe: Recipe) -> str:
+    """The enumerate prompt: JSON answers when the teacher's output is constrained, else a numbered list."""
+    return "enumerate_json" if recipe.teacher.structured_output else "enumerate"
+
+
 def build_requests(texts: list[dict[str, Any]], recipe: Recipe) -> list[ChatRequest]:
     """One enumerate request per text (long texts cut to ``enumerate.max_chars``)."""
-    params = sampling_params(recipe.teacher)
+    params = sampling_params(recipe.teacher, schema=answer_schemas.ATTRIBUTES)
     limit = recipe.enumerate.max_chars
+    name = prompt_name(recipe)
     return [
         ChatRequest(
             id=t["id"],
-            messages=[{"role": "user", "content": render_prompt("enumerate", text=t["text"][:limit])}],
+            messages=[{"role": "user", "content": render_prompt(name, text=t["text"][:limit])}],
             params=params,
             meta={"source": t["source"]},
         )
@@ -48,7 +55,8 @@ def build_requests(texts: list[dict[str, Any]], recipe: Recipe) -> list[ChatRequ
 def write_attributes(stage: Stage, n_texts: int, recipe: Recipe) -> dict[str, Any]:
     """Aggregate every parsed answer in the stage into attributes.jsonl; returns summary counts."""
     per_text = ((r["id"], r["attributes"]) for r in iter_jsonl(stage.data_path))
-    stats, dropped = drop_echoes_and_junk(count_attributes(per_text), prompt_echoes(load_prompt("enumerate")))
+    echoes = prompt_echoes(load_prompt(prompt_name(recipe)))
+    stats, dropped = drop_echoes_and_junk(count_attributes(per_text), echoes)
     threshold = min_count_threshold(n_texts, recipe.enumerate.min_count, recipe.enumerate.min_frac)
     kept = sorted((s for s in stats.values() if s.count >= threshold), key=lambda s: (-s.count, s.name))
     stage.write_artifact(
@@ -78,7 +86,7 @@ def run_enumerate_stage(recipe: Recipe, force: bool = False, progress: bool = Tr
         "teacher": teacher_identity(recipe.teacher),
         "seed": recipe.run.seed,
         "text_field": recipe.data.text_field,
-        "prompt": load_prompt("enumerate"),
+        "prompt": load_prompt(prompt_name(recipe)),
     }
     stage = Stage.open(recipe.run_dir, "enumerate", config=config, inputs=inputs, force=force)
     with stage:

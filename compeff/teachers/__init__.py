@@ -42,7 +42,9 @@ def sampling_params(settings, schema: dict | None = None, **override) -> Samplin
         top_logprobs=settings.top_logprobs,
     )
     if schema is not None and getattr(settings, "structured_output", False):
-        base["json_schema"] = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        base["json_schema"] = json.dumps(
+            schema, separators=(",", ":")
+        )  # property order kept: it is the answer's
     base.update(override)
     return SamplingParams(**base)
 
