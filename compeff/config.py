@@ -307,6 +307,9 @@ class GenerateSettings(Section):
         100000, ge=1, description="Instruction-text pairs answered by the teacher (paper: 100k)."
     )
     k_demos: int = Field(2, ge=0, description="Demonstrations inlined in each instruction.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most new tokens per answer in this stage (null: teacher.max_tokens)."
+    )
     max_chars: int | None = Field(
         None, ge=20, description="Cut user texts to this many characters (null: whole texts)."
     )

@@ -106,11 +106,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         plan, skipped, inputs["proxy"] = _skip_with_proxy(
             plan, by_id, prompt, settings.proxy, settings.proxy_skip
         )
-    params = sampling_params(recipe.teacher)
+    limits = {"max_tokens": settings.max_tokens} if settings.max_tokens else {}
+    params = sampling_params(recipe.teacher, **limits)
     sampling = params.to_dict()
     # a structured task's answers follow its own schema (constrained when teacher.structured_output)
     task_params = {
-        tid: sampling_params(recipe.teacher, schema=t["json_schema"])
+        tid: sampling_params(recipe.teacher, schema=t["json_schema"], **limits)
         for tid, t in by_id.items()
         if t.get("type") == "structured" and t.get("json_schema")
     }
