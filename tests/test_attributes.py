@@ -203,3 +203,10 @@ def test_json_answers_parse_like_lists():
     ]
     with pytest.raises(AttributeParseError):
         parse_attributes('{"attributes": []}')
+
+
+def test_both_enumerate_prompts_render():
+    from compeff.prompts import render_prompt
+
+    assert '{"attributes": [{"name"' in render_prompt("enumerate_json", text="a review")
+    assert "a review" in render_prompt("enumerate", text="a review")
