@@ -210,3 +210,10 @@ def test_both_enumerate_prompts_render():
 
     assert '{"attributes": [{"name"' in render_prompt("enumerate_json", text="a review")
     assert "a review" in render_prompt("enumerate", text="a review")
+
+
+def test_a_json_answer_cut_at_max_tokens_keeps_its_whole_items():
+    from compeff.synth.attributes import parse_attributes
+
+    cut = '{"attributes":[{"name":"irony","description":"saying the \\"opposite\\"","value":"strong"},{"name":"pac'
+    assert [(i.name, i.description) for i in parse_attributes(cut)] == [("irony", 'saying the "opposite"')]

@@ -58,10 +58,10 @@ ATTRIBUTES: dict[str, Any] = {
         "attributes": {
             "type": "array",
             "minItems": 1,
-            "maxItems": 12,
+            "maxItems": 5,  # five short items fit in a few hundred tokens; a small model repeats itself past them
             "items": {
                 "type": "object",
-                "properties": {"name": _NAME, "description": _text(5, 200), "value": _text(1, 120)},
+                "properties": {"name": _text(3, 40), "description": _text(5, 120), "value": _text(1, 60)},
                 "required": ["name", "description", "value"],
             },
         }

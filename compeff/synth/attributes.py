@@ -8,6 +8,7 @@ missing descriptions, prose before and after, markdown headers, labelled sub-lin
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -137,6 +138,13 @@ def _describe(rest: str, more: list[str]) -> tuple[str, str]:
     return re.sub(r"\s+", " ", description), value.strip().rstrip(".")
 
 
+# one whole attribute object of the structured-output form (the grammar fixes its keys and their order)
+_JSON_ITEM = re.compile(
+    r'\{\s*"name"\s*:\s*"(?:[^"\\]|\\.)*"\s*,\s*"description"\s*:\s*"(?:[^"\\]|\\.)*"\s*,'
+    r'\s*"value"\s*:\s*"(?:[^"\\]|\\.)*"\s*\}'
+)
+
+
 def _json_attributes(answer: str) -> list[tuple[str, str, str]] | None:
     """(name, description, value) of a JSON answer {"attributes": [...]}, or None when it is not one."""
     if not answer.lstrip().startswith(("{", "[")):
@@ -145,8 +153,9 @@ def _json_attributes(answer: str) -> list[tuple[str, str, str]] | None:
 
     try:
         value = parse_json_lenient(answer)
-    except ValueError:
-        return None
+    except ValueError:  # cut at max_tokens: keep the items that were written whole
+        items = [json.loads(m.group(0)) for m in _JSON_ITEM.finditer(answer)]
+        return [(i["name"], i["description"], i["value"]) for i in items] or None
     items = value.get("attributes") if isinstance(value, dict) else value
     if not isinstance(items, list):
         return None
