@@ -374,7 +374,7 @@ def bench_proxy(
 
 @bench_app.command("sft")
 def bench_sft(
-    model: str = typer.Option("builtin:tiny-chat", "--model", help="Student to train."),
+    model: str = typer.Option("builtin:smollm2", "--model", help="Student to train."),
     steps: int = typer.Option(30, "--steps", help="Optimiser steps per configuration."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step."),
     max_length: int = typer.Option(512, "--max-length", help="Tokens per sample (and per packed row)."),

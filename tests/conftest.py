@@ -45,6 +45,14 @@ def tiny_qwen(tmp_path_factory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen"), arch="qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_chat(compeff_home) -> Path:
+    """The format-taught tiny chat LM (tests/tiny_chat.py), built once per test session (~2 min)."""
+    from tiny_chat import tiny_chat_path
+
+    return tiny_chat_path(compeff_home)
+
+
 @pytest.fixture
 def server():
     """A fault-free loopback server answering at once."""

@@ -12,12 +12,12 @@ from conftest import compeff_cmd, kill_after_lines
 from compeff.runs import iter_jsonl, read_manifest
 
 
-def write_recipe(tmp_path: Path, name: str, **enumerate_overrides) -> Path:
+def write_recipe(tmp_path: Path, name: str, model: Path, **enumerate_overrides) -> Path:
     recipe = {
         "run": {"name": name, "dir": str(tmp_path / "runs"), "seed": 7, "stages": ["enumerate", "cluster"]},
         "teacher": {
             "backend": "hf",
-            "model": "builtin:tiny-chat",
+            "model": str(model),
             "structured_output": False,  # the tiny model learnt the numbered-list format
             "batch_size": 4,
             "temperature": 0.0,
@@ -32,8 +32,8 @@ def write_recipe(tmp_path: Path, name: str, **enumerate_overrides) -> Path:
     return path
 
 
-def test_enumerate_then_cluster(tmp_path):
-    recipe = write_recipe(tmp_path, "e2e")
+def test_enumerate_then_cluster(tmp_path, tiny_chat):
+    recipe = write_recipe(tmp_path, "e2e", tiny_chat)
     proc = subprocess.run(compeff_cmd("run", str(recipe)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
@@ -70,9 +70,9 @@ def test_enumerate_then_cluster(tmp_path):
     assert json.loads((run / "cluster" / "perspectives.json").read_text()) == perspectives
 
 
-def test_enumerate_resumes_after_sigkill(tmp_path):
-    clean = write_recipe(tmp_path, "clean", n_texts=16)
-    killed = write_recipe(tmp_path, "killed", n_texts=16)
+def test_enumerate_resumes_after_sigkill(tmp_path, tiny_chat):
+    clean = write_recipe(tmp_path, "clean", tiny_chat, n_texts=16)
+    killed = write_recipe(tmp_path, "killed", tiny_chat, n_texts=16)
     for path in (clean, killed):  # one prompt per batch: the same batches with or without a kill
         data = yaml.safe_load(path.read_text())
         data["teacher"]["batch_size"] = 1

@@ -104,15 +104,16 @@ def test_model_without_chat_template_is_refused(tiny_lm, tmp_path):
         HFTeacher(str(target), device="cpu")
 
 
-def test_builtin_tiny_chat_is_built_once_and_speaks_the_list_format(compeff_home):
-    from compeff.models import resolve_model
+def test_the_tests_tiny_chat_model_is_built_once_and_speaks_the_list_format(compeff_home, tiny_chat):
+    from tiny_chat import tiny_chat_path
+
     from compeff.prompts import render_prompt
     from compeff.synth.attributes import parse_attributes
 
-    path = resolve_model("builtin:tiny-chat")
+    path = tiny_chat
     assert compeff_home in Path(path).parents
     stamp = (Path(path) / "config.json").stat().st_mtime
-    assert resolve_model("builtin:tiny-chat") == path
+    assert tiny_chat_path(compeff_home) == path
     assert (Path(path) / "config.json").stat().st_mtime == stamp  # not rebuilt
     prompt = render_prompt("enumerate", text="What a wonderful film, I cried at the end.")
     ask = [
@@ -122,6 +123,6 @@ def test_builtin_tiny_chat_is_built_once_and_speaks_the_list_format(compeff_home
             params=SamplingParams(temperature=0, max_tokens=120),
         )
     ]
-    [result] = list(HFTeacher("builtin:tiny-chat", device="cpu").generate(ask))
+    [result] = list(HFTeacher(str(path), device="cpu").generate(ask))
     assert "1. **" in result.text and "2. **" in result.text  # a numbered list with bold names
     assert parse_attributes(result.text)  # ... that the parser reads

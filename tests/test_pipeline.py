@@ -16,12 +16,12 @@ from compeff.pipeline import run_pipeline
 from compeff.runs import iter_jsonl, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-# The module's first test pays for the whole reduced run (and maybe the tiny-chat build): minutes.
+# The module's first test pays for the whole reduced run (and maybe the tiny chat model's build): minutes.
 pytestmark = pytest.mark.timeout(1800)
 LLM_CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample", "sft", "eval"]
 
 
-def reduced_quickstart(tmp_path: Path, name: str, stages: list[str] | None = None) -> Path:
+def reduced_quickstart(tmp_path: Path, name: str, tiny_chat: Path, stages: list[str] | None = None) -> Path:
     """recipes/quickstart.yaml made small enough for the test suite (and greedy, uncached, one prompt
     per batch: the same answers with or without a kill)."""
     data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
@@ -29,10 +29,8 @@ def reduced_quickstart(tmp_path: Path, name: str, stages: list[str] | None = Non
     if stages:
         data["run"]["stages"] = stages
     # the fast format-taught tiny model instead of SmolLM2 (the real model's chain is timed in the README)
-    data["teacher"].update(
-        model="builtin:tiny-chat", temperature=0.0, cache=None, batch_size=1, max_tokens=320
-    )
-    data["student"] = {"model": "builtin:tiny-chat"}
+    data["teacher"].update(model=str(tiny_chat), temperature=0.0, cache=None, batch_size=1, max_tokens=320)
+    data["student"] = {"model": str(tiny_chat)}
     data["enumerate"]["n_texts"] = 24
     data["tasks"].update(max_perspectives=2, demo_calls=2)
     data["generate"]["n_samples"] = 40
@@ -53,12 +51,12 @@ def reduced_quickstart(tmp_path: Path, name: str, stages: list[str] | None = Non
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, compeff_home) -> Path:
+def full_run(tmp_path_factory, compeff_home, tiny_chat) -> Path:
     """The reduced quickstart run once through `compeff run` (every stage)."""
     import os
 
     tmp = tmp_path_factory.mktemp("quickstart")
-    recipe = reduced_quickstart(tmp, "full")
+    recipe = reduced_quickstart(tmp, "full", tiny_chat)
     env = {**os.environ, "COMPEFF_HOME": str(compeff_home)}
     proc = subprocess.run(compeff_cmd("run", str(recipe)), capture_output=True, text=True, timeout=1200, cwd=tmp,
                           env=env)  # fmt: skip
@@ -109,8 +107,8 @@ def test_changed_setting_reruns_that_stage_and_later_ones_of_its_chain(full_run,
     assert kept < total * 0.5
 
 
-def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, compeff_home):
-    recipe = reduced_quickstart(tmp_path, "killed", stages=LLM_CHAIN[:4])
+def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, compeff_home, tiny_chat):
+    recipe = reduced_quickstart(tmp_path, "killed", tiny_chat, stages=LLM_CHAIN[:4])
     data_file = tmp_path / "runs" / "killed" / "generate" / "data.jsonl"
     at_kill = kill_after_lines(compeff_cmd("run", str(recipe)), data_file, 5, wait_s=600)
     assert 5 <= at_kill < 40

@@ -365,7 +365,7 @@ def test_generate_resumes_after_sigkill(tmp_path):
     assert rows("killed") == rows("clean")
 
 
-def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearly(tmp_path):
+def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearly(tmp_path, tiny_chat):
     """The built-in tiny teacher only learnt the enumerate format: the tasks stage must still finish, keep
     every unusable answer with its raw text, and generate must say plainly that there is nothing to do."""
     recipe = tmp_path / "tiny.yaml"
@@ -375,7 +375,7 @@ def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearl
                 "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
                 "teacher": {
                     "backend": "hf",
-                    "model": "builtin:tiny-chat",
+                    "model": str(tiny_chat),
                     "max_tokens": 60,
                     "temperature": 0.0,
                     "cache": None,

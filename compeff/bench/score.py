@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compeff.data import load_texts
-from compeff.models import compeff_home
+from compeff.llm_models import compeff_home
 
 
 def bench_scorer_path(vocab: int, hidden: int = 128, layers: int = 2, train_steps: int = 300) -> Path:

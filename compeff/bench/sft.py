@@ -35,7 +35,7 @@ def sft_bench_set(path: Path, n: int = 512) -> Path:
 
 
 def run_sft_bench(
-    model: str = "builtin:tiny-chat",
+    model: str = "builtin:smollm2",
     steps: int = 30,
     batch_size: int = 8,
     max_length: int = 512,

@@ -84,7 +84,7 @@ class DifficultyScorer:
     def load(
         cls, name: str, options: ScoreOptions | None = None, device: str = "auto", dtype: str = "auto"
     ) -> DifficultyScorer:
-        """Load a scorer by path or hub id ('builtin:tiny-chat' works offline)."""
+        """Load a scorer by path or hub id ('builtin:smollm2' works offline)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

@@ -48,7 +48,7 @@ class HFTeacher(Teacher):
 
     def __init__(
         self,
-        model: str = "builtin:tiny-chat",
+        model: str = "builtin:smollm2",
         batch_size: int = 8,
         device: str = "auto",
         dtype: str = "auto",
