@@ -47,10 +47,18 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_chat(compeff_home) -> Path:
-    """The format-taught tiny chat LM (tests/tiny_chat.py), built once per test session (~2 min)."""
-    from tiny_chat import tiny_chat_path
+    """The format-taught tiny chat LM (tests/tiny_chat.py), built once per test session (~2 min) in a
+    process of its own: inside pytest, thread settings left by earlier tests slowed it past the timeout."""
+    import subprocess
 
-    return tiny_chat_path(compeff_home)
+    from tiny_chat import VERSION
+
+    target = compeff_home / f"tiny-chat-{VERSION}"
+    if not (target / "config.json").exists():
+        build = "import sys; from tiny_chat import tiny_chat_path; tiny_chat_path(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", build, str(compeff_home)], cwd=Path(__file__).parent,
+                       check=True, timeout=1500)  # fmt: skip
+    return target
 
 
 @pytest.fixture

@@ -92,3 +92,31 @@ def test_student_model_follows_keep_layers(smollm2):
     path = student_model(recipe.student)
     assert path != "builtin:smollm2" and path.endswith(tuple("0123456789abcdef"))
     assert student_model(recipe.student) == path  # built once
+
+
+def test_enumerate_and_cluster_run_on_smollm2_with_constrained_answers(smollm2, tmp_path):
+    """The chain's first stages on the real model: JSON answers under the grammar, parsed, clustered."""
+    from compeff.config import load_recipe
+    from compeff.pipeline import run_pipeline
+    from compeff.runs import iter_jsonl, read_manifest
+
+    recipe = load_recipe(
+        None,
+        [
+            f"run.dir={tmp_path / 'runs'}",
+            "run.stages=[enumerate, cluster]",
+            "teacher.model=builtin:smollm2",
+            "teacher.max_tokens=160",
+            "teacher.batch_size=6",
+            "teacher.cache=null",
+            "enumerate.n_texts=6",
+            "enumerate.min_frac=0.01",
+            "enumerate.max_chars=300",
+        ],
+    )
+    outcomes = run_pipeline(recipe, show=False)
+    assert [o.action for o in outcomes] == ["ran", "ran"]
+    answers = list(iter_jsonl(recipe.run_dir / "enumerate" / "data.jsonl"))
+    assert len(answers) >= 5  # constrained JSON: (nearly) every answer parses
+    assert all(a["answer"].startswith('{"attributes":') for a in answers)
+    assert read_manifest(recipe.run_dir / "cluster")["result"]["perspectives"] >= 1
