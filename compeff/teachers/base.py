@@ -86,17 +86,20 @@ def _params_dict(params: SamplingParams) -> dict[str, Any]:
     return {f.name: getattr(params, f.name) for f in fields(params)}
 
 
+def _seed_of(text: str) -> int:
+    """A stable non-negative 31-bit seed from a string (the same on every machine and run)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 def request_seed(run_seed: int, request_id: str) -> int:
     """The sampling seed of one request: a stable hash of the run seed and the request's id, so a rerun
     draws the same answer and two requests with the same prompt draw independent ones."""
-    digest = hashlib.sha256(f"{run_seed}:{request_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    return _seed_of(f"{run_seed}:{request_id}")
 
 
 def hash_seeds(seeds: list[int]) -> int:
     """One seed for a batch of seeded requests (the hf backend draws a batch with one generator)."""
-    digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    return _seed_of(",".join(map(str, seeds)))
 
 
 @dataclass
