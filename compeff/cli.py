@@ -390,6 +390,30 @@ def bench_sft(
     )
 
 
+@bench_app.command("distill")
+def bench_distill(
+    recipe: Path = typer.Option(Path("recipes/quickstart.yaml"), "--recipe", help="Recipe of the chain."),
+    samples: int = typer.Option(256, "--samples", help="Samples the teacher writes (generate.n_samples)."),
+    tweeteval: int = typer.Option(1000, "--tweeteval", help="TweetEval test tweets scored (stratified)."),
+    imdb: int = typer.Option(500, "--imdb", help="IMDb test reviews scored (stratified)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Run folder root (run distill-bench there)."),
+) -> None:
+    """Teacher, student before SFT and after SFT on selected / random / all samples, side by side."""
+    from compeff.bench.distill import run_distill_bench
+
+    guarded(
+        lambda: run_distill_bench(
+            recipe_path=recipe,
+            n_samples=samples,
+            tweeteval=tweeteval,
+            imdb=imdb,
+            out_dir=out,
+            overrides=list(set_ or []),
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

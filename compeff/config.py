@@ -300,6 +300,9 @@ class TasksSettings(Section):
         0.92, gt=0, le=1.0, description="Cosine of task name + description above which tasks merge (1 = off)."
     )
     max_perspectives: int | None = Field(None, ge=1, description="Use only the largest N perspectives.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most new tokens per answer in this stage (null: teacher.max_tokens)."
+    )
 
 
 class GenerateSettings(Section):

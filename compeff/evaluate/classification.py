@@ -182,27 +182,36 @@ class HFLabelScorer:
         return label_token_ids(self.tokenizer, label_names, leading_space=not self.chat_template)
 
     def next_token_logits(self, prompts: Sequence[str]) -> np.ndarray:
-        """Logits of the token after each prompt, [len(prompts), vocab] (float32)."""
+        """Logits of the token after each prompt, [len(prompts), vocab] (float32).
+
+        Prompts are batched by length and padded on the left, so every row's next token sits in the last
+        column and the LM head runs on that column only (``logits_to_keep=1``)."""
         torch = self._torch
-        rows = []
         encoded = [self.encode(p) for p in prompts]
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
-            width = max(len(ids) for ids in chunk)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out_rows: list[Any] = [None] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, seq in enumerate(chunk):
-                ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-            last = torch.tensor([len(seq) - 1 for seq in chunk])
+            for row, i in enumerate(chunk):
+                seq = encoded[i]
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                    logits_to_keep=1,
                 )
-                rows.append(out.logits[torch.arange(len(chunk)), last.to(self.device)].float().cpu())
-        return torch.cat(rows).numpy()
+            last = out.logits[:, -1].float().cpu()
+            for row, i in enumerate(chunk):
+                out_rows[i] = last[row]
+        if not out_rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        return torch.stack(out_rows).numpy()
 
     def predict(self, prompts: Sequence[str], label_names: Sequence[str]) -> tuple[list[int], np.ndarray]:
         """Predicted label index per prompt and the label-word logits [len(prompts), n_labels]."""

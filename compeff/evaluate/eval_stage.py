@@ -81,7 +81,8 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
     return student_model(recipe.student), recipe.eval.adapter
 
 
-def _prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[str]:
+def eval_prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[str]:
+    """The k-shot prompt of every text of a set (demos drawn per text from the seed, never the text)."""
     return [
         render_prompt(
             text, draw_demos(data, k, seed * 1_000_003 + i, exclude=text), data.label_names, max_chars
@@ -203,7 +204,7 @@ def _evaluate_model(
             for seed in s.seeds:
                 rows = done_rows.get((tag, spec, seed))
                 if rows is None or len(rows) != len(data.texts):
-                    prompts = _prompts(data, s.k_shot, seed, s.max_chars)
+                    prompts = eval_prompts(data, s.k_shot, seed, s.max_chars)
                     if backend == "openai":
                         preds, scores, failures = _served_predictions(
                             recipe, prompts, data.label_names, f"{spec}|{seed}"

@@ -87,10 +87,14 @@ class _Phases:
         self.teacher: Teacher | None = None
         self.cache = None
         self._params_by_schema: dict[str | None, Any] = {}
+        tokens = recipe.tasks.max_tokens
+        self.limits: dict[str, Any] = {"max_tokens": tokens} if tokens else {}
 
     def run(self, phase: str, config: dict[str, Any], requests: list[ChatRequest], to_record) -> Stage:
         stage = Stage.open(
-            self.root, phase, config={**config, "teacher": teacher_identity(self.recipe.teacher)}
+            self.root,
+            phase,
+            config={**config, "teacher": {**teacher_identity(self.recipe.teacher), **self.limits}},
         )
         with stage:
             pending = stage.pending(requests)
@@ -122,7 +126,9 @@ class _Phases:
         key = schema_text(schema)
         params = self._params_by_schema.get(key)
         if params is None:
-            params = self._params_by_schema[key] = sampling_params(self.recipe.teacher, schema=schema)
+            params = self._params_by_schema[key] = sampling_params(
+                self.recipe.teacher, schema=schema, **self.limits
+            )
         return ChatRequest(id=rid, messages=[{"role": "user", "content": prompt}], params=params, meta=meta)
 
 

@@ -1,0 +1,170 @@
+"""``compeff bench distill``: what SFT on the teacher's distillation set does to the LLM student.
+
+The recipe's synthesis chain (enumerate ... sample) runs in a run folder of the bench's own, with
+``generate.n_samples`` answers; then the student is fine-tuned three times, on the difficulty-selected
+share (``compeff sample``'s output), on a random subset of the same size and on every sample; the teacher,
+the student before SFT and the three trained students are scored with the same k-shot label-word prompts
+on TweetEval and IMDb test subsets. Rows: models; columns: accuracy and macro-F1 per set, training
+seconds. Each model's scores are kept in ``eval/<row>.json`` and reused when the bench is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compeff.config import Recipe, load_recipe
+from compeff.evaluate.classification import HFLabelScorer, classification_metrics
+from compeff.evaluate.eval_stage import eval_prompts, load_eval_set
+from compeff.fingerprints import fingerprint_obj
+from compeff.models import student_model
+from compeff.pipeline import run_pipeline
+from compeff.runs import atomic_write_bytes, iter_jsonl, weights_fingerprint
+
+CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
+SUBSETS = ("selected", "random", "all")
+
+
+def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]:
+    """The three training sets: the ``sample`` stage's selection, a random subset of the same size of
+    the ``generate`` output, and the whole of it (written as chat-set JSONL files under ``out``)."""
+    generated = list(iter_jsonl(run_dir / "generate" / "data.jsonl"))
+    selected = list(iter_jsonl(run_dir / "sample" / "data.jsonl"))
+    if not generated or not selected:
+        raise ValueError(f"{run_dir}: the generate and sample stages left no sample")
+    rng = random.Random(seed)
+    chosen = rng.sample(generated, len(selected))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in (("selected", selected), ("random", chosen), ("all", generated)):
+        text = "".join(json.dumps({"id": r["id"], "messages": r["messages"]}) + "\n" for r in rows)
+        paths[name] = out / f"{name}.jsonl"
+        if not paths[name].exists() or paths[name].read_text(encoding="utf-8") != text:
+            atomic_write_bytes(paths[name], text.encode("utf-8"))
+    return paths
+
+
+def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, dict[str, float]]:
+    """Accuracy and macro-F1 of one model on every set (k-shot label-word scoring, the recipe's eval
+    settings); reused from ``cache`` when the weights, sets and settings are the same."""
+    s = recipe.eval
+    seed = s.seeds[0]
+    key = fingerprint_obj(
+        {
+            "weights": weights_fingerprint(model),
+            "sets": {name: len(data.texts) for name, data in sets.items()},
+            "eval": s.model_dump(exclude={"batch_size", "device"}),
+            "seed": recipe.run.seed,
+        }
+    )
+    if cache.exists():
+        kept = json.loads(cache.read_text(encoding="utf-8"))
+        if kept.get("key") == key:
+            return kept["sets"]
+    scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
+    results: dict[str, dict[str, float]] = {}
+    for name, data in sets.items():
+        started = time.perf_counter()
+        preds, _ = scorer.predict(eval_prompts(data, s.k_shot, seed, s.max_chars), data.label_names)
+        metrics = classification_metrics(data.labels, preds, len(data.label_names))
+        results[name] = {
+            "accuracy": 100 * metrics["accuracy"],
+            "macro_f1": 100 * metrics["macro_f1"],
+            "n": len(data.texts),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    del scorer
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, json.dumps({"key": key, "model": model, "sets": results}, indent=2).encode())
+    return results
+
+
+def run_distill_bench(
+    recipe_path: Path = Path("recipes/quickstart.yaml"),
+    n_samples: int = 256,
+    tweeteval: int = 1000,
+    imdb: int = 500,
+    out_dir: Path = Path("runs/bench"),
+    overrides: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the chain, the three fine-tunings and the five evaluations; print and save the table."""
+    from compeff.train.sft import run_sft_stage
+
+    base = [
+        f"run.dir={out_dir}",
+        "run.name=distill-bench",
+        f"generate.n_samples={n_samples}",
+        *(overrides or []),
+    ]
+    recipe = load_recipe(recipe_path, base)
+    root = recipe.run_dir
+    run_pipeline(recipe, stages=CHAIN, show=False)
+    sets = {
+        "tweeteval_sentiment:test": load_eval_set(
+            "tweeteval_sentiment:test", tweeteval, recipe.run.seed, recipe.data.dir
+        ),
+        "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
+    }
+    subsets = distillation_subsets(root, root / "sets", recipe.run.seed)
+    rows: list[dict[str, Any]] = [
+        {"row": "teacher", "model": recipe.teacher.model, "samples": None, "train_s": None},
+        {
+            "row": "student before SFT",
+            "model": student_model(recipe.student),
+            "samples": None,
+            "train_s": None,
+        },
+    ]
+    for name in SUBSETS:
+        trained = load_recipe(recipe_path, base + [f"sft.input={subsets[name]}"])
+        manifest = run_sft_stage(trained, progress=False, stage_name=f"sft-{name}")
+        rows.append(
+            {
+                "row": f"student after SFT, {name}",
+                "model": str(root / f"sft-{name}" / "model"),
+                "samples": sum(1 for _ in iter_jsonl(subsets[name])),
+                "train_s": manifest.get("train_runtime_s"),
+            }
+        )
+    for row in rows:
+        tag = row["row"].replace(" ", "-").replace(",", "")
+        row["sets"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
+    print_table(rows, recipe)
+    (root / "distill_bench.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    (root / "distill_bench.md").write_text(markdown_table(rows), encoding="utf-8")
+    return rows
+
+
+def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
+    """A row's cells: samples, accuracy / macro-F1 per set, training seconds."""
+    scores = [f"{row['sets'][n]['accuracy']:.1f} / {row['sets'][n]['macro_f1']:.1f}" for n in names]
+    train = "-" if row["train_s"] is None else f"{row['train_s']:.0f}"
+    return [str(row["samples"] or "-"), *scores, train]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The bench table in Markdown (accuracy / macro-F1 x 100 per set, training seconds)."""
+    names = list(rows[0]["sets"])
+    head = ["model", "samples"] + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1" for n in names] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join([r["row"], *_cells(r, names)]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
+    """The bench table on the terminal."""
+    names = list(rows[0]["sets"])
+    table = Table(
+        title=f"compeff bench distill: {recipe.eval.k_shot}-shot label-word accuracy / macro-F1 (x 100)"
+    )
+    for col in ["model", "samples", *names, "train s"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(r["row"], *_cells(r, names))
+    Console().print(table)
