@@ -7,10 +7,12 @@ text and defaults are written once (in :mod:`compeff.config`).
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import types
 import typing
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +36,7 @@ bench_app = typer.Typer(help="Benchmarks: the teacher client, encoder students."
 app.add_typer(bench_app, name="bench")
 
 EXIT_USAGE = 2
+TEACHER_STAGES = {"teach", "enumerate", "tasks", "generate", "eval", "kd"}  # may call the teacher
 EXIT_NOT_IMPLEMENTED = 3
 
 
@@ -185,9 +188,12 @@ def stage_command(name: str, help_text: str, sections: list[str], teacher: bool 
 
     def command(**kwargs: Any) -> None:
         def body() -> None:
+            from compeff.serving import serving
+
             recipe = recipe_from_flags(kwargs)  # validated before any model loads
             run = get_stage(name)
-            manifest = run(recipe, force=kwargs.get("force", False))
+            with serving(recipe) if teacher else nullcontext(recipe) as served:
+                manifest = run(served, force=kwargs.get("force", False))
             if not manifest:  # a follower rank of a distributed job: rank 0 reports
                 return
             counts = manifest.get("counts", {})
@@ -459,13 +465,37 @@ def run_recipe(
     """Run the recipe's stages in order: finished ones are skipped, interrupted ones resume, changed ones
     start over with the later stages of their chain. Writes <run>/report.md and report.html."""
     from compeff.pipeline import run_pipeline
+    from compeff.serving import serving
 
     def body() -> None:
         config = load_recipe(recipe, set_ or [])
-        run_pipeline(config, stages=stage or None, force=force)
+        names = stage or config.run.stages or []
+        uses_teacher = not names or bool(TEACHER_STAGES & set(names))
+        with serving(config) if uses_teacher else nullcontext(config) as served:
+            run_pipeline(served, stages=stage or None, force=force)
         typer.echo(f"run folder: {config.run_dir}  report: {config.run_dir / 'report.html'}")
 
     guarded(body)
+
+
+@app.command("serve")
+def serve(
+    recipe: Path = typer.Argument(..., help="YAML recipe whose teacher.serve says what to start."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+) -> None:
+    """Start the teacher's servers alone (teacher.serve), print their URLs and keep them up until Ctrl-C,
+    for several runs to share (give them --set 'teacher.base_urls=[...]')."""
+    from compeff.serving import serve_forever
+
+    def ready(urls: list[str]) -> None:
+        typer.echo("teacher servers ready (Ctrl-C stops them):")
+        for url in urls:
+            typer.echo(f"  {url}")
+        typer.echo(
+            f"use: --set 'teacher.base_urls={json.dumps([str(u) for u in urls])}' --set teacher.backend=openai"
+        )
+
+    guarded(lambda: serve_forever(load_recipe(recipe, set_ or []), ready))
 
 
 @app.command("report")

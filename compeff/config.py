@@ -110,6 +110,37 @@ class RunSettings(Section):
 
 
 # ------------------------------------------------------------------------------------------ teacher
+class ServeSettings(Section):
+    engine: Literal["none", "vllm", "llamacpp"] = Field(
+        "none",
+        description="none: the servers at teacher.base_urls are yours to run; vllm / llamacpp: compeff starts "
+        "them on free loopback ports, uses them (backend openai) and stops them when the command ends.",
+    )
+    replicas: int = Field(1, ge=1, le=64, description="Servers started (data-parallel replicas).")
+    gpus: list[int] | None = Field(
+        None,
+        description="vllm: GPU indices shared out to the replicas, tensor_parallel_size each "
+        "(null: 0 .. replicas x tensor_parallel_size - 1).",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU's memory.")
+    max_model_len: int | None = Field(
+        None, ge=64, description="Context length (vllm --max-model-len; llamacpp --n_ctx, default 4096)."
+    )
+    n_gpu_layers: int = Field(0, ge=-1, description="llamacpp: layers offloaded to the GPU (-1: all).")
+    n_threads: int | None = Field(
+        None, ge=1, description="llamacpp: CPU threads per server (null: its default)."
+    )
+    model_file: str | None = Field(
+        None, description="llamacpp: the GGUF file to serve (null: the shipped file of builtin:smollm2)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More flags passed to the engine as they are, e.g. ['--seed', '1']."
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0, le=7200, description="Seconds a server may take to answer /v1/models."
+    )
+
+
 class TeacherSettings(Section):
     backend: Literal["openai", "vllm", "hf"] = Field(
         "hf",
@@ -174,7 +205,10 @@ class TeacherSettings(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="hf/vllm weights dtype."
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend and served vllm: GPUs per model.")
+    serve: ServeSettings = Field(
+        default_factory=ServeSettings, description="Servers compeff starts for the teacher (off by default)."
+    )
     cache: str | None = Field(
         "runs/teacher_cache.sqlite",
         description="SQLite cache of request -> answer (null disables it). Shared by runs and processes.",

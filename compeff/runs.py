@@ -150,6 +150,16 @@ class StageConflict(StageError):
         self.changed = changed or []
 
 
+_SERVERS: list[dict[str, Any]] | None = None
+
+
+def note_servers(servers: list[dict[str, Any]] | None) -> None:
+    """Record the teacher servers compeff runs now (command lines, versions), for every manifest
+    written while they run; None when they stop."""
+    global _SERVERS
+    _SERVERS = servers
+
+
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape results, for the manifest."""
@@ -430,6 +440,7 @@ class Stage:
             "timings",
             "versions",
             "argv",
+            "servers",
         }
         for key, value in (self.previous_manifest or {}).items():
             if key not in standard:
@@ -510,6 +521,7 @@ class Stage:
             },
             "versions": library_versions(),
             "argv": redact_argv(sys.argv),
+            **({"servers": _SERVERS} if _SERVERS else {}),
             **self.extra,
         }
         if self.writer:
