@@ -441,11 +441,30 @@ def bench_teacher(
         "--bare/--no-bare",
         help="Also time a bare aiohttp loop in each cell (the transport's ceiling here).",
     ),
+    server: str = typer.Option(
+        "fake",
+        "--server",
+        help="fake: compeff's loopback server (requests/s); llamacpp: the generate stage against llama.cpp's "
+        "server on SmolLM2, tokens/s against llama_cpp.Llama in-process.",
+    ),
+    samples: int = typer.Option(48, "--samples", help="--server llamacpp: samples generated."),
+    threads: int = typer.Option(2, "--threads", help="--server llamacpp: CPU threads of server and ceiling."),
+    recipe: Path = typer.Option(
+        Path("recipes/quickstart.yaml"), "--recipe", help="--server llamacpp: recipe."
+    ),
 ) -> None:
-    """Requests/s the openai backend sustains against a loopback server answering at once or after a delay."""
+    """Requests/s the openai backend sustains against a loopback server answering at once or after a delay;
+    with --server llamacpp, the generate stage's tokens/s against a real server's own ceiling."""
     from compeff.bench.teacher import run_teacher_bench
 
     def body() -> None:
+        if server == "llamacpp":
+            from compeff.bench.served import run_served_generate_bench
+
+            run_served_generate_bench(recipe, samples, threads, out or Path("runs/bench"))
+            return
+        if server != "fake":
+            raise ConfigError(f"--server: fake or llamacpp, not {server!r}")
         run_teacher_bench(
             concurrency=concurrency, latency_ms=latency_ms, n_requests=requests, out_dir=out, bare=bare
         )

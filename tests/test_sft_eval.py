@@ -18,7 +18,9 @@ from compeff.evaluate.classification import (
     EvalError,
     HFLabelScorer,
     chat_user_content,
+    label_pieces,
     label_token_ids,
+    label_variants,
     render_prompt,
     served_label_scores,
     stratified_subset,
@@ -221,6 +223,29 @@ def test_label_collisions_and_served_scores(tiny_lm):
         {"token": "x", "logprob": -3},
     ]
     assert served_label_scores(tops, LABELS).tolist() == [-1.9, -0.2]
+    # a token that starts two label words is no evidence for either (it used to stop the evaluation)
+    three = ["negative", "neutral", "positive"]
+    tops3 = [{"token": "n", "logprob": -0.1}, {"token": "neutral", "logprob": -2.0}]
+    assert served_label_scores(tops3, three).tolist() == [-np.inf, -2.0, -np.inf]
+
+
+def test_label_tokens_of_the_served_tokenizer():
+    three = ["negative", "neutral", "positive"]
+    # the served tokenizer starts "Negative" and "Neutral" with the same token "N": that token is left out
+    first = {v: v for name in three for v in label_variants(name)}
+    first.update({"Negative": "N", "Neutral": "N", " negative": " neg"})
+    pieces = label_pieces(first, three)
+    assert "N" not in pieces and pieces[" neg"] == 0 and pieces["neutral"] == 1
+    tops = [{"token": "N", "logprob": -0.1}, {"token": " neg", "logprob": -1.0}, {"token": "negative", "logprob": -1.0},
+            {"token": "n", "logprob": -0.5}]  # fmt: skip
+    scores = served_label_scores(tops, three, pieces)
+    assert scores[0] == pytest.approx(np.log(2 * np.exp(-1.0))) and scores[1] == scores[2] == -np.inf
+    # a label none of whose spellings has a first token of its own cannot be scored: one clear error
+    clash = {v: "ne" for name in three[:2] for v in label_variants(name)} | {
+        v: v for v in label_variants("positive")
+    }
+    with pytest.raises(EvalError, match="'negative' starts with the same token as neutral"):
+        label_pieces(clash, three)
     assert stratified_subset([0] * 80 + [1] * 20, 10) == sorted(stratified_subset([0] * 80 + [1] * 20, 10))
     picked = stratified_subset([0] * 80 + [1] * 20, 10)
     assert sum(1 for i in picked if i >= 80) == 2 and len(picked) == 10

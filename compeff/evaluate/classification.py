@@ -219,21 +219,53 @@ class HFLabelScorer:
         return [int(i) for i in scores.argmax(1)], scores
 
 
-def served_label_scores(top_logprobs: list[dict[str, Any]], label_names: Sequence[str]) -> np.ndarray:
-    """Log-probabilities of each label word from a served model's top alternatives for the first token
-    (a token counts for a label when the label word starts with it; -inf when none is listed)."""
+def label_variants(name: str) -> list[str]:
+    """The spellings a model may start its answer with: the word, capitalised, each with a leading space."""
+    forms = dict.fromkeys([name, name.lower(), name.capitalize()])
+    return [prefix + form for prefix in ("", " ") for form in forms]
+
+
+def label_pieces(first_pieces: dict[str, str], label_names: Sequence[str]) -> dict[str, int]:
+    """Map each first token (as text) of a label word's spellings to its label; a token that starts the
+    words of two labels tells them apart no better than chance and is left out; a label left with no
+    token of its own is an error that names the labels it cannot be told from."""
+    owners: dict[str, set[int]] = {}
+    for i, name in enumerate(label_names):
+        for variant in label_variants(name):
+            owners.setdefault(first_pieces[variant], set()).add(i)
+    pieces = {piece: next(iter(labels)) for piece, labels in owners.items() if len(labels) == 1}
+    for i, name in enumerate(label_names):
+        if i not in pieces.values():
+            shared = sorted({label_names[j] for p, ls in owners.items() if i in ls for j in ls})
+            raise EvalError(
+                f"on this server every spelling of the label {name!r} starts with the same token as "
+                f"{', '.join(n for n in shared if n != name)}: choose label words whose first tokens differ"
+            )
+    return pieces
+
+
+def served_label_scores(
+    top_logprobs: list[dict[str, Any]], label_names: Sequence[str], pieces: dict[str, int] | None = None
+) -> np.ndarray:
+    """Log-probabilities of each label from a served model's top alternatives for the answer's first token.
+
+    With ``pieces`` (the served tokenizer's first token of each label spelling, from
+    :func:`label_pieces`) a token counts for a label only when it is exactly one of those tokens, and a
+    label's score adds the probabilities of its spellings. Without them (a server with no tokenize
+    endpoint) a token counts for the one label word it starts; a token that starts several is skipped.
+    -inf where no token of a label is listed."""
     scores = np.full(len(label_names), -np.inf)
     for alt in top_logprobs:
-        token = alt.get("token", "").strip().lower()
-        if not token:
-            continue
-        hits = [i for i, name in enumerate(label_names) if name.lower().startswith(token)]
-        if len(hits) > 1:
-            raise EvalError(
-                f"the served token {token!r} starts several label words ({', '.join(label_names[i] for i in hits)})"
-            )
-        if hits:
-            scores[hits[0]] = max(scores[hits[0]], float(alt.get("logprob", -np.inf)))
+        token = alt.get("token", "")
+        logprob = float(alt.get("logprob", -np.inf))
+        if pieces is not None:
+            hit = pieces.get(token)
+        else:
+            word = token.strip().lower()
+            hits = [i for i, name in enumerate(label_names) if word and name.lower().startswith(word)]
+            hit = hits[0] if len(hits) == 1 else None
+        if hit is not None:
+            scores[hit] = np.logaddexp(scores[hit], logprob)
     return scores
 
 

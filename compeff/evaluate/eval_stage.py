@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from compeff.evaluate.classification import (
     LabelledSet,
     classification_metrics,
     draw_demos,
+    label_pieces,
     label_shares,
+    label_variants,
     mean_over_seeds,
     render_prompt,
     served_label_scores,
@@ -91,12 +94,30 @@ def eval_prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[s
     ]
 
 
-def _served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str], tag: str):
+def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int] | None:
+    """The served tokenizer's first token of every spelling of each label word (None, with a note, when
+    the server has no tokenize endpoint: label tokens are then matched by prefix)."""
+    from compeff.teachers.tokenize_api import served_first_pieces
+
+    t = recipe.teacher
+    variants = [v for name in label_names for v in label_variants(name)]
+    first = served_first_pieces(str(t.base_urls[0]), t.model, variants, os.environ.get(t.api_key_env))
+    if first is None:
+        console.print(
+            "[yellow]eval: the server has no tokenize endpoint compeff knows; label tokens are matched by "
+            "prefix (a token that starts several label words is skipped)[/yellow]"
+        )
+        return None
+    return label_pieces(first, label_names)
+
+
+def served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str], tag: str):
     """Predictions of the recipe's served model (openai backend) from its top log-probabilities."""
     from compeff.teachers import ChatRequest, SamplingParams
     from compeff.teaching import teacher_session
 
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
+    pieces = served_label_tokens(recipe, label_names)
     requests = [
         ChatRequest(id=f"{tag}|{i}", messages=[{"role": "user", "content": p}], params=params)
         for i, p in enumerate(prompts)
@@ -109,7 +130,7 @@ def _served_predictions(recipe: Recipe, prompts: list[str], label_names: list[st
                 failures.append({"id": result.id, "reason": result.error or "no logprobs in the answer"})
                 continue
             first = (result.logprobs[0].get("content") or [{}])[0]
-            s = served_label_scores(first.get("top_logprobs") or [first], label_names)
+            s = served_label_scores(first.get("top_logprobs") or [first], label_names, pieces)
             scores[i] = s.tolist()
             if np.isfinite(s).any():
                 preds[i] = int(np.argmax(s))
@@ -206,7 +227,7 @@ def _evaluate_model(
                 if rows is None or len(rows) != len(data.texts):
                     prompts = eval_prompts(data, s.k_shot, seed, s.max_chars)
                     if backend == "openai":
-                        preds, scores, failures = _served_predictions(
+                        preds, scores, failures = served_predictions(
                             recipe, prompts, data.label_names, f"{spec}|{seed}"
                         )
                         stage.fail(failures)

@@ -58,10 +58,10 @@ def served_llm_soft_labels(
     recipe: Any, texts: Sequence[str], label_names: Sequence[str], max_chars: int = 1000
 ) -> np.ndarray:
     """Label distributions of the recipe's served teacher (openai backend) from top log-probabilities."""
-    from compeff.evaluate.eval_stage import _served_predictions
+    from compeff.evaluate.eval_stage import served_predictions
 
     prompts = [render_prompt(t, [], label_names, max_chars) for t in texts]
-    _, scores, _ = _served_predictions(recipe, prompts, list(label_names), "soft")
+    _, scores, _ = served_predictions(recipe, prompts, list(label_names), "soft")
     return normalise(scores)
 
 
