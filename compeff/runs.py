@@ -257,6 +257,19 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             yield row
 
 
+def read_chat_set(path: Path, need: tuple[str, ...] = ("messages",)) -> list[dict[str, Any]]:
+    """Records of a chat jsonl, each checked for an id and the ``need``-ed keys (errors name the line)."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    rows = []
+    for lineno, row in enumerate(iter_jsonl(path), 1):
+        missing = [k for k in ("id", *need) if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: record without {', '.join(repr(k) for k in missing)}")
+        rows.append(row)
+    return rows
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace a file's bytes in one step, durable once this returns (written, fsynced, renamed)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -17,10 +17,9 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.data import DataError
 from compeff.progress import console
-from compeff.runs import Stage, iter_jsonl, upstream_data
+from compeff.runs import Stage, iter_jsonl, read_chat_set, upstream_data
 from compeff.select.plots import histogram_png
 from compeff.select.sampling import select
-from compeff.select.score_stage import read_chat_set
 
 CLASS_SHIFT_POINTS = 10.0  # warn when a class share moves by more than this many percentage points
 MIN_GROUP_FOR_BALANCE = 10

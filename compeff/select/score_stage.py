@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 
 from compeff.config import Recipe
-from compeff.data import DataError
 from compeff.models import student_model
 from compeff.progress import Tracker, console
-from compeff.runs import Stage, dumps_line, iter_jsonl, upstream_data, weights_fingerprint
+from compeff.runs import Stage, dumps_line, iter_jsonl, read_chat_set, upstream_data, weights_fingerprint
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.plots import histogram_png
 from compeff.shards import (
@@ -30,19 +29,6 @@ from compeff.shards import (
 )
 
 SATURATION = 0.5  # warn when over half of the rho values sit at an end of [0, 1]
-
-
-def read_chat_set(path: Path, need: tuple[str, ...] = ("messages",)) -> list[dict[str, Any]]:
-    """Records of a chat jsonl, each checked for an id and the ``need``-ed keys (errors name the line)."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found")
-    rows = []
-    for lineno, row in enumerate(iter_jsonl(path), 1):
-        missing = [k for k in ("id", *need) if k not in row]
-        if missing:
-            raise DataError(f"{path}:{lineno}: record without {', '.join(repr(k) for k in missing)}")
-        rows.append(row)
-    return rows
 
 
 def score_input(recipe: Recipe) -> Path:

@@ -3,7 +3,7 @@
 A stage does real work per answer (quality checks, records, fsync'd appends, reports) and builds the
 next requests while earlier ones are in flight. In one Python process that work and the event loop
 that keeps hundreds of connections moving share one GIL, and each slows the other. Here the loop
-runs in a child process (``python -m compeff.teachers.client_process``): the parent sends request
+runs in a child process (``compeff.teachers.client_child``): the parent sends request
 bodies, already serialised, in small batches and gets parsed answers back, so the two sides run on
 two cores.
 
@@ -17,14 +17,11 @@ answers. POSIX only (inherited pipe descriptors); elsewhere the client stays in 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import queue
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,16 +29,14 @@ from typing import Any
 import orjson
 
 from compeff.teachers.base import ChatRequest, TeacherError, TeacherResult
-
-BATCH = 64  # requests or results per pipe message
-
+from compeff.teachers.client_wire import BATCH, from_row
 
 # The child's entry point. ``python -m`` (and ``-c``) put the working directory first on sys.path, so an
 # ``orjson.py`` or ``aiohttp.py`` lying where compeff runs would be imported inside the child; the entry
 # drops that entry before importing anything that is not built in.
 _CHILD_MAIN = (
     "import sys; del sys.path[0]; import runpy; "
-    "runpy.run_module('compeff.teachers.client_process', run_name='__main__', alter_sys=True)"
+    "runpy.run_module('compeff.teachers.client_child', run_name='__main__', alter_sys=True)"
 )
 
 
@@ -49,38 +44,6 @@ class ClientProcessError(TeacherError):
     """The client process died or crashed; the requests of the call in progress are lost to it."""
 
     kind = "client_process"
-
-
-def _as_row(result: TeacherResult) -> list:
-    return [
-        result.id,
-        result.ok,
-        result.texts,
-        result.finish_reasons,
-        result.logprobs,
-        result.usage,
-        result.error,
-        result.error_kind,
-        result.attempts,
-        result.latency_s,
-    ]
-
-
-def _from_row(row: list, meta: dict[str, Any]) -> TeacherResult:
-    rid, ok, texts, reasons, logprobs, usage, error, error_kind, attempts, latency = row
-    return TeacherResult(
-        id=rid,
-        ok=ok,
-        texts=texts,
-        finish_reasons=reasons,
-        logprobs=logprobs,
-        usage=usage,
-        error=error,
-        error_kind=error_kind,
-        attempts=attempts,
-        latency_s=latency,
-        meta=meta,
-    )
 
 
 class ClientProcess:
@@ -179,7 +142,7 @@ class ClientProcess:
                 answered[0] += len(message[1])
                 room.set()
                 for row in message[1]:
-                    yield _from_row(row, metas.pop(row[0], {}))
+                    yield from_row(row, metas.pop(row[0], {}))
         finally:
             if not finished:  # abandoned or broken mid-call: requests are still in flight there
                 stopped = True
@@ -214,93 +177,3 @@ def _reap(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-# ------------------------------------------------------------------------------------ child side
-async def _serve_call(teacher: Any, inbox: Connection, outbox: Connection) -> None:
-    loop = asyncio.get_running_loop()
-    todo: asyncio.Queue = asyncio.Queue()
-    handover: queue.Queue = queue.Queue()
-    buffer: list[list] = []
-
-    def add(items: list[tuple[str, bytes]]) -> None:
-        for item in items:
-            todo.put_nowait(item)
-
-    def read() -> None:
-        while True:
-            try:
-                message = inbox.recv()
-            except (EOFError, OSError):
-                os._exit(0)  # the parent is gone: nobody wants these answers
-            if message[0] == "req":
-                loop.call_soon_threadsafe(add, message[1])
-            elif message[0] == "end":
-                loop.call_soon_threadsafe(todo.put_nowait, None)
-                return
-
-    def write() -> None:
-        while (batch := handover.get()) is not None:
-            outbox.send_bytes(orjson.dumps(["res", batch]))
-
-    flush_due = False
-
-    def flush() -> None:
-        nonlocal flush_due
-        flush_due = False
-        if buffer:
-            handover.put(buffer[:])
-            buffer.clear()
-
-    async def worker(session: Any) -> None:
-        nonlocal flush_due
-        while (item := await todo.get()) is not None:
-            result = await teacher.complete_body(session, item[0], item[1])
-            buffer.append(_as_row(result))
-            if len(buffer) >= BATCH:
-                flush()
-            elif not flush_due:  # answers finished in this turn of the loop leave together, at its end
-                flush_due = True
-                loop.call_soon(flush)
-        todo.put_nowait(None)  # the next worker stops too
-
-    reader = threading.Thread(target=read, daemon=True)
-    writer = threading.Thread(target=write, daemon=True)
-    reader.start()
-    writer.start()
-    async with teacher._session() as session:
-        await asyncio.gather(*(worker(session) for _ in range(teacher.concurrency)))
-    flush()
-    handover.put(None)
-    writer.join()
-    reader.join()
-    outbox.send_bytes(b'["done"]')
-
-
-def main(argv: list[str]) -> None:
-    """Child entry point: serve calls until the parent says exit or goes away."""
-    from compeff.teachers.openai_api import OpenAITeacher, run_loop
-
-    inbox = Connection(int(argv[0]), writable=False)
-    outbox = Connection(int(argv[1]), readable=False)
-    try:
-        settings = inbox.recv()
-    except (EOFError, OSError):
-        return
-    teacher = OpenAITeacher(**settings, client_process=False)
-    while True:
-        try:
-            message = inbox.recv()
-        except (EOFError, OSError):
-            return
-        if message[0] == "exit":
-            return
-        try:
-            run_loop(_serve_call(teacher, inbox, outbox))
-        except BaseException:
-            outbox.send_bytes(orjson.dumps(["crash", traceback.format_exc()]))
-            return
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

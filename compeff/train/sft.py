@@ -21,8 +21,7 @@ from compeff.config import ConfigError, Recipe
 from compeff.data import DataError
 from compeff.models import CHATML_TEMPLATE, resolve_model, student_model
 from compeff.progress import console
-from compeff.runs import Stage, read_manifest, upstream_data
-from compeff.select.score_stage import read_chat_set
+from compeff.runs import Stage, read_chat_set, read_manifest, upstream_data
 
 TRUNCATION_WARN = 0.05
 
