@@ -230,7 +230,7 @@ class ServerPool:
         return [
             {"engine": self.settings.serve.engine, "version": version, "url": s.url,
              "command": [a.replace("{port}", str(s.port)) for a in s.command], "env": s.env,
-             "restarts": s.restarts, "log": str(s.log)}
+             "restarts": s.restarts, "log": str(s.log), "pid": s.process.pid if s.process else None}
             for s in self.servers
         ]  # fmt: skip
 
