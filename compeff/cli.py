@@ -499,7 +499,9 @@ def run_recipe(
 
 @app.command("serve")
 def serve(
-    recipe: Path = typer.Argument(..., help="YAML recipe whose teacher.serve says what to start."),
+    recipe: Optional[Path] = typer.Argument(  # noqa: UP045 - typer reads the annotation
+        None, help="YAML recipe whose teacher.serve says what to start (none: defaults and --set)."
+    ),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
 ) -> None:
     """Start the teacher's servers alone (teacher.serve), print their URLs and keep them up until Ctrl-C,

@@ -48,8 +48,8 @@ def parse_json_lenient(text: str) -> Any:
             r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", no_commas))
         )
         for attempt in (candidate, no_commas, pythonic):
-            try:
-                return json.loads(attempt)
+            try:  # strict=False: raw newlines inside strings (llama.cpp's grammars let them through)
+                return json.loads(attempt, strict=False)
             except json.JSONDecodeError:
                 pass
             try:

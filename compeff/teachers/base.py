@@ -41,10 +41,16 @@ class TeacherStatusError(TeacherError):
     kind = "status"
 
     def __init__(self, status: int, body: str = "", retry_after: float | None = None):
-        super().__init__(f"HTTP {status}: {body[:300]}")
+        # llama-cpp-python answers a request it cannot validate with 500 and pydantic's message: the same
+        # request fails the same way every time, so it is not retried
+        invalid = "validation error" in body and "'body'" in body
+        hint = ""
+        if "response_format" in body:
+            hint = " (the server does not take this response_format: see teacher.response_format)"
+        super().__init__(f"HTTP {status}: {body[:300]}{hint}")
         self.status = status
         self.retry_after = retry_after
-        self.retryable = status == 429 or status >= 500 or status == 408
+        self.retryable = (status == 429 or status >= 500 or status == 408) and not invalid
 
 
 class TeacherProtocolError(TeacherError):
