@@ -350,6 +350,13 @@ class GenerateSettings(Section):
     max_chars: int | None = Field(
         None, ge=20, description="Cut user texts to this many characters (null: whole texts)."
     )
+    teacher_top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=128,
+        description="Keep the teacher's top-k token log-probabilities of every answer token in each record, "
+        "for sft.loss: kd (0: off; servers give at most 20, vLLM and OpenAI).",
+    )
     task_cap: float = Field(
         2.0, ge=1.0, description="No task gets more than task_cap times its even share of the samples."
     )
@@ -441,6 +448,16 @@ class SampleSettings(Section):
 class SftSettings(Section):
     input: str | None = Field(
         None, description="Chat dataset to train on (default: the run's sample/data.jsonl)."
+    )
+    loss: Literal["sft", "kd"] = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's answer tokens; kd: plus alpha * T^2 * the forward KL "
+        "to the teacher's top-k distribution at each answer token (needs generate.teacher_top_logprobs and "
+        "a student with the teacher's vocabulary).",
+    )
+    kd_alpha: float = Field(1.0, ge=0, description="sft.loss: kd: weight of the distillation term.")
+    kd_temperature: float = Field(
+        1.0, gt=0, description="sft.loss: kd: temperature T of both distributions in the KL."
     )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule.")

@@ -25,7 +25,7 @@ from compeff.evaluate.eval_stage import eval_prompts, load_eval_set
 from compeff.fingerprints import fingerprint_obj
 from compeff.models import student_model
 from compeff.pipeline import run_pipeline
-from compeff.runs import atomic_write_bytes, iter_jsonl, weights_fingerprint
+from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_fingerprint
 
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
@@ -123,7 +123,10 @@ def run_distill_bench(
     ]
     for name in SUBSETS:
         trained = load_recipe(recipe_path, base + [f"sft.input={subsets[name]}"])
-        manifest = run_sft_stage(trained, progress=False, stage_name=f"sft-{name}")
+        try:
+            manifest = run_sft_stage(trained, progress=False, stage_name=f"sft-{name}")
+        except StageConflict:  # other settings than the last bench: train again
+            manifest = run_sft_stage(trained, force=True, progress=False, stage_name=f"sft-{name}")
         rows.append(
             {
                 "row": f"student after SFT, {name}",

@@ -14,8 +14,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from compeff import top_logprobs
 from compeff.config import Recipe
 from compeff.data import DataError, select_user_texts, source_inputs
+from compeff.models import resolve_model, student_model
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.shards import (
@@ -39,6 +41,31 @@ def load_tasks(path: Path) -> list[dict[str, Any]]:
     if not tasks:
         raise DataError(f"{path}: the tasks stage kept no task; nothing to generate")
     return tasks
+
+
+def logprob_capture(recipe: Recipe):
+    """A function packing an answer's top-k log-probabilities (``generate.teacher_top_logprobs``) with
+    token ids of the teacher's tokenizer (local backends) or of the student's (a server returns token
+    text, looked up in the student's vocabulary: ``sft.loss: kd`` needs that vocabulary anyway)."""
+    from transformers import AutoTokenizer
+
+    k = recipe.generate.teacher_top_logprobs
+    local = recipe.teacher.backend != "openai"
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(recipe.teacher.model if local else student_model(recipe.student))
+    )
+    lookup, vocab = top_logprobs.token_id_lookup(tokenizer), top_logprobs.vocab_fingerprint(tokenizer)
+
+    def capture(result: TeacherResult) -> dict[str, Any]:
+        content = (result.logprobs or [{}])[0] or {}
+        entries = content.get("content") if isinstance(content, dict) else None
+        if not entries:
+            raise AnswerRejected(
+                "no log-probabilities in the teacher's answer (generate.teacher_top_logprobs)"
+            )
+        return top_logprobs.pack(entries, k, lookup, vocab)
+
+    return capture
 
 
 def _stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -106,7 +133,9 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         plan, skipped, inputs["proxy"] = _skip_with_proxy(
             plan, by_id, prompt, settings.proxy, settings.proxy_skip
         )
-    limits = {"max_tokens": settings.max_tokens} if settings.max_tokens else {}
+    limits: dict[str, Any] = {"max_tokens": settings.max_tokens} if settings.max_tokens else {}
+    if settings.teacher_top_logprobs:
+        limits.update(logprobs=True, top_logprobs=settings.teacher_top_logprobs)
     params = sampling_params(recipe.teacher, **limits)
     sampling = params.to_dict()
     # a structured task's answers follow its own schema (constrained when teacher.structured_output)
@@ -134,6 +163,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         pending = stage.pending(plan)
         if pending:
             with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
+                capture = logprob_capture(recipe) if settings.teacher_top_logprobs else None
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
@@ -152,6 +182,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         "teacher": teacher.model,
                         "sampling": sampling,
                     }
+                    if capture is not None:
+                        record[top_logprobs.FIELD] = capture(result)
                     report_rows.add_row(record)
                     return record
 

@@ -172,7 +172,7 @@ class HFTeacher(Teacher):
             num_return_sequences=copies,
             pad_token_id=pad,
             return_dict_in_generate=True,
-            output_scores=params.logprobs,
+            output_logits=params.logprobs,
         )
         if sample:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p)
@@ -224,10 +224,12 @@ class HFTeacher(Teacher):
             )
 
     def _logprobs(self, out: Any, new_tokens: Any, params: SamplingParams) -> list[list[dict[str, Any]]]:
-        """Per generated token: its log-probability and the top-k alternatives (OpenAI layout)."""
+        """Per generated token: its log-probability and the top-k alternatives (OpenAI layout, with token
+        ids). Read from the model's raw logits, before temperature, top-p or a grammar change them (as
+        vLLM reports them), so they are the teacher's own distribution."""
         import torch
 
-        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # (rows, steps, vocab)
+        scores = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()  # (rows, steps, vocab)
         chosen = scores.gather(-1, new_tokens[:, : scores.shape[1]].unsqueeze(-1)).squeeze(-1)
         k = max(params.top_logprobs, 1)
         top_v, top_i = scores.topk(k, dim=-1)
@@ -239,10 +241,13 @@ class HFTeacher(Teacher):
                 [
                     {
                         "token": toks[s],
+                        "id": int(new_tokens[r, s]),
                         "logprob": float(chosen[r, s]),
                         "top_logprobs": [
-                            {"token": t, "logprob": float(v)}
-                            for t, v in zip(decode(top_i[r, s].tolist()), top_v[r, s].tolist())
+                            {"token": t, "id": i, "logprob": float(v)}
+                            for t, i, v in zip(
+                                decode(top_i[r, s].tolist()), top_i[r, s].tolist(), top_v[r, s].tolist()
+                            )
                         ][: params.top_logprobs],
                     }
                     for s in range(scores.shape[1])

@@ -73,3 +73,28 @@ class HiddenStateLoss(nn.Module):
             else:
                 losses.append(diff.mean())
         return torch.stack(losses).mean()
+
+
+def sparse_topk_kl(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per position, KL(teacher || student) on the teacher's top-k tokens: the teacher's log-probabilities
+    (at T = 1, as captured) divided by T and renormalised over its k tokens, against the student's
+    full-vocabulary log-softmax at T read at the same k ids. ``teacher_logprobs`` is -inf where an
+    alternative is missing; a position with none gives 0.
+
+    The direction is forward (teacher || student), as in classic KD: the student is pulled to cover every
+    token the teacher finds likely, and only the teacher's side is known beyond its top-k, which is what
+    a sum over the teacher's support needs (the reverse direction would need the teacher's probability of
+    every token the student likes)."""
+    valid = torch.isfinite(teacher_logprobs)
+    scaled = torch.where(
+        valid, teacher_logprobs.float() / temperature, torch.full_like(teacher_logprobs.float(), -torch.inf)
+    )
+    norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_p = torch.where(valid, scaled - torch.where(torch.isfinite(norm), norm, 0.0), 0.0)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    return torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)

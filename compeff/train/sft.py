@@ -22,6 +22,7 @@ from compeff.data import DataError
 from compeff.models import CHATML_TEMPLATE, resolve_model, student_model
 from compeff.progress import console
 from compeff.runs import Stage, read_chat_set, read_manifest, upstream_data
+from compeff.train.chat_tokens import chat_token_ids
 
 TRUNCATION_WARN = 0.05
 
@@ -67,17 +68,12 @@ def prepare_tokenizer(tokenizer: Any, settings) -> list[str]:
     return notes
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
 def preflight(tokenizer: Any, pairs: list[dict[str, Any]], ids: list[str], max_length: int) -> dict[str, Any]:
     """Token counts per sample: completion tokens kept after truncation, and which samples lose it all."""
     lengths, kept, emptied, truncated = [], [], [], 0
     for sample_id, pair in zip(ids, pairs, strict=True):
-        prompt = _ids(tokenizer, pair["prompt"], True)
-        full = _ids(tokenizer, pair["prompt"] + pair["completion"], False)
+        prompt = chat_token_ids(tokenizer, pair["prompt"], True)
+        full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)
         start = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
         lengths.append(len(full))
         truncated += len(full) > max_length
@@ -202,7 +198,7 @@ def reload_drift(
     worst = 0.0
     with torch.inference_mode():
         for pair in pairs:
-            ids = torch.tensor([_ids(tokenizer, pair["prompt"], True)], device=device)
+            ids = torch.tensor([chat_token_ids(tokenizer, pair["prompt"], True)], device=device)
             a = trained(input_ids=ids).logits.float()
             b = reloaded(input_ids=ids).logits.float()
             worst = max(worst, float((a - b).abs().max()))
@@ -252,6 +248,21 @@ def run_sft_stage(
             f"[yellow]sft: {report['truncated_share']:.0%} of samples are longer than max_length={s.max_length} "
             "and lose their end[/yellow]"
         )
+    kd_refused: dict[str, list[str]] = {}
+    if s.loss == "kd":
+        from compeff.train.logit_kd import check_vocabulary, kd_features
+
+        if s.packing:
+            raise ConfigError("sft.loss: kd trains without packing for now: set sft.packing: false")
+        check_vocabulary(tokenizer, rows)
+        kd_rows, kd_refused = kd_features(tokenizer, rows, pairs, s.max_length)
+        if not kd_rows:
+            raise SftCheckError(
+                f"sft.loss: kd: no sample lines up with the teacher's tokens ({ {k: len(v) for k, v in kd_refused.items()} })"
+            )
+        if kd_refused:
+            console.print(f"[yellow]sft: kd refused {sum(map(len, kd_refused.values()))} samples: "
+                          + ", ".join(f"{len(v)} {k}" for k, v in kd_refused.items()) + "[/yellow]")  # fmt: skip
     bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
     config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(), "seed": recipe.run.seed}  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only rank 0 writes
@@ -316,15 +327,32 @@ def run_sft_stage(
                 if logs:
                     stage.append([{"id": f"step-{state.global_step}-{len(state.log_history)}", "step": state.global_step, **logs}])  # fmt: skip
 
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(pairs),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[LogToStage()],
-        )
-        check_collated_masks(trainer, report["completion_tokens"], s.packing)
+        if s.loss == "kd":
+            from compeff.train.logit_kd import collate, kd_trainer_class
+
+            args.remove_unused_columns = False
+            args.dataset_kwargs = {"skip_prepare_dataset": True}
+            trainer_class = kd_trainer_class()
+            trainer_class.kd_alpha, trainer_class.kd_temperature = s.kd_alpha, s.kd_temperature
+            trainer = trainer_class(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(kd_rows),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                data_collator=collate(tokenizer.pad_token_id),
+                callbacks=[LogToStage()],
+            )
+        else:
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(pairs),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[LogToStage()],
+            )
+            check_collated_masks(trainer, report["completion_tokens"], s.packing)
         checkpoints = sorted(
             (stage.folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
         )
@@ -356,6 +384,8 @@ def run_sft_stage(
             truncated_share=report["truncated_share"],
             notes=notes,
             reload_max_abs_diff=drift,
+            loss=s.loss,
+            kd_refused={k: len(v) for k, v in kd_refused.items()},
             steps=trainer.state.global_step,
             train_runtime_s=next(
                 (h.get("train_runtime") for h in reversed(history) if "train_runtime" in h), None

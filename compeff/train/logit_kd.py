@@ -1,0 +1,145 @@
+"""``sft.loss: kd``: SFT plus the teacher's top-k distribution at every answer token (offline logit KD).
+
+Each sample carries the teacher's top-k token ids and log-probabilities (``generate.teacher_top_logprobs``,
+see :mod:`compeff.top_logprobs`). Before training every sample is checked: the student's vocabulary must be
+the one the ids belong to (compared by content, not by name), and the student's tokenizer must produce, for
+the teacher's answer, the very tokens the teacher sampled; a sample that does not line up is refused and
+counted. The loss is the usual cross-entropy on the answer tokens plus ``alpha * T^2 *`` the sparse
+forward KL of :func:`compeff.train.kd_losses.sparse_topk_kl`, computed inside TRL's ``SFTTrainer``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from compeff import top_logprobs
+from compeff.data import DataError
+from compeff.train.chat_tokens import chat_token_ids
+
+
+class VocabularyMismatch(DataError):
+    """The student's tokenizer is not the one the teacher's token ids belong to."""
+
+
+def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
+    """The vocabulary fingerprint shared by the samples and the student, or a clear refusal."""
+    found = Counter(str(r[top_logprobs.FIELD]["vocab"]) for r in rows if top_logprobs.FIELD in r)
+    if not found:
+        raise DataError(
+            f"sft.loss: kd needs the teacher's log-probabilities in the samples ({top_logprobs.FIELD}); "
+            "set generate.teacher_top_logprobs (e.g. 20) and generate again"
+        )
+    student = top_logprobs.vocab_fingerprint(tokenizer)
+    if set(found) != {student}:
+        raise VocabularyMismatch(
+            f"sft.loss: kd needs a student with the teacher's vocabulary: the samples' token ids come from "
+            f"vocabulary {', '.join(sorted(found))}, the student's is {student}. Logit distillation across "
+            "tokenizers (ULD, MinED alignment) is out of scope; use sft.loss: sft or a student of the "
+            "teacher's family"
+        )
+    return student
+
+
+def kd_features(
+    tokenizer: Any, rows: list[dict[str, Any]], pairs: list[dict[str, Any]], max_length: int
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Token ids, answer mask and the teacher's top-k arrays, aligned to the input positions, for every
+    sample that lines up; and the ids of the refused ones by reason."""
+    features, refused = [], {"no log-probabilities": [], "answer tokens differ": [], "answer cut away": []}
+    for row, pair in zip(rows, pairs, strict=True):
+        field = row.get(top_logprobs.FIELD)
+        if not field:
+            refused["no log-probabilities"].append(str(row["id"]))
+            continue
+        tokens, ids, logprobs = top_logprobs.unpack(field)
+        prompt = chat_token_ids(tokenizer, pair["prompt"], True)
+        full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)
+        start = len(prompt)
+        if full[:start] != prompt or full[start : start + len(tokens)] != tokens.tolist():
+            refused["answer tokens differ"].append(str(row["id"]))
+            continue
+        full = full[:max_length]
+        if len(full) <= start:
+            refused["answer cut away"].append(str(row["id"]))
+            continue
+        k = ids.shape[1]
+        t_ids = np.zeros((len(full), k), dtype=np.int64)
+        t_lp = np.full((len(full), k), -np.inf, dtype=np.float32)
+        n = min(len(tokens), len(full) - start)
+        t_ids[start : start + n], t_lp[start : start + n] = ids[:n], logprobs[:n]
+        features.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
+                         "teacher_ids": t_ids.tolist(), "teacher_logprobs": t_lp.tolist()})  # fmt: skip
+    return features, {k: v for k, v in refused.items() if v}
+
+
+def collate(pad_id: int):
+    """A collator padding ids, labels (answer tokens only) and the teacher's arrays to the batch width."""
+    import torch
+
+    def collate_batch(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        k = len(batch[0]["teacher_ids"][0])
+        out = {
+            "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
+            "labels": torch.full((len(batch), width), -100, dtype=torch.long),
+            "teacher_ids": torch.zeros((len(batch), width, k), dtype=torch.long),
+            "teacher_logprobs": torch.full((len(batch), width, k), -torch.inf),
+        }
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids = torch.tensor(b["input_ids"])
+            out["input_ids"][i, :n] = ids
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = torch.where(torch.tensor(b["completion_mask"]) == 1, ids, -100)
+            out["teacher_ids"][i, :n] = torch.tensor(b["teacher_ids"])
+            out["teacher_logprobs"][i, :n] = torch.tensor(b["teacher_logprobs"])
+        return out
+
+    return collate_batch
+
+
+def distill_loss(
+    logits: Any, ce: Any, teacher_ids: Any, teacher_logprobs: Any, alpha: float, temperature: float
+) -> tuple[Any, Any]:
+    """(CE + alpha * T^2 * mean KL over the positions with teacher information, that mean KL). Logits at
+    position t predict token t + 1, so the teacher's arrays (stored at the predicted token) shift by one."""
+    import torch
+
+    from compeff.train.kd_losses import sparse_topk_kl
+
+    lp = teacher_logprobs[:, 1:]
+    kl = sparse_topk_kl(logits[:, :-1], teacher_ids[:, 1:], lp, temperature)
+    has = torch.isfinite(lp).any(-1)
+    mean_kl = (kl * has).sum() / has.sum().clamp(min=1)
+    return ce + alpha * temperature**2 * mean_kl, mean_kl
+
+
+def kd_trainer_class():
+    """TRL's SFTTrainer with the distillation term added to its loss."""
+    from trl import SFTTrainer
+
+    class TopKDistillTrainer(SFTTrainer):
+        kd_alpha = 1.0
+        kd_temperature = 1.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            teacher_ids = inputs.pop("teacher_ids")
+            teacher_logprobs = inputs.pop("teacher_logprobs")
+            # one forward pass gives the logits and the answer tokens' cross-entropy (TRL's own loss path
+            # uses a fused head that would need a second pass to show the logits)
+            extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+            outputs = model(**inputs, **extra)
+            ce = outputs.loss
+            loss, mean_kl = distill_loss(
+                outputs.logits, ce, teacher_ids, teacher_logprobs, self.kd_alpha, self.kd_temperature
+            )
+            mode = "train" if model.training else "eval"
+            if hasattr(self, "_metrics"):
+                self._metrics[mode].setdefault("kd_kl", []).append(float(mean_kl.detach()))
+            return (loss, outputs) if return_outputs else loss
+
+    return TopKDistillTrainer

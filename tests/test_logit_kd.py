@@ -1,0 +1,154 @@
+"""Offline logit distillation: capture of the teacher's top-k log-probabilities, the sparse KL by hand,
+the loss inside TRL's trainer, and the refusals (another vocabulary, answers that do not line up)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compeff import top_logprobs
+from compeff.config import load_recipe
+from compeff.teachers import ChatRequest, SamplingParams
+from compeff.teachers.hf_local import HFTeacher
+from compeff.train.kd_losses import sparse_topk_kl
+from compeff.train.logit_kd import VocabularyMismatch, collate, distill_loss, kd_features
+
+K = 4
+
+
+def test_sparse_kl_by_hand():
+    z = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    ids = torch.tensor([[0, 3, 1], [2, 1, 0]])
+    lp = torch.tensor([[math.log(0.6), math.log(0.3), -math.inf], [-math.inf, -math.inf, -math.inf]])
+    got = sparse_topk_kl(z, ids, lp, temperature=2.0)
+    # by hand: teacher at T=2 is p^(1/2) renormalised over its two tokens; student softmax(z/2)
+    p = np.array([0.6, 0.3]) ** 0.5
+    p /= p.sum()
+    q = np.exp(np.array([2.0, 0.0, -1.0, 0.5]) / 2)
+    q /= q.sum()
+    expected = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[3])
+    assert got[0].item() == pytest.approx(expected, rel=1e-5)
+    assert got[1].item() == 0.0  # no teacher information: no term
+
+
+def captured_samples(tiny_lm, texts):
+    """Answers of the tiny model with their top-k log-probabilities, packed as generate packs them."""
+    teacher = HFTeacher(str(tiny_lm), batch_size=2, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    lookup, vocab = top_logprobs.token_id_lookup(tokenizer), top_logprobs.vocab_fingerprint(tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=True, top_logprobs=K)
+    rows = []
+    for r in teacher.generate([ChatRequest(id=f"s{i}", messages=[{"role": "user", "content": t}], params=params)
+                               for i, t in enumerate(texts)]):  # fmt: skip
+        assert r.ok and r.text
+        field = top_logprobs.pack(r.logprobs[0]["content"], K, lookup, vocab)
+        messages = [
+            {"role": "user", "content": texts[int(r.id[1:])]},
+            {"role": "assistant", "content": r.text},
+        ]
+        rows.append({"id": r.id, "messages": messages, top_logprobs.FIELD: field})
+    return rows
+
+
+def test_capture_packs_the_teachers_own_distribution(tiny_lm):
+    rows = captured_samples(tiny_lm, ["the film was great", "boring plot"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    for row in rows:
+        field = json.loads(json.dumps(row[top_logprobs.FIELD]))  # survives a jsonl round trip
+        tokens, ids, lps = top_logprobs.unpack(field)
+        assert field["unmapped"] == 0  # 4 + 6k bytes a token, base64: 4/3 of that (plus padding)
+        assert top_logprobs.stored_bytes_per_token(field) == pytest.approx((4 + 6 * K) * 4 / 3, abs=4)
+        prompt = tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        with torch.inference_mode():  # the teacher's log-probabilities, recomputed directly
+            logits = model(input_ids=torch.tensor([prompt + tokens.tolist()])).logits[0]
+        direct = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)], -1)
+        top_v, top_i = direct.topk(K, -1)
+        assert (top_i.numpy() == ids).all()
+        assert np.allclose(top_v.numpy(), lps, atol=2e-3)  # float16
+
+
+def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
+    rows = captured_samples(tiny_lm, ["the film was great", "boring plot", "music and actors"])
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    features, refused = kd_features(tok, rows, pairs, max_length=128)
+    assert not refused and len(features) == 3
+    batch = collate(tok.pad_token_id)(features)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        loss, mean_kl = distill_loss(
+            out.logits, out.loss, batch["teacher_ids"], batch["teacher_logprobs"], 0.5, 2.0
+        )
+    # by hand, position by position: logits at t predict token t + 1
+    logits = out.logits.numpy()
+    terms = []
+    for b in range(3):
+        for t in range(1, logits.shape[1]):
+            lp = batch["teacher_logprobs"][b, t].numpy()
+            if not np.isfinite(lp).any():
+                continue
+            p = np.exp(lp / 2.0)
+            p /= p.sum()
+            q = np.exp(logits[b, t - 1] / 2.0 - np.logaddexp.reduce(logits[b, t - 1] / 2.0))
+            terms.append(float((p * (np.log(p) - np.log(q[batch["teacher_ids"][b, t].numpy()]))).sum()))
+    assert len(terms) == sum(len(top_logprobs.unpack(r[top_logprobs.FIELD])[0]) for r in rows)
+    assert mean_kl.item() == pytest.approx(np.mean(terms), rel=1e-4)
+    assert loss.item() == pytest.approx(out.loss.item() + 0.5 * 4.0 * np.mean(terms), rel=1e-4)
+    # the teacher is this very model: on its top-k the renormalised teacher is the student restricted
+    # there, so the sparse KL is -log(the student's mass on those k tokens)
+    _, same = distill_loss(out.logits, out.loss, batch["teacher_ids"], batch["teacher_logprobs"], 1.0, 1.0)
+    masses = []
+    for b in range(3):
+        for t in range(1, logits.shape[1]):
+            lp = batch["teacher_logprobs"][b, t].numpy()
+            if np.isfinite(lp).any():
+                masses.append(-math.log(np.exp(lp).sum()))
+    assert same.item() == pytest.approx(np.mean(masses), abs=2e-3)
+
+
+def test_kd_training_runs_and_refuses_what_does_not_line_up(tiny_lm, tmp_path):
+    from compeff.train.sft import run_sft_stage
+
+    rows = captured_samples(
+        tiny_lm, ["the film was great", "boring plot", "music and actors", "sad and slow"]
+    )
+    bad = json.loads(json.dumps(rows[0]))
+    bad["id"] = "changed"
+    bad["messages"][1]["content"] = "something the teacher never said"  # its stored tokens no longer match
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, bad]))
+    recipe = load_recipe(None, [f"run.dir={tmp_path}", "run.name=kd", f"student.model={tiny_lm}", f"sft.input={data}",
+                                "sft.loss=kd", "sft.kd_alpha=0.5", "sft.kd_temperature=2.0", "sft.max_steps=2",
+                                "sft.per_device_batch_size=2", "sft.logging_steps=1"])  # fmt: skip
+    manifest = run_sft_stage(recipe, progress=False)
+    assert manifest["kd_refused"] == {"answer tokens differ": 1} and manifest["steps"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "kd" / "sft" / "data.jsonl").open()]
+    assert any("kd_kl" in r for r in logged)
+    # another vocabulary: refused before any training, naming cross-tokenizer methods as out of scope
+    other = json.loads(json.dumps(rows[1]))
+    other[top_logprobs.FIELD]["vocab"] = "0123456789abcdef"
+    data.write_text(json.dumps(other) + "\n")
+    with pytest.raises(VocabularyMismatch, match="across tokenizers"):
+        run_sft_stage(
+            load_recipe(None, [*recipe_overrides(tmp_path, tiny_lm, data), "run.name=kd2"]), progress=False
+        )
+
+
+def recipe_overrides(tmp_path, model, data):
+    return [
+        f"run.dir={tmp_path}",
+        f"student.model={model}",
+        f"sft.input={data}",
+        "sft.loss=kd",
+        "sft.max_steps=1",
+    ]
