@@ -404,8 +404,15 @@ def bench_distill(
     imdb: int = typer.Option(500, "--imdb", help="IMDb test reviews scored (stratified)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Run folder root (run distill-bench there)."),
+    loss: list[str] = typer.Option(
+        ["sft"], "--loss", help="sft, kd (offline top-k logit KD), gkd (repeatable)."
+    ),
+    top_k: int = typer.Option(
+        20, "--top-k", help="With --loss kd: teacher log-probabilities kept per token."
+    ),
 ) -> None:
-    """Teacher, student before SFT and after SFT on selected / random / all samples, side by side."""
+    """Teacher, student before SFT and after SFT on selected / random / all samples (and KD / GKD on the
+    selected set), side by side."""
     from compeff.bench.distill import run_distill_bench
 
     guarded(

@@ -449,12 +449,26 @@ class SftSettings(Section):
     input: str | None = Field(
         None, description="Chat dataset to train on (default: the run's sample/data.jsonl)."
     )
-    loss: Literal["sft", "kd"] = Field(
+    loss: Literal["sft", "kd", "gkd"] = Field(
         "sft",
         description="sft: cross-entropy on the teacher's answer tokens; kd: plus alpha * T^2 * the forward KL "
         "to the teacher's top-k distribution at each answer token (needs generate.teacher_top_logprobs and "
-        "a student with the teacher's vocabulary).",
+        "a student with the teacher's vocabulary); gkd: on-policy generalized KD with the local teacher "
+        "model (TRL's GKDTrainer) on the same prompts.",
     )
+    gkd_lmbda: float = Field(
+        0.5, ge=0, le=1, description="sft.loss: gkd: share of on-policy (student) answers."
+    )
+    gkd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="sft.loss: gkd: generalized JSD interpolation (0: forward KL, 1: reverse KL).",
+    )
+    gkd_temperature: float = Field(
+        0.9, gt=0, description="sft.loss: gkd: sampling temperature of on-policy answers."
+    )
+    gkd_max_new_tokens: int = Field(128, ge=1, description="sft.loss: gkd: most tokens per on-policy answer.")
     kd_alpha: float = Field(1.0, ge=0, description="sft.loss: kd: weight of the distillation term.")
     kd_temperature: float = Field(
         1.0, gt=0, description="sft.loss: kd: temperature T of both distributions in the KL."

@@ -152,3 +152,25 @@ def recipe_overrides(tmp_path, model, data):
         "sft.loss=kd",
         "sft.max_steps=1",
     ]
+
+
+def test_gkd_trains_on_policy_with_a_local_teacher_and_refuses_another_vocabulary(tiny_lm, tmp_path):
+    from compeff.train.sft import run_sft_stage
+
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"id": f"g{i}", "messages": [{"role": "user", "content": t},
+                                                                     {"role": "assistant", "content": "fun film"}]}) + "\n"
+                            for i, t in enumerate(["the film was great", "boring plot", "sad music", "happy actors"])))  # fmt: skip
+    base = [f"run.dir={tmp_path}", f"teacher.model={tiny_lm}", f"sft.input={data}", "sft.loss=gkd",
+            "sft.gkd_max_new_tokens=4", "sft.max_steps=2", "sft.per_device_batch_size=2", "sft.logging_steps=1"]  # fmt: skip
+    manifest = run_sft_stage(
+        load_recipe(None, [*base, "run.name=gkd", f"student.model={tiny_lm}"]), progress=False
+    )
+    assert manifest["steps"] == 2 and manifest["loss"] == "gkd" and manifest["final_loss"] is not None
+    other = tmp_path / "other-vocab"  # the same model with one more token: another vocabulary
+    AutoModelForCausalLM.from_pretrained(tiny_lm).save_pretrained(other)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.add_tokens(["zzzunseen"])
+    tok.save_pretrained(other)
+    with pytest.raises(VocabularyMismatch, match="teacher's vocabulary"):
+        run_sft_stage(load_recipe(None, [*base, "run.name=gkd2", f"student.model={other}"]), progress=False)

@@ -26,6 +26,7 @@ from compeff.fingerprints import fingerprint_obj
 from compeff.models import student_model
 from compeff.pipeline import run_pipeline
 from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_fingerprint
+from compeff.top_logprobs import FIELD, stored_bytes_per_token
 
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
@@ -43,11 +44,23 @@ def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, rows in (("selected", selected), ("random", chosen), ("all", generated)):
-        text = "".join(json.dumps({"id": r["id"], "messages": r["messages"]}) + "\n" for r in rows)
+        text = "".join(
+            json.dumps({k: r[k] for k in ("id", "messages", FIELD) if k in r}) + "\n" for r in rows
+        )
         paths[name] = out / f"{name}.jsonl"
         if not paths[name].exists() or paths[name].read_text(encoding="utf-8") != text:
             atomic_write_bytes(paths[name], text.encode("utf-8"))
     return paths
+
+
+def train(recipe: Recipe, stage_name: str) -> dict[str, Any]:
+    """Fine-tune into ``stage_name`` (reused when up to date; trained again when the settings changed)."""
+    from compeff.train.sft import run_sft_stage
+
+    try:
+        return run_sft_stage(recipe, progress=False, stage_name=stage_name)
+    except StageConflict:
+        return run_sft_stage(recipe, force=True, progress=False, stage_name=stage_name)
 
 
 def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, dict[str, float]]:
@@ -92,14 +105,17 @@ def run_distill_bench(
     imdb: int = 500,
     out_dir: Path = Path("runs/bench"),
     overrides: list[str] | None = None,
+    losses: tuple[str, ...] = ("sft",),
+    top_k: int = 20,
 ) -> list[dict[str, Any]]:
-    """Run the chain, the three fine-tunings and the five evaluations; print and save the table."""
-    from compeff.train.sft import run_sft_stage
-
+    """Run the chain, the fine-tunings and the evaluations; print and save the table. ``losses`` beyond
+    ``sft`` (``kd``: offline top-k logit KD, ``gkd``: on-policy) add rows trained on the selected set;
+    with ``kd`` the chain keeps the teacher's top-``top_k`` log-probabilities."""
     base = [
         f"run.dir={out_dir}",
         "run.name=distill-bench",
         f"generate.n_samples={n_samples}",
+        *([f"generate.teacher_top_logprobs={top_k}"] if "kd" in losses else []),
         *(overrides or []),
     ]
     recipe = load_recipe(recipe_path, base)
@@ -123,10 +139,7 @@ def run_distill_bench(
     ]
     for name in SUBSETS:
         trained = load_recipe(recipe_path, base + [f"sft.input={subsets[name]}"])
-        try:
-            manifest = run_sft_stage(trained, progress=False, stage_name=f"sft-{name}")
-        except StageConflict:  # other settings than the last bench: train again
-            manifest = run_sft_stage(trained, force=True, progress=False, stage_name=f"sft-{name}")
+        manifest = train(trained, f"sft-{name}")
         rows.append(
             {
                 "row": f"student after SFT, {name}",
@@ -135,6 +148,31 @@ def run_distill_bench(
                 "train_s": manifest.get("train_runtime_s"),
             }
         )
+    for loss in (x for x in losses if x != "sft"):
+        trained = load_recipe(recipe_path, base + [f"sft.input={subsets['selected']}", f"sft.loss={loss}"])
+        manifest = train(trained, f"sft-{loss}-selected")
+        rows.append(
+            {
+                "row": f"student after {loss.upper()}, selected",
+                "model": str(root / f"sft-{loss}-selected" / "model"),
+                "samples": sum(1 for _ in iter_jsonl(subsets["selected"]))
+                - sum(manifest.get("kd_refused", {}).values()),
+                "train_s": manifest.get("train_runtime_s"),
+            }
+        )
+    if "kd" in losses:
+        fields = [r[FIELD] for r in iter_jsonl(subsets["selected"]) if FIELD in r]
+        bytes_per_token = sum(stored_bytes_per_token(f) * f["n"] for f in fields) / max(
+            1, sum(f["n"] for f in fields)
+        )
+        console_note = (
+            f"stored teacher log-probabilities: {bytes_per_token:.0f} bytes per answer token (k = {top_k})"
+        )
+        Console().print(console_note)
+        for row in rows:
+            row["logit_bytes_per_token"] = (
+                round(bytes_per_token, 1) if row["row"].startswith("student after KD") else None
+            )
     for row in rows:
         tag = row["row"].replace(" ", "-").replace(",", "")
         row["sets"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
@@ -147,14 +185,18 @@ def run_distill_bench(
 def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
     """A row's cells: samples, accuracy / macro-F1 per set, training seconds."""
     scores = [f"{row['sets'][n]['accuracy']:.1f} / {row['sets'][n]['macro_f1']:.1f}" for n in names]
-    train = "-" if row["train_s"] is None else f"{row['train_s']:.0f}"
-    return [str(row["samples"] or "-"), *scores, train]
+    seconds = "-" if row["train_s"] is None else f"{row['train_s']:.0f}"
+    cells = [str(row["samples"] or "-"), *scores, seconds]
+    if "logit_bytes_per_token" in row:
+        cells.append("-" if row["logit_bytes_per_token"] is None else f"{row['logit_bytes_per_token']:.0f}")
+    return cells
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The bench table in Markdown (accuracy / macro-F1 x 100 per set, training seconds)."""
     names = list(rows[0]["sets"])
     head = ["model", "samples"] + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1" for n in names] + ["train s"]
+    head += ["logit bytes/token"] if "logit_bytes_per_token" in rows[0] else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join([r["row"], *_cells(r, names)]) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -166,7 +208,8 @@ def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
     table = Table(
         title=f"compeff bench distill: {recipe.eval.k_shot}-shot label-word accuracy / macro-F1 (x 100)"
     )
-    for col in ["model", "samples", *names, "train s"]:
+    extra = ["logit bytes/token"] if "logit_bytes_per_token" in rows[0] else []
+    for col in ["model", "samples", *names, "train s", *extra]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(r["row"], *_cells(r, names))

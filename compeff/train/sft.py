@@ -21,7 +21,7 @@ from compeff.config import ConfigError, Recipe
 from compeff.data import DataError
 from compeff.models import CHATML_TEMPLATE, resolve_model, student_model
 from compeff.progress import console
-from compeff.runs import Stage, read_chat_set, read_manifest, upstream_data
+from compeff.runs import Stage, read_chat_set, read_manifest, upstream_data, weights_fingerprint
 from compeff.train.chat_tokens import chat_token_ids
 
 TRUNCATION_WARN = 0.05
@@ -217,6 +217,7 @@ def run_sft_stage(
 
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental
     s = recipe.sft
     source = sft_input(recipe)
     rows = read_chat_set(source)
@@ -263,8 +264,27 @@ def run_sft_stage(
         if kd_refused:
             console.print(f"[yellow]sft: kd refused {sum(map(len, kd_refused.values()))} samples: "
                           + ", ".join(f"{len(v)} {k}" for k, v in kd_refused.items()) + "[/yellow]")  # fmt: skip
+    gkd_teacher = None
+    if s.loss == "gkd":  # on-policy: the student answers, a local teacher model scores every token
+        from compeff.top_logprobs import vocab_fingerprint
+        from compeff.train.logit_kd import VocabularyMismatch
+
+        if recipe.teacher.backend == "openai":
+            raise ConfigError("sft.loss: gkd needs the teacher's weights here (teacher.backend hf or vllm)")
+        if s.packing:
+            raise ConfigError("sft.loss: gkd generates on-policy and cannot pack: set sft.packing: false")
+        gkd_teacher = resolve_model(recipe.teacher.model)
+        teacher_vocab = vocab_fingerprint(AutoTokenizer.from_pretrained(gkd_teacher))
+        if teacher_vocab != vocab_fingerprint(tokenizer):
+            raise VocabularyMismatch(
+                f"sft.loss: gkd needs a student with the teacher's vocabulary ({recipe.teacher.model}: "
+                f"{teacher_vocab}, student: {vocab_fingerprint(tokenizer)}); logit distillation across "
+                "tokenizers is out of scope"
+            )
     bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
     config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(), "seed": recipe.run.seed}  # fmt: skip
+    if gkd_teacher:
+        config["teacher"] = weights_fingerprint(gkd_teacher)
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only rank 0 writes
     stage = Stage.open(
         recipe.run_dir, stage_name, config=config, inputs={"data": source}, force=force, writer=main
@@ -294,7 +314,7 @@ def run_sft_stage(
                 target_modules=s.lora_target_modules,
                 task_type="CAUSAL_LM",
             )
-        args = SFTConfig(
+        config_kwargs = dict(
             activation_checkpointing=s.gradient_checkpointing,  # TRL turns it on unless told
             gradient_checkpointing=s.gradient_checkpointing,
             output_dir=str(stage.folder / "checkpoints"),
@@ -321,13 +341,33 @@ def run_sft_stage(
             use_cpu=not cuda,
             ddp_find_unused_parameters=False,
         )
+        if s.loss == "gkd":
+            from trl.experimental.gkd import GKDConfig
+
+            args = GKDConfig(**config_kwargs, lmbda=s.gkd_lmbda, beta=s.gkd_beta, temperature=s.gkd_temperature,
+                             max_new_tokens=s.gkd_max_new_tokens)  # fmt: skip
+        else:
+            args = SFTConfig(**config_kwargs)
 
         class LogToStage(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs:
                     stage.append([{"id": f"step-{state.global_step}-{len(state.log_history)}", "step": state.global_step, **logs}])  # fmt: skip
 
-        if s.loss == "kd":
+        if s.loss == "gkd":
+            from trl.experimental.gkd import GKDTrainer
+
+            teacher_model = AutoModelForCausalLM.from_pretrained(gkd_teacher, **load_kwargs)
+            trainer = GKDTrainer(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[LogToStage()],
+            )
+        elif s.loss == "kd":
             from compeff.train.logit_kd import collate, kd_trainer_class
 
             args.remove_unused_columns = False
