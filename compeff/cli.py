@@ -36,7 +36,6 @@ bench_app = typer.Typer(help="Benchmarks: the teacher client, encoder students."
 app.add_typer(bench_app, name="bench")
 
 EXIT_USAGE = 2
-TEACHER_STAGES = {"teach", "enumerate", "tasks", "generate", "eval", "kd"}  # may call the teacher
 EXIT_NOT_IMPLEMENTED = 3
 
 
@@ -188,11 +187,11 @@ def stage_command(name: str, help_text: str, sections: list[str], teacher: bool 
 
     def command(**kwargs: Any) -> None:
         def body() -> None:
-            from compeff.serving import serving
+            from compeff.serving import calls_teacher, serving
 
             recipe = recipe_from_flags(kwargs)  # validated before any model loads
             run = get_stage(name)
-            with serving(recipe) if teacher else nullcontext(recipe) as served:
+            with serving(recipe) if calls_teacher(recipe, [name]) else nullcontext(recipe) as served:
                 manifest = run(served, force=kwargs.get("force", False))
             if not manifest:  # a follower rank of a distributed job: rank 0 reports
                 return
@@ -491,13 +490,13 @@ def run_recipe(
     """Run the recipe's stages in order: finished ones are skipped, interrupted ones resume, changed ones
     start over with the later stages of their chain. Writes <run>/report.md and report.html."""
     from compeff.pipeline import run_pipeline
-    from compeff.serving import serving
+    from compeff.serving import calls_teacher, serving
+    from compeff.stages import implemented_stages
 
     def body() -> None:
         config = load_recipe(recipe, set_ or [])
-        names = stage or config.run.stages or []
-        uses_teacher = not names or bool(TEACHER_STAGES & set(names))
-        with serving(config) if uses_teacher else nullcontext(config) as served:
+        names = stage or config.run.stages or implemented_stages()
+        with serving(config) if calls_teacher(config, names) else nullcontext(config) as served:
             run_pipeline(served, stages=stage or None, force=force)
         typer.echo(f"run folder: {config.run_dir}  report: {config.run_dir / 'report.html'}")
 

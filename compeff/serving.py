@@ -305,6 +305,19 @@ def served_teacher(settings: TeacherSettings, urls: list[str]) -> TeacherSetting
     return settings.model_copy(update=update)
 
 
+def calls_teacher(recipe: Recipe, stages: list[str]) -> bool:
+    """Whether any of these stages would call the teacher's server: the synthesis stages always, ``eval``
+    with ``eval.backend: openai``, ``kd`` with ``kd.soft_labels: llm``."""
+    for stage in stages:
+        if stage in ("teach", "enumerate", "tasks", "generate"):
+            return True
+        if stage == "eval" and recipe.eval.backend == "openai":
+            return True
+        if stage == "kd" and recipe.kd.soft_labels == "llm":
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def serving(recipe: Recipe) -> Iterator[Recipe]:
     """Run a block with the teacher's servers up when ``teacher.serve.engine`` is set (else the recipe

@@ -55,3 +55,16 @@ def test_serve_settings_are_checked():
         load_recipe(None, ["teacher.serve.engine=sglang"])
     with pytest.raises(ConfigError):
         load_recipe(None, ["teacher.serve.replicas=0"])
+
+
+def test_servers_start_only_for_stages_that_call_the_teacher():
+    from compeff.serving import calls_teacher
+
+    recipe = load_recipe(None, ["teacher.serve.engine=vllm"])
+    assert calls_teacher(recipe, ["cluster", "generate"]) and not calls_teacher(
+        recipe, ["score", "sft", "eval", "kd"]
+    )
+    served_eval = load_recipe(
+        None, ["teacher.serve.engine=vllm", "eval.backend=openai", "kd.soft_labels=llm"]
+    )
+    assert calls_teacher(served_eval, ["eval"]) and calls_teacher(served_eval, ["kd"])
