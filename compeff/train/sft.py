@@ -354,19 +354,14 @@ def run_sft_stage(
                 if logs:
                     stage.append([{"id": f"step-{state.global_step}-{len(state.log_history)}", "step": state.global_step, **logs}])  # fmt: skip
 
+        common = dict(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+                      callbacks=[LogToStage()])  # fmt: skip
         if s.loss == "gkd":
             from trl.experimental.gkd import GKDTrainer
 
             teacher_model = AutoModelForCausalLM.from_pretrained(gkd_teacher, **load_kwargs)
-            trainer = GKDTrainer(
-                model=model,
-                teacher_model=teacher_model,
-                args=args,
-                train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[LogToStage()],
-            )
+            chats = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+            trainer = GKDTrainer(teacher_model=teacher_model, train_dataset=chats, **common)
         elif s.loss == "kd":
             from compeff.train.logit_kd import collate, kd_trainer_class
 
@@ -375,23 +370,12 @@ def run_sft_stage(
             trainer_class = kd_trainer_class()
             trainer_class.kd_alpha, trainer_class.kd_temperature = s.kd_alpha, s.kd_temperature
             trainer = trainer_class(
-                model=model,
-                args=args,
                 train_dataset=Dataset.from_list(kd_rows),
-                processing_class=tokenizer,
-                peft_config=peft_config,
                 data_collator=collate(tokenizer.pad_token_id),
-                callbacks=[LogToStage()],
+                **common,
             )
         else:
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=Dataset.from_list(pairs),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[LogToStage()],
-            )
+            trainer = SFTTrainer(train_dataset=Dataset.from_list(pairs), **common)
             check_collated_masks(trainer, report["completion_tokens"], s.packing)
         checkpoints = sorted(
             (stage.folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
