@@ -116,7 +116,10 @@ def answer_requests(
                 try:
                     ok_buf.append(to_record(request, result))
                     tracker.advance(ok=1)
-                except AnswerRejected as exc:
+                except (AnswerRejected, ValueError, KeyError, TypeError) as exc:
+                    # an answer the stage cannot read is that item's failure, never the stage's crash
+                    if not isinstance(exc, AnswerRejected):
+                        exc = AnswerRejected(f"unreadable answer ({type(exc).__name__}: {exc})")
                     rejected.append(request)
                     counts["rejected"] += 1
                     counts["failed"] += 1

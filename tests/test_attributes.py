@@ -203,6 +203,10 @@ def test_json_answers_parse_like_lists():
     ]
     with pytest.raises(AttributeParseError):
         parse_attributes('{"attributes": []}')
+    # cut at max_tokens, with a raw newline inside a string (llama.cpp's grammar lets it through): the
+    # whole items are kept, the cut one is not
+    cut = '{"attributes": [{"name": "plot", "description": "the story\nline", "value": "thin"}, {"name": "act'
+    assert [(i.name, i.value) for i in parse_attributes(cut)] == [("plot", "thin")]
 
 
 def test_both_enumerate_prompts_render():

@@ -290,6 +290,23 @@ def test_an_answer_the_stage_rejects_leaves_the_cache(tmp_path):
     assert sum(1 for _ in iter_jsonl(tmp_path / "s" / "failures.jsonl")) == 3
 
 
+def test_an_answer_the_parser_chokes_on_is_that_items_failure_not_a_crash(tmp_path):
+    """A record function that raises on a teacher's text (seen with llama.cpp: a raw control character
+    inside a JSON string) fails that item with the reason and the raw answer; the stage goes on."""
+
+    def to_record(request, result):
+        return {"id": request.id, "value": json.loads(result.text)}  # raises on the bad answer
+
+    answers = iter(['{"a": "fine"}', '{"a": "raw\x01control"}', '{"a": "fine too"}'])
+    with FakeServer(responder=lambda m, b: next(answers)) as srv:
+        teacher = _teacher(srv.base_url)
+        with Stage.open(tmp_path, "s", config={}) as st:
+            counts = answer_requests(st, teacher, _same_prompt(3, temperature=0.0), to_record, progress=False)
+    assert counts["ok"] == 2 and counts["rejected"] == 1
+    (failure,) = list(iter_jsonl(tmp_path / "s" / "failures.jsonl"))
+    assert "unreadable answer (JSONDecodeError" in failure["reason"] and "control" in failure["raw"][0]
+
+
 def test_a_corrupted_cache_file_is_one_clear_error(tmp_path):
     from compeff.teachers.cache import CacheError
 

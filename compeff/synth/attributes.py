@@ -14,6 +14,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)(?:(?P<num>\d{1,3})\s*[.)]|(?P<bullet>[-*•+]))\s+(?P<body>\S.*)$")
 _BOLD_LEAD = re.compile(r"^[ \t]*(?:\*\*|__)(?P<body>.+)$")
@@ -145,6 +146,16 @@ _JSON_ITEM = re.compile(
 )
 
 
+def _json_item(text: str) -> dict[str, Any] | None:
+    """One whole attribute object, or None when it does not decode (raw control characters inside its
+    strings are accepted: llama.cpp's grammars let them through)."""
+    try:
+        item = json.loads(text, strict=False)
+    except ValueError:
+        return None
+    return item if isinstance(item, dict) else None
+
+
 def _json_attributes(answer: str) -> list[tuple[str, str, str]] | None:
     """(name, description, value) of a JSON answer {"attributes": [...]}, or None when it is not one."""
     if not answer.lstrip().startswith(("{", "[")):
@@ -154,7 +165,7 @@ def _json_attributes(answer: str) -> list[tuple[str, str, str]] | None:
     try:
         value = parse_json_lenient(answer)
     except ValueError:  # cut at max_tokens: keep the items that were written whole
-        items = [json.loads(m.group(0)) for m in _JSON_ITEM.finditer(answer)]
+        items = [item for m in _JSON_ITEM.finditer(answer) if (item := _json_item(m.group(0)))]
         return [(i["name"], i["description"], i["value"]) for i in items] or None
     items = value.get("attributes") if isinstance(value, dict) else value
     if not isinstance(items, list):
