@@ -55,6 +55,33 @@ def in_process_ceiling(
     }
 
 
+def bare_http_rate(
+    url: str, model: str, prompts: list[tuple[str, str]], max_tokens: int, temperature: float, seed: int
+) -> dict[str, float]:
+    """Completion tokens per second of a plain sequential HTTP loop (urllib, no compeff) against the
+    server: what the server gives a client that does nothing else."""
+    import urllib.request
+
+    tokens = 0
+    started = time.perf_counter()
+    for rid, prompt in prompts:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": temperature, "seed": request_seed(seed, rid)}  # fmt: skip
+        request = urllib.request.Request(
+            f"{url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as resp:  # noqa: S310 - our own loopback server
+            tokens += int(json.loads(resp.read())["usage"]["completion_tokens"])
+    seconds = time.perf_counter() - started
+    return {
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2),
+    }
+
+
 def run_served_generate_bench(
     recipe_path: Path = Path("recipes/quickstart.yaml"),
     n_samples: int = 48,
@@ -73,21 +100,24 @@ def run_served_generate_bench(
         *(overrides or []),
     ]
     recipe = load_recipe(recipe_path, base)
+    max_tokens = recipe.generate.max_tokens or recipe.teacher.max_tokens
     with serving(recipe) as served:
         run_pipeline(served, stages=["enumerate", "cluster", "tasks"], show=False)
         run_pipeline(served, stages=["generate"], force=True, show=False)
+        prompts = [
+            (str(r["id"]), r["messages"][0]["content"])
+            for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")
+        ]
+        bare = bare_http_rate(str(served.teacher.base_urls[0]), recipe.teacher.model, prompts, max_tokens,
+                              recipe.teacher.temperature, recipe.run.seed)  # fmt: skip
     manifest = read_manifest(recipe.run_dir / "generate") or {}
     usage = manifest.get("teacher_usage", {})
     stage_seconds = float(manifest.get("timings", {}).get("seconds", 0.0))
     stage_tokens = int(usage.get("completion_tokens", 0))
-    prompts = [
-        (str(r["id"]), r["messages"][0]["content"])
-        for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")
-    ]
     ceiling = in_process_ceiling(
         llamacpp_model_file(recipe.teacher.model, recipe.teacher.serve),
         prompts,
-        recipe.generate.max_tokens or recipe.teacher.max_tokens,
+        max_tokens,
         recipe.teacher.temperature,
         recipe.run.seed,
         threads,
@@ -102,6 +132,8 @@ def run_served_generate_bench(
             "tokens_per_s": round(stage_rate, 2),
         },
         "in_process": ceiling,
+        "bare_http": bare,
+        "stage_over_bare_http": round(stage_rate / bare["tokens_per_s"], 3) if bare["tokens_per_s"] else None,
         "stage_over_ceiling": round(stage_rate / ceiling["tokens_per_s"], 3)
         if ceiling["tokens_per_s"]
         else None,
@@ -120,6 +152,7 @@ def run_served_generate_bench(
                       f"{row['tokens_per_s']:.1f}")  # fmt: skip
     console = Console()
     console.print(table)
-    console.print(f"stage / ceiling: {result['stage_over_ceiling']}")
+    console.print(f"stage / in-process ceiling: {result['stage_over_ceiling']}; "
+                  f"stage / plain HTTP loop: {result['stage_over_bare_http']}")  # fmt: skip
     (recipe.run_dir / "served_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
