@@ -146,6 +146,7 @@ def run_served_generate_bench(
         table.add_column(col, justify="left" if col == "path" else "right")
     for name, row in (
         ("compeff generate -> server", result["stage"]),
+        ("plain HTTP loop -> server", bare),
         ("llama_cpp.Llama in-process", ceiling),
     ):
         table.add_row(name, str(len(prompts)), str(row["completion_tokens"]), f"{row['seconds']:.1f}",
