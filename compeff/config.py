@@ -119,7 +119,7 @@ class ServeSettings(Section):
     replicas: int = Field(1, ge=1, le=64, description="Servers started (data-parallel replicas).")
     gpus: list[int] | None = Field(
         None,
-        description="vllm: GPU indices shared out to the replicas, tensor_parallel_size each "
+        description="vllm: GPU indices divided among the replicas, tensor_parallel_size each "
         "(null: 0 .. replicas x tensor_parallel_size - 1).",
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU's memory.")

@@ -236,10 +236,10 @@ def label_pieces(first_pieces: dict[str, str], label_names: Sequence[str]) -> di
     pieces = {piece: next(iter(labels)) for piece, labels in owners.items() if len(labels) == 1}
     for i, name in enumerate(label_names):
         if i not in pieces.values():
-            shared = sorted({label_names[j] for p, ls in owners.items() if i in ls for j in ls})
+            colliding = sorted({label_names[j] for p, ls in owners.items() if i in ls for j in ls})
             raise EvalError(
                 f"on this server every spelling of the label {name!r} starts with the same token as "
-                f"{', '.join(n for n in shared if n != name)}: choose label words whose first tokens differ"
+                f"{', '.join(n for n in colliding if n != name)}: choose label words whose first tokens differ"
             )
     return pieces
 

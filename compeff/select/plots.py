@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 
 def histogram_png(series: Mapping[str, Sequence[float]], title: str, xlabel: str, bins: int = 40) -> bytes:
-    """One histogram per named series, overlaid on shared bins (e.g. before / after selection)."""
+    """One histogram per named series, overlaid on common bins (e.g. before / after selection)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -83,7 +83,7 @@ class SamplingParams:
     json_schema: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(_params_dict(self))  # a copy: the cached dict is shared by every request
+        return dict(_params_dict(self))  # a copy: every request reads the one cached dict
 
 
 @lru_cache(maxsize=256)

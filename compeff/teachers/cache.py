@@ -1,4 +1,4 @@
-"""SQLite cache of teacher requests -> answers, shared safely by threads and processes (WAL mode)."""
+"""SQLite cache of teacher requests -> answers, safe for threads and processes (WAL mode)."""
 
 from __future__ import annotations
 

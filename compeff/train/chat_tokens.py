@@ -1,4 +1,4 @@
-"""Token ids of a chat as a student reads it (its chat template), shared by SFT's checks and logit KD."""
+"""Token ids of a chat as a student reads it (its chat template), for SFT's checks and logit KD."""
 
 from __future__ import annotations
 

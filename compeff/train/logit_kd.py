@@ -25,7 +25,7 @@ class VocabularyMismatch(DataError):
 
 
 def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
-    """The vocabulary fingerprint shared by the samples and the student, or a clear refusal."""
+    """The vocabulary fingerprint common to the samples and the student, or a clear refusal."""
     found = Counter(str(r[top_logprobs.FIELD]["vocab"]) for r in rows if top_logprobs.FIELD in r)
     if not found:
         raise DataError(
