@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import compeff_cmd, kill_after_lines
 
+from compeff import top_logprobs
 from compeff.config import load_recipe
 from compeff.runs import iter_jsonl, read_manifest
 from compeff.synth.generate import run_generate_stage
@@ -330,13 +331,15 @@ def test_merge_refuses_missing_shards(tmp_path, scripted):
         run_generate_stage(load_recipe(path, ["generate.merge=true"]), progress=False)
 
 
-def test_generate_resumes_after_sigkill(tmp_path):
+def test_generate_resumes_after_sigkill(tmp_path, tiny_lm):
+    # with the teacher's top-3 log-probabilities kept in every record: they survive the kill with it
+    keep = {"generate__teacher_top_logprobs": 3, "student__model": str(tiny_lm)}
     with FakeServer(responder=pipeline_responder, latency_ms=40, max_seconds=300) as srv:
         clean = recipe_for(
-            tmp_path, srv.base_url, name="clean", generate__n_samples=150, teacher__concurrency=2
+            tmp_path, srv.base_url, name="clean", generate__n_samples=150, teacher__concurrency=2, **keep
         )
         killed = recipe_for(
-            tmp_path, srv.base_url, name="killed", generate__n_samples=150, teacher__concurrency=2
+            tmp_path, srv.base_url, name="killed", generate__n_samples=150, teacher__concurrency=2, **keep
         )
         subprocess.run(
             compeff_cmd("tasks", "--config", str(clean)), check=True, capture_output=True, timeout=300
@@ -363,6 +366,9 @@ def test_generate_resumes_after_sigkill(tmp_path):
         return seen
 
     assert rows("killed") == rows("clean")
+    for row in rows("killed").values():  # one packed entry per answer token (the server's words)
+        tokens, ids, logprobs = top_logprobs.unpack(row[top_logprobs.FIELD])
+        assert len(tokens) == len(row["messages"][-1]["content"].split()[:64]) and ids.shape[1] == 3
 
 
 def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearly(tmp_path, tiny_chat):
