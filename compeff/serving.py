@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from compeff.config import ConfigError, Recipe, ServeSettings, TeacherSettings
-from compeff.runs import StageError, note_servers
+from compeff.runs import StageError, atomic_write_bytes, note_servers
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_CHARS = 2000
@@ -254,10 +254,19 @@ class ServerPool:
                 try:
                     server.wait_ready(self.settings.serve.startup_timeout_s)
                 except ServerFailed as exc:
-                    self.failure = f"teacher server {server.url} died and did not come back: {exc}"
+                    self.failure = (
+                        f"teacher server {server.url} died twice (the restarted one while starting): {exc}"
+                    )
                     self._interrupt_main()
                     return
-                note_servers(self.describe())
+                self.publish()
+
+    def publish(self) -> None:
+        """Record the servers as they are now: in every manifest written meanwhile and in servers.json."""
+        note_servers(self.describe())
+        atomic_write_bytes(
+            self.log_dir / "servers.json", (json.dumps(self.describe(), indent=2) + "\n").encode()
+        )
 
     def _interrupt_main(self) -> None:
         if self._main is not None:
@@ -330,8 +339,7 @@ def serving(recipe: Recipe) -> Iterator[Recipe]:
     with _stop_on_signals(pool):
         try:
             urls = pool.start()
-            note_servers(pool.describe())
-            (pool.log_dir / "servers.json").write_text(json.dumps(pool.describe(), indent=2) + "\n")
+            pool.publish()
             yield recipe.model_copy(update={"teacher": served_teacher(settings, urls)})
         finally:
             pool.stop()

@@ -206,6 +206,10 @@ def test_serve_restarts_a_dead_server_once_then_fails(tmp_path):
                 except OSError:
                     pass
         assert new, "the server did not come back"
+        listing = tmp_path / "s" / "servers" / "servers.json"
+        while time.monotonic() < deadline and json.loads(listing.read_text())[0]["restarts"] != 1:
+            time.sleep(0.2)  # the watchdog has seen it ready again and recorded the restart
+        assert json.loads(listing.read_text())[0]["restarts"] == 1
         os.kill(new[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
