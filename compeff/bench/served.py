@@ -25,6 +25,24 @@ from compeff.serving import llamacpp_model_file, serving
 from compeff.teachers.base import request_seed
 
 
+def timed_answers(
+    answer, prompts: list[tuple[str, str]], max_tokens: int, temperature: float, seed: int
+) -> dict[str, float]:
+    """Completion tokens per second of ``answer(body) -> completion tokens`` over ``(id, prompt)`` pairs,
+    one by one, each with the chat body compeff would send (its seed included)."""
+    tokens = 0
+    started = time.perf_counter()
+    for rid, prompt in prompts:
+        tokens += answer({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                          "temperature": temperature, "seed": request_seed(seed, rid)})  # fmt: skip
+    seconds = time.perf_counter() - started
+    return {
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2),
+    }
+
+
 def in_process_ceiling(
     model_file: str,
     prompts: list[tuple[str, str]],
@@ -33,26 +51,14 @@ def in_process_ceiling(
     seed: int,
     threads: int,
 ) -> dict[str, float]:
-    """Completion tokens per second of ``llama_cpp.Llama`` answering ``(id, prompt)`` pairs one by one."""
+    """Completion tokens per second of ``llama_cpp.Llama`` answering the prompts one by one, in process."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=model_file, n_ctx=4096, n_threads=threads, verbose=False)
-    tokens = 0
-    started = time.perf_counter()
-    for rid, prompt in prompts:
-        answer = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=temperature,
-            seed=request_seed(seed, rid),
-        )
-        tokens += int(answer["usage"]["completion_tokens"])
-    seconds = time.perf_counter() - started
-    return {
-        "completion_tokens": tokens,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 2),
-    }
+    return timed_answers(
+        lambda body: int(llm.create_chat_completion(**body)["usage"]["completion_tokens"]),
+        prompts, max_tokens, temperature, seed,
+    )  # fmt: skip
 
 
 def bare_http_rate(
@@ -62,24 +68,16 @@ def bare_http_rate(
     server: what the server gives a client that does nothing else."""
     import urllib.request
 
-    tokens = 0
-    started = time.perf_counter()
-    for rid, prompt in prompts:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": request_seed(seed, rid)}  # fmt: skip
+    def answer(body: dict[str, Any]) -> int:
         request = urllib.request.Request(
             f"{url}/chat/completions",
-            data=json.dumps(body).encode(),
+            data=json.dumps({"model": model, **body}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=600) as resp:  # noqa: S310 - our own loopback server
-            tokens += int(json.loads(resp.read())["usage"]["completion_tokens"])
-    seconds = time.perf_counter() - started
-    return {
-        "completion_tokens": tokens,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 2),
-    }
+            return int(json.loads(resp.read())["usage"]["completion_tokens"])
+
+    return timed_answers(answer, prompts, max_tokens, temperature, seed)
 
 
 def run_served_generate_bench(
