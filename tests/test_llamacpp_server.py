@@ -114,8 +114,8 @@ def test_chain_through_the_real_server_with_structured_output(server, tmp_path):
     from compeff.pipeline import run_pipeline
 
     sets = ["data.user_texts=[imdb:unsupervised, tweeteval_sentiment:validation]", "enumerate.n_texts=6",
-            "enumerate.min_frac=0.01", "enumerate.max_chars=300", "teacher.max_tokens=160", "tasks.max_tokens=320",
-            "cluster.n_perspectives_hint=2", "tasks.max_perspectives=1", "tasks.analysis_instructions=1",
+            "enumerate.min_frac=0.01", "enumerate.max_chars=300", "teacher.max_tokens=160", "tasks.max_tokens=512",
+            "cluster.n_perspectives_hint=2", "tasks.max_perspectives=1", "tasks.analysis_instructions=2",
             "tasks.ideas_per_perspective=1", "tasks.min_examples=1", "tasks.demo_calls=1", "tasks.min_demos=0",
             "generate.max_tokens=24", "generate.max_chars=200", "generate.k_demos=0"]  # fmt: skip
     recipe = served_recipe(tmp_path, server, *sets, "generate.n_samples=4")
