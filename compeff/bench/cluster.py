@@ -119,7 +119,7 @@ MODIFIERS = [
     "understated",
     "audience-facing",
     "hidden",
-    "shared",
+    "communal",
     "growing",
     "fading",
     "ironic",
