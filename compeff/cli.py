@@ -409,6 +409,11 @@ def bench_distill(
     top_k: int = typer.Option(
         20, "--top-k", help="With --loss kd: teacher log-probabilities kept per token."
     ),
+    subset: list[str] = typer.Option(
+        ["selected", "random", "all"],
+        "--subset",
+        help="Plain-SFT rows: selected, random, all (repeatable; KD / GKD train on selected).",
+    ),
 ) -> None:
     """Teacher, student before SFT and after SFT on selected / random / all samples (and KD / GKD on the
     selected set), side by side."""
@@ -422,6 +427,9 @@ def bench_distill(
             imdb=imdb,
             out_dir=out,
             overrides=list(set_ or []),
+            losses=tuple(loss),
+            top_k=top_k,
+            subsets=tuple(subset),
         )
     )
 

@@ -107,10 +107,15 @@ def run_distill_bench(
     overrides: list[str] | None = None,
     losses: tuple[str, ...] = ("sft",),
     top_k: int = 20,
+    subsets: tuple[str, ...] = SUBSETS,
 ) -> list[dict[str, Any]]:
     """Run the chain, the fine-tunings and the evaluations; print and save the table. ``losses`` beyond
     ``sft`` (``kd``: offline top-k logit KD, ``gkd``: on-policy) add rows trained on the selected set;
-    with ``kd`` the chain keeps the teacher's top-``top_k`` log-probabilities."""
+    with ``kd`` the chain keeps the teacher's top-``top_k`` log-probabilities. ``subsets`` picks the
+    plain-SFT rows."""
+    unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
+    if unknown:
+        raise ValueError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
     base = [
         f"run.dir={out_dir}",
         "run.name=distill-bench",
@@ -127,7 +132,7 @@ def run_distill_bench(
         ),
         "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
     }
-    subsets = distillation_subsets(root, root / "sets", recipe.run.seed)
+    paths = distillation_subsets(root, root / "sets", recipe.run.seed)
     rows: list[dict[str, Any]] = [
         {"row": "teacher", "model": recipe.teacher.model, "samples": None, "train_s": None},
         {
@@ -137,31 +142,31 @@ def run_distill_bench(
             "train_s": None,
         },
     ]
-    for name in SUBSETS:
-        trained = load_recipe(recipe_path, base + [f"sft.input={subsets[name]}"])
+    for name in (x for x in SUBSETS if x in subsets and "sft" in losses):
+        trained = load_recipe(recipe_path, base + [f"sft.input={paths[name]}"])
         manifest = train(trained, f"sft-{name}")
         rows.append(
             {
                 "row": f"student after SFT, {name}",
                 "model": str(root / f"sft-{name}" / "model"),
-                "samples": sum(1 for _ in iter_jsonl(subsets[name])),
+                "samples": sum(1 for _ in iter_jsonl(paths[name])),
                 "train_s": manifest.get("train_runtime_s"),
             }
         )
     for loss in (x for x in losses if x != "sft"):
-        trained = load_recipe(recipe_path, base + [f"sft.input={subsets['selected']}", f"sft.loss={loss}"])
+        trained = load_recipe(recipe_path, base + [f"sft.input={paths['selected']}", f"sft.loss={loss}"])
         manifest = train(trained, f"sft-{loss}-selected")
         rows.append(
             {
                 "row": f"student after {loss.upper()}, selected",
                 "model": str(root / f"sft-{loss}-selected" / "model"),
-                "samples": sum(1 for _ in iter_jsonl(subsets["selected"]))
+                "samples": sum(1 for _ in iter_jsonl(paths["selected"]))
                 - sum(manifest.get("kd_refused", {}).values()),
                 "train_s": manifest.get("train_runtime_s"),
             }
         )
     if "kd" in losses:
-        fields = [r[FIELD] for r in iter_jsonl(subsets["selected"]) if FIELD in r]
+        fields = [r[FIELD] for r in iter_jsonl(paths["selected"]) if FIELD in r]
         bytes_per_token = sum(stored_bytes_per_token(f) * f["n"] for f in fields) / max(
             1, sum(f["n"] for f in fields)
         )
