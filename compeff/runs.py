@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from compeff import top_logprobs
 from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, fingerprint_path, weights_fingerprint
 
@@ -549,6 +550,8 @@ class Stage:
                 if fh is not None:
                     fh.close()
                     setattr(self, attr, None)
+            if self._running and complete and self.writer:
+                self._export_top_logprobs()
             if self._running or not complete:
                 self.manifest = self._write_manifest(status="complete" if complete else "interrupted")
             else:  # an up-to-date stage that wrote nothing: its manifest stays exactly as it was
@@ -557,6 +560,18 @@ class Stage:
             release_stage_lock(self._lock)
             self._lock = None
         return self.manifest
+
+    def _export_top_logprobs(self) -> None:
+        """Records carrying the teacher's top-k log-probabilities get their columnar copy beside
+        ``data.jsonl`` (:func:`compeff.top_logprobs.write_parquet`), described in the manifest."""
+        marker = f'"{top_logprobs.FIELD}"'.encode()
+        path = self.folder / top_logprobs.PARQUET_FILE
+        if not self.data_path.exists() or marker not in self.data_path.read_bytes():
+            path.unlink(missing_ok=True)
+            return
+        info = top_logprobs.write_parquet(iter_jsonl(self.data_path), path)
+        if info:
+            self.extra["top_logprobs"] = info
 
     def __enter__(self) -> Stage:
         return self

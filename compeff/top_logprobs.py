@@ -7,13 +7,20 @@ shards and ``--merge``, ``score`` and ``sample``'s retained subset. The arrays a
 ``uint32`` ids and ``float16`` log-probabilities, base64-encoded: ``6k`` bytes a token before base64
 (``8k`` after), 160 bytes a token for k = 20. ``vocab`` is a fingerprint of the tokenizer whose ids these
 are; ``sft.loss: kd`` refuses a student whose vocabulary differs.
+
+When a stage whose records carry the field completes, :func:`write_parquet` also leaves a columnar copy
+beside ``data.jsonl``: ``top_logprobs.parquet``, one row per sample id with ``tokens`` (``list<uint32>``),
+``top_ids`` (``list<list<uint32>>``) and ``top_logprobs`` (``list<list<float16>>``), which pyarrow, pandas
+and ``datasets.load_dataset("parquet", ...)`` read as arrays. The records stay the source of truth (they
+are what survives a kill); the parquet file is rewritten whole at every completion.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,3 +103,77 @@ def stored_bytes_per_token(field: dict[str, Any]) -> float:
     """Bytes the packed arrays take per answer token, as stored (base64 text)."""
     n = max(int(field["n"]), 1)
     return (len(field["tokens"]) + len(field["ids"]) + len(field["logprobs"])) / n
+
+
+PARQUET_FILE = "top_logprobs.parquet"
+_ROWS_PER_GROUP = 512
+
+
+def _arrow_batch(rows: list[tuple[str, dict[str, Any]]]) -> Any:
+    """One Arrow record batch from (sample id, packed field) pairs; nested lists built from flat numpy
+    arrays and offsets, with no per-token Python objects."""
+    import pyarrow as pa
+
+    unpacked = [unpack(field) for _, field in rows]
+    lengths = np.array([len(t) for t, _, _ in unpacked], dtype=np.int64)
+    outer = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    widths = np.concatenate([ids.shape[1] * np.ones(len(ids), dtype=np.int64) for _, ids, _ in unpacked])
+    inner = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    tokens = np.concatenate([t for t, _, _ in unpacked]).astype(np.uint32)
+    flat_ids = np.concatenate([ids.reshape(-1) for _, ids, _ in unpacked]).astype(np.uint32)
+    flat_lp = np.concatenate([lp.reshape(-1) for _, _, lp in unpacked]).astype(np.float16)
+
+    def nested(values: np.ndarray) -> Any:
+        per_token = pa.ListArray.from_arrays(pa.array(inner), pa.array(values))
+        return pa.ListArray.from_arrays(pa.array(outer), per_token)
+
+    return pa.record_batch(
+        {
+            "id": pa.array([sample_id for sample_id, _ in rows], pa.string()),
+            "vocab": pa.array([str(field["vocab"]) for _, field in rows], pa.string()),
+            "k": pa.array([int(field["k"]) for _, field in rows], pa.int16()),
+            "tokens": pa.ListArray.from_arrays(pa.array(outer), pa.array(tokens)),
+            "top_ids": nested(flat_ids),
+            "top_logprobs": nested(flat_lp),
+        }
+    )
+
+
+def write_parquet(records: Iterable[dict[str, Any]], path: Path) -> dict[str, Any] | None:
+    """Write the field of every record that has one to ``path`` (via a temporary file, renamed when
+    whole); returns rows, answer tokens and bytes per token, or None (and no file) when no record has it."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer, pending, n_rows, n_tokens, stored = None, [], 0, 0, 0
+    try:
+        for record in records:
+            field = record.get(FIELD)
+            if not field:
+                continue
+            pending.append((str(record["id"]), field))
+            n_rows, n_tokens = n_rows + 1, n_tokens + int(field["n"])
+            stored += stored_bytes_per_token(field) * max(int(field["n"]), 1)
+            if len(pending) == _ROWS_PER_GROUP:
+                batch = _arrow_batch(pending)
+                writer = writer or pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+                writer.write_batch(batch)
+                pending = []
+        if pending:
+            batch = _arrow_batch(pending)
+            writer = writer or pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+            writer.write_batch(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        path.unlink(missing_ok=True)
+        return None
+    tmp.replace(path)
+    return {
+        "file": path.name,
+        "rows": n_rows,
+        "tokens": n_tokens,
+        "parquet_bytes_per_token": round(path.stat().st_size / max(n_tokens, 1), 1),
+        "jsonl_bytes_per_token": round(stored / max(n_tokens, 1), 1),
+    }

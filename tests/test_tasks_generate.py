@@ -8,6 +8,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import compeff_cmd, kill_after_lines
@@ -369,6 +370,33 @@ def test_generate_resumes_after_sigkill(tmp_path, tiny_lm):
     for row in rows("killed").values():  # one packed entry per answer token (the server's words)
         tokens, ids, logprobs = top_logprobs.unpack(row[top_logprobs.FIELD])
         assert len(tokens) == len(row["messages"][-1]["content"].split()[:64]) and ids.shape[1] == 3
+    # the columnar copy beside data.jsonl, rewritten when the resumed stage completed: one row per sample,
+    # the same arrays, readable by pyarrow and by datasets
+    import datasets
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "runs" / "killed" / "generate"
+    table = pq.read_table(folder / top_logprobs.PARQUET_FILE)
+    assert sorted(table.column("id").to_pylist()) == sorted(rows("killed"))
+    assert str(table.schema.field("top_logprobs").type) == "list<element: list<element: halffloat>>"
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for sample_id, row in rows("killed").items():
+        tokens, ids, logprobs = top_logprobs.unpack(row[top_logprobs.FIELD])
+        assert by_id[sample_id]["tokens"] == tokens.tolist()
+        assert by_id[sample_id]["top_ids"] == ids.tolist()
+        np.testing.assert_array_equal(np.array(by_id[sample_id]["top_logprobs"], dtype=np.float32), logprobs)
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(folder / top_logprobs.PARQUET_FILE),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert loaded.num_rows == len(rows("killed"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["top_logprobs"]["rows"] == len(rows("killed"))
+    assert manifest["top_logprobs"]["tokens"] == sum(
+        len(np.array(t)) for t in table.column("tokens").to_pylist()
+    )
 
 
 def test_tasks_with_the_tiny_local_teacher_completes_and_generate_refuses_clearly(tmp_path, tiny_chat):
