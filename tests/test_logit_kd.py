@@ -174,3 +174,51 @@ def test_gkd_trains_on_policy_with_a_local_teacher_and_refuses_another_vocabular
     tok.save_pretrained(other)
     with pytest.raises(VocabularyMismatch, match="teacher's vocabulary"):
         run_sft_stage(load_recipe(None, [*base, "run.name=gkd2", f"student.model={other}"]), progress=False)
+
+
+def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
+    """sft.packing with kd: each sample's logits in a packed row equal its logits alone (no attention
+    across samples), the teacher's arrays stay at their tokens, and the trainer runs on packed rows."""
+    from compeff.train.logit_kd import pack_features, student_forward
+    from compeff.train.sft import run_sft_stage
+
+    rows = captured_samples(
+        tiny_lm, ["the film was great", "boring plot", "music and actors", "sad and slow"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    features, refused = kd_features(tokenizer, rows, pairs, 256)
+    assert not refused and len(features) == 4
+    longest = max(len(f["input_ids"]) for f in features)
+    packed = pack_features(features, 2 * longest + 1)
+    assert (
+        len(packed) == 2
+        and sorted(len(p["input_ids"]) for p in packed)
+        == sorted([sum(len(f["input_ids"]) for f in features[i : i + 2]) for i in (0, 2)])
+        or sum(len(p["input_ids"]) for p in packed) == sum(len(f["input_ids"]) for f in features)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, attn_implementation="sdpa").eval()
+    batch = collate(tokenizer.pad_token_id)(packed)
+    assert "attention_mask" not in batch
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+    with torch.no_grad():
+        logits = student_forward(model, inputs).logits  # the trainer's own forward pass
+        alone = {
+            tuple(f["input_ids"]): model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features
+        }
+    for row, p in enumerate(packed):
+        starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + [len(p["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            torch.testing.assert_close(
+                logits[row, a:b], alone[tuple(p["input_ids"][a:b])], atol=1e-4, rtol=1e-4
+            )
+            original = next(f for f in features if f["input_ids"] == p["input_ids"][a:b])
+            assert p["teacher_ids"][a:b] == original["teacher_ids"]
+    # trained with packing: fewer, fuller rows than samples
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(None, [*recipe_overrides(tmp_path, tiny_lm, data), "run.name=packed", "sft.packing=true",
+                                f"sft.max_length={2 * longest + 1}", "sft.per_device_batch_size=1",
+                                "sft.max_steps=2", "sft.logging_steps=1"])  # fmt: skip
+    manifest = run_sft_stage(recipe, progress=False)
+    assert manifest["steps"] == 2 and manifest["final_loss"] is not None

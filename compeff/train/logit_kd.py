@@ -75,25 +75,64 @@ def kd_features(
     return features, {k: v for k, v in refused.items() if v}
 
 
+def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """``sft.packing`` for kd: samples placed best-fit-decreasing into rows of at most ``max_length``
+    tokens (TRL's strategy), every array concatenated, ``position_ids`` restarting at 0 for each sample so
+    attention stays inside it (transformers builds the block-diagonal mask from them). A sample never
+    spans two rows; the teacher's arrays stay at their tokens."""
+    rows: list[list[dict[str, Any]]] = []
+    room: list[int] = []
+    for f in sorted(features, key=lambda f: len(f["input_ids"]), reverse=True):
+        n = len(f["input_ids"])
+        fits = [i for i, r in enumerate(room) if r >= n]
+        if fits:
+            best = min(fits, key=lambda i: room[i])
+            rows[best].append(f)
+            room[best] -= n
+        else:
+            rows.append([f])
+            room.append(max_length - n)
+    packed = []
+    for row in rows:
+        packed.append(
+            {
+                key: [x for f in row for x in f[key]]
+                for key in ("input_ids", "completion_mask", "teacher_ids", "teacher_logprobs")
+            }
+            | {"position_ids": [p for f in row for p in range(len(f["input_ids"]))]}
+        )
+    return packed
+
+
 def collate(pad_id: int):
-    """A collator padding ids, labels (answer tokens only) and the teacher's arrays to the batch width."""
+    """A collator padding ids, labels (answer tokens only) and the teacher's arrays to the batch width.
+    Packed rows (with ``position_ids``) get no attention mask: the positions mark where each sample
+    starts, and the padding at a row's end is a sequence of its own."""
     import torch
 
     def collate_batch(batch: list[dict[str, Any]]) -> dict[str, Any]:
         width = max(len(b["input_ids"]) for b in batch)
         k = len(batch[0]["teacher_ids"][0])
+        packed = "position_ids" in batch[0]
         out = {
             "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
             "labels": torch.full((len(batch), width), -100, dtype=torch.long),
             "teacher_ids": torch.zeros((len(batch), width, k), dtype=torch.long),
             "teacher_logprobs": torch.full((len(batch), width, k), -torch.inf),
         }
+        if packed:
+            out["position_ids"] = torch.zeros((len(batch), width), dtype=torch.long)
+        else:
+            out["attention_mask"] = torch.zeros((len(batch), width), dtype=torch.long)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids = torch.tensor(b["input_ids"])
             out["input_ids"][i, :n] = ids
-            out["attention_mask"][i, :n] = 1
+            if packed:
+                out["position_ids"][i, :n] = torch.tensor(b["position_ids"])
+                out["position_ids"][i, n:] = torch.arange(width - n)
+            else:
+                out["attention_mask"][i, :n] = 1
             out["labels"][i, :n] = torch.where(torch.tensor(b["completion_mask"]) == 1, ids, -100)
             out["teacher_ids"][i, :n] = torch.tensor(b["teacher_ids"])
             out["teacher_logprobs"][i, :n] = torch.tensor(b["teacher_logprobs"])
@@ -118,6 +157,13 @@ def distill_loss(
     return ce + alpha * temperature**2 * mean_kl, mean_kl
 
 
+def student_forward(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+    """The student's forward pass on a collated batch (logits and the answer tokens' cross-entropy).
+    No KV cache: with one, transformers would not build the packed rows' block-diagonal mask."""
+    extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+    return model(**inputs, use_cache=False, **extra)
+
+
 def kd_trainer_class():
     """TRL's SFTTrainer with the distillation term added to its loss."""
     from trl import SFTTrainer
@@ -131,8 +177,7 @@ def kd_trainer_class():
             teacher_logprobs = inputs.pop("teacher_logprobs")
             # one forward pass gives the logits and the answer tokens' cross-entropy (TRL's own loss path
             # uses a fused head that would need a second pass to show the logits)
-            extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-            outputs = model(**inputs, **extra)
+            outputs = student_forward(model, inputs, num_items_in_batch)
             ce = outputs.loss
             loss, mean_kl = distill_loss(
                 outputs.logits, ce, teacher_ids, teacher_logprobs, self.kd_alpha, self.kd_temperature

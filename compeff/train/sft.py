@@ -251,16 +251,16 @@ def run_sft_stage(
         )
     kd_refused: dict[str, list[str]] = {}
     if s.loss == "kd":
-        from compeff.train.logit_kd import check_vocabulary, kd_features
+        from compeff.train.logit_kd import check_vocabulary, kd_features, pack_features
 
-        if s.packing:
-            raise ConfigError("sft.loss: kd trains without packing for now: set sft.packing: false")
         check_vocabulary(tokenizer, rows)
         kd_rows, kd_refused = kd_features(tokenizer, rows, pairs, s.max_length)
         if not kd_rows:
             raise SftCheckError(
                 f"sft.loss: kd: no sample lines up with the teacher's tokens ({ {k: len(v) for k, v in kd_refused.items()} })"
             )
+        if s.packing:
+            kd_rows = pack_features(kd_rows, s.max_length)
         if kd_refused:
             console.print(f"[yellow]sft: kd refused {sum(map(len, kd_refused.values()))} samples: "
                           + ", ".join(f"{len(v)} {k}" for k, v in kd_refused.items()) + "[/yellow]")  # fmt: skip
@@ -367,6 +367,7 @@ def run_sft_stage(
 
             args.remove_unused_columns = False
             args.dataset_kwargs = {"skip_prepare_dataset": True}
+            args.packing = args.padding_free = False  # rows come packed by pack_features when sft.packing
             trainer_class = kd_trainer_class()
             trainer_class.kd_alpha, trainer_class.kd_temperature = s.kd_alpha, s.kd_temperature
             trainer = trainer_class(
