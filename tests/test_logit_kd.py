@@ -78,7 +78,7 @@ def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
     rows = captured_samples(tiny_lm, ["the film was great", "boring plot", "music and actors"])
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
-    features, refused = kd_features(tok, rows, pairs, max_length=128)
+    features, refused, _ = kd_features(tok, rows, pairs, max_length=128)
     assert not refused and len(features) == 3
     batch = collate(tok.pad_token_id)(features)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
@@ -187,7 +187,7 @@ def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
     pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
-    features, refused = kd_features(tokenizer, rows, pairs, 256)
+    features, refused, _ = kd_features(tokenizer, rows, pairs, 256)
     assert not refused and len(features) == 4
     longest = max(len(f["input_ids"]) for f in features)
     packed = pack_features(features, 2 * longest + 1)
@@ -222,3 +222,37 @@ def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
                                 "sft.max_steps=2", "sft.logging_steps=1"])  # fmt: skip
     manifest = run_sft_stage(recipe, progress=False)
     assert manifest["steps"] == 2 and manifest["final_loss"] is not None
+
+
+def test_an_answer_the_tokenizer_would_split_otherwise_trains_on_the_teachers_tokens(tiny_lm):
+    """A sampled segmentation the tokenizer would not produce (here one token per character) still lines
+    up: the teacher's tokens are trained on, each with its own log-probabilities; an edited text does not."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    answer = "a great film"
+    canonical = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    pieces = [ch for piece in tokenizer.convert_ids_to_tokens(canonical) for ch in piece]
+    teacher = tokenizer.convert_tokens_to_ids(pieces)
+    assert teacher != canonical and tokenizer.decode(teacher) == answer
+    rng = np.random.default_rng(0)
+    top = rng.integers(0, len(tokenizer), size=(len(teacher), K))
+    lps = np.log(rng.dirichlet(np.ones(K), size=len(teacher)))
+    field = {"k": K, "n": len(teacher), "vocab": top_logprobs.vocab_fingerprint(tokenizer),
+             "tokens": top_logprobs._b64(np.array(teacher, dtype="<u4")), "ids": top_logprobs._b64(top.astype("<u4")),
+             "logprobs": top_logprobs._b64(lps.astype("<f2")), "unmapped": 0}  # fmt: skip
+    messages = [{"role": "user", "content": "how was it?"}, {"role": "assistant", "content": answer}]
+    row = {"id": "s", "messages": messages, top_logprobs.FIELD: field}
+    pair = {"prompt": messages[:1], "completion": messages[1:]}
+    features, refused, resegmented = kd_features(tokenizer, [row], [pair], 256)
+    assert not refused and resegmented == 1
+    start = features[0]["completion_mask"].index(1)
+    assert features[0]["input_ids"][start : start + len(teacher)] == teacher
+    assert features[0]["teacher_ids"][start + 3] == top[3].tolist()
+    assert tokenizer.decode(features[0]["input_ids"]) == tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+    edited = json.loads(json.dumps(row))
+    edited["messages"][1]["content"] = "a grim film"
+    _, refused, _ = kd_features(
+        tokenizer, [edited], [{"prompt": messages[:1], "completion": edited["messages"][1:]}], 256
+    )
+    assert refused == {"answer tokens differ": ["s"]}

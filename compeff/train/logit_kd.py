@@ -2,9 +2,10 @@
 
 Each sample carries the teacher's top-k token ids and log-probabilities (``generate.teacher_top_logprobs``,
 see :mod:`compeff.top_logprobs`). Before training every sample is checked: the student's vocabulary must be
-the one the ids belong to (compared by content, not by name), and the student's tokenizer must produce, for
-the teacher's answer, the very tokens the teacher sampled; a sample that does not line up is refused and
-counted. The loss is the usual cross-entropy on the answer tokens plus ``alpha * T^2 *`` the sparse
+the one the ids belong to (compared by content, not by name), and the teacher's sampled tokens must spell
+the sample's answer: either the student's tokenizer produces those very tokens, or they decode to the
+answer's text in another segmentation (then the teacher's tokens are trained on). A sample that does not
+line up (an edited answer, another tokenizer) is refused and counted. The loss is the usual cross-entropy on the answer tokens plus ``alpha * T^2 *`` the sparse
 forward KL of :func:`compeff.train.kd_losses.sparse_topk_kl`, computed inside TRL's ``SFTTrainer``.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from compeff import top_logprobs
 from compeff.data import DataError
-from compeff.train.chat_tokens import chat_token_ids
+from compeff.train.chat_tokens import chat_text, chat_token_ids
 
 
 class VocabularyMismatch(DataError):
@@ -43,24 +44,50 @@ def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
     return student
 
 
+def answer_ids(tokenizer: Any, pair: dict[str, Any], tokens: list[int]) -> tuple[list[int], int, str] | None:
+    """(token ids of the whole chat, where the answer starts, how it lined up) with the answer spelt in
+    the teacher's sampled tokens, or None when they do not spell the answer.
+
+    ``exact``: the student's tokenizer gives the teacher's very tokens. ``resegmented``: the tokens decode
+    to the answer's text, but the tokenizer would split it otherwise (a sampled ``"\\n\\n"`` where it
+    writes two ``"\\n"``); the teacher's tokens are used, so every logit stays at the token it was
+    computed for. The rest of the turn (end-of-turn marker) comes from the chat template."""
+    prompt = chat_token_ids(tokenizer, pair["prompt"], True)
+    full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)
+    start = len(prompt)
+    if full[:start] != prompt:
+        return None
+    if full[start : start + len(tokens)] == tokens:
+        return full, start, "exact"
+    rendered_prompt = chat_text(tokenizer, pair["prompt"], True)
+    rendered = chat_text(tokenizer, pair["prompt"] + pair["completion"], False)
+    decoded = tokenizer.decode(tokens)
+    if not rendered.startswith(rendered_prompt) or not rendered[len(rendered_prompt) :].startswith(decoded):
+        return None
+    rest = rendered[len(rendered_prompt) + len(decoded) :]
+    return prompt + tokens + tokenizer(rest, add_special_tokens=False)["input_ids"], start, "resegmented"
+
+
 def kd_features(
     tokenizer: Any, rows: list[dict[str, Any]], pairs: list[dict[str, Any]], max_length: int
-) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[str]], int]:
     """Token ids, answer mask and the teacher's top-k arrays, aligned to the input positions, for every
-    sample that lines up; and the ids of the refused ones by reason."""
+    sample that lines up (see :func:`answer_ids`); the ids of the refused ones by reason; and how many
+    were trained on the teacher's own segmentation."""
     features, refused = [], {"no log-probabilities": [], "answer tokens differ": [], "answer cut away": []}
+    resegmented = 0
     for row, pair in zip(rows, pairs, strict=True):
         field = row.get(top_logprobs.FIELD)
         if not field:
             refused["no log-probabilities"].append(str(row["id"]))
             continue
         tokens, ids, logprobs = top_logprobs.unpack(field)
-        prompt = chat_token_ids(tokenizer, pair["prompt"], True)
-        full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)
-        start = len(prompt)
-        if full[:start] != prompt or full[start : start + len(tokens)] != tokens.tolist():
+        lined_up = answer_ids(tokenizer, pair, tokens.tolist())
+        if lined_up is None:
             refused["answer tokens differ"].append(str(row["id"]))
             continue
+        full, start, how = lined_up
+        resegmented += how == "resegmented"
         full = full[:max_length]
         if len(full) <= start:
             refused["answer cut away"].append(str(row["id"]))
@@ -72,7 +99,7 @@ def kd_features(
         t_ids[start : start + n], t_lp[start : start + n] = ids[:n], logprobs[:n]
         features.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
                          "teacher_ids": t_ids.tolist(), "teacher_logprobs": t_lp.tolist()})  # fmt: skip
-    return features, {k: v for k, v in refused.items() if v}
+    return features, {k: v for k, v in refused.items() if v}, resegmented
 
 
 def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:

@@ -250,14 +250,20 @@ def run_sft_stage(
             "and lose their end[/yellow]"
         )
     kd_refused: dict[str, list[str]] = {}
+    kd_resegmented, kd_samples = 0, 0
     if s.loss == "kd":
         from compeff.train.logit_kd import check_vocabulary, kd_features, pack_features
 
         check_vocabulary(tokenizer, rows)
-        kd_rows, kd_refused = kd_features(tokenizer, rows, pairs, s.max_length)
+        kd_rows, kd_refused, kd_resegmented = kd_features(tokenizer, rows, pairs, s.max_length)
         if not kd_rows:
             raise SftCheckError(
                 f"sft.loss: kd: no sample lines up with the teacher's tokens ({ {k: len(v) for k, v in kd_refused.items()} })"
+            )
+        kd_samples = len(kd_rows)
+        if kd_resegmented:
+            console.print(
+                f"sft: kd: {kd_resegmented} answers trained on the teacher's own token segmentation"
             )
         if s.packing:
             kd_rows = pack_features(kd_rows, s.max_length)
@@ -411,6 +417,8 @@ def run_sft_stage(
             reload_max_abs_diff=drift,
             loss=s.loss,
             kd_refused={k: len(v) for k, v in kd_refused.items()},
+            **({"kd_samples": kd_samples, "kd_resegmented": kd_resegmented} if s.loss == "kd" else {}),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
             steps=trainer.state.global_step,
             train_runtime_s=next(
                 (h.get("train_runtime") for h in reversed(history) if "train_runtime" in h), None
