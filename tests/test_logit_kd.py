@@ -256,3 +256,25 @@ def test_an_answer_the_tokenizer_would_split_otherwise_trains_on_the_teachers_to
         tokenizer, [edited], [{"prompt": messages[:1], "completion": edited["messages"][1:]}], 256
     )
     assert refused == {"answer tokens differ": ["s"]}
+
+
+def test_kd_with_packing_and_lora_under_torchrun(tiny_lm, tmp_path):
+    """As plain SFT: two ranks (torchrun, gloo on CPU) train kd with packed rows and a LoRA adapter; only
+    rank 0 writes the stage, which records the world size and the samples trained on."""
+    import subprocess
+    import sys
+
+    rows = captured_samples(tiny_lm, ["the film was great", "boring plot", "music and actors", "sad and slow",
+                                      "a fine cast", "dull"])  # fmt: skip
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [f"run.dir={tmp_path}", "run.name=ddp", f"student.model={tiny_lm}", f"sft.input={data}", "sft.loss=kd",
+            "sft.packing=true", "sft.max_length=120", "sft.lora_r=4", "sft.max_steps=2",
+            "sft.per_device_batch_size=1", "sft.logging_steps=1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "compeff.cli", "sft", *[x for s in sets for x in ("--set", s)]]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ddp" / "sft" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["kd_samples"] == 6 and manifest["steps"] == 2
+    assert (tmp_path / "ddp" / "sft" / "model" / "adapter_model.safetensors").exists()
