@@ -355,7 +355,8 @@ class GenerateSettings(Section):
         ge=0,
         le=128,
         description="Keep the teacher's top-k token log-probabilities of every answer token in each record, "
-        "for sft.loss: kd (0: off; servers give at most 20, vLLM and OpenAI).",
+        "for sft.loss: kd, plus a columnar copy in top_logprobs.parquet (0: off; servers give at most 20, "
+        "vLLM and OpenAI).",
     )
     task_cap: float = Field(
         2.0, ge=1.0, description="No task gets more than task_cap times its even share of the samples."

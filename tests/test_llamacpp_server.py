@@ -128,11 +128,13 @@ def test_chain_through_the_real_server_with_structured_output(server, tmp_path):
     assert (run / "tasks" / "tasks.jsonl").stat().st_size > 0
     assert len({r["id"] for r in iter_jsonl(run / "generate" / "data.jsonl")}) == 4
 
-    # kill + resume of a bigger generate (started over: n_samples changed), through the CLI
+    # kill + resume of a bigger generate (started over: n_samples changed), through the CLI, keeping the
+    # server's top-5 log-probabilities of every answer token
     recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(
-        json.dumps(served_recipe(tmp_path, server, *sets, "generate.n_samples=12").model_dump(mode="json"))
+    bigger = served_recipe(
+        tmp_path, server, *sets, "generate.n_samples=12", "generate.teacher_top_logprobs=5"
     )
+    recipe_file.write_text(json.dumps(bigger.model_dump(mode="json")))
     cmd = [sys.executable, "-m", "compeff.cli", "generate", "--config", str(recipe_file)]
     data = run / "generate" / "data.jsonl"
     proc = subprocess.Popen(
@@ -152,6 +154,22 @@ def test_chain_through_the_real_server_with_structured_output(server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ids = [r["id"] for r in iter_jsonl(data)]
     assert len(ids) == len(set(ids)) == 12
+    # the served tokens map into SmolLM2's vocabulary and spell every answer (what sft.loss: kd checks)
+    from transformers import AutoTokenizer
+
+    from compeff import top_logprobs
+    from compeff.models import resolve_model
+    from compeff.train.logit_kd import kd_features
+
+    rows = list(iter_jsonl(data))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2"))
+    for r in rows:
+        field = r[top_logprobs.FIELD]
+        assert field["k"] == 5 and field["n"] >= 1 and field["unmapped"] <= field["n"]
+        assert field["vocab"] == top_logprobs.vocab_fingerprint(tokenizer)
+    pairs = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    features, refused, _ = kd_features(tokenizer, rows, pairs, 2048)
+    assert len(features) >= 10, refused
 
 
 def test_llm_soft_labels_served_for_kd(server, tmp_path):
