@@ -19,14 +19,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from compeff.config import Recipe, load_recipe
+from compeff.config import ConfigError, Recipe, load_recipe
 from compeff.evaluate.classification import HFLabelScorer, classification_metrics
 from compeff.evaluate.eval_stage import eval_prompts, load_eval_set
 from compeff.fingerprints import fingerprint_obj
 from compeff.models import student_model
 from compeff.pipeline import run_pipeline
-from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_fingerprint
-from compeff.top_logprobs import FIELD, stored_bytes_per_token
+from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, read_manifest, weights_fingerprint
+from compeff.top_logprobs import FIELD, PARQUET_FILE, stored_bytes_per_token
 
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
@@ -115,7 +115,7 @@ def run_distill_bench(
     plain-SFT rows."""
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
-        raise ValueError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
+        raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
     base = [
         f"run.dir={out_dir}",
         "run.name=distill-bench",
@@ -170,14 +170,15 @@ def run_distill_bench(
         bytes_per_token = sum(stored_bytes_per_token(f) * f["n"] for f in fields) / max(
             1, sum(f["n"] for f in fields)
         )
-        console_note = (
-            f"stored teacher log-probabilities: {bytes_per_token:.0f} bytes per answer token (k = {top_k})"
+        parquet = (read_manifest(root / "sample") or {}).get("top_logprobs", {})
+        Console().print(
+            f"stored teacher log-probabilities (k = {top_k}): {bytes_per_token:.0f} bytes per answer token "
+            f"in the records, {parquet.get('parquet_bytes_per_token', '-')} in sample/{PARQUET_FILE}"
         )
-        Console().print(console_note)
         for row in rows:
-            row["logit_bytes_per_token"] = (
-                round(bytes_per_token, 1) if row["row"].startswith("student after KD") else None
-            )
+            kd_row = row["row"].startswith("student after KD")
+            row["logit_bytes_per_token"] = round(bytes_per_token, 1) if kd_row else None
+            row["logit_parquet_bytes_per_token"] = parquet.get("parquet_bytes_per_token") if kd_row else None
     for row in rows:
         tag = row["row"].replace(" ", "-").replace(",", "")
         row["sets"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
@@ -193,7 +194,8 @@ def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
     seconds = "-" if row["train_s"] is None else f"{row['train_s']:.0f}"
     cells = [str(row["samples"] or "-"), *scores, seconds]
     if "logit_bytes_per_token" in row:
-        cells.append("-" if row["logit_bytes_per_token"] is None else f"{row['logit_bytes_per_token']:.0f}")
+        jsonl, parquet = row["logit_bytes_per_token"], row.get("logit_parquet_bytes_per_token")
+        cells.append("-" if jsonl is None else f"{jsonl:.0f} / {parquet if parquet is not None else '-'}")
     return cells
 
 
@@ -201,7 +203,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The bench table in Markdown (accuracy / macro-F1 x 100 per set, training seconds)."""
     names = list(rows[0]["sets"])
     head = ["model", "samples"] + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1" for n in names] + ["train s"]
-    head += ["logit bytes/token"] if "logit_bytes_per_token" in rows[0] else []
+    head += ["logit bytes/token (records / parquet)"] if "logit_bytes_per_token" in rows[0] else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join([r["row"], *_cells(r, names)]) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -213,7 +215,7 @@ def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
     table = Table(
         title=f"compeff bench distill: {recipe.eval.k_shot}-shot label-word accuracy / macro-F1 (x 100)"
     )
-    extra = ["logit bytes/token"] if "logit_bytes_per_token" in rows[0] else []
+    extra = ["logit bytes/token (records / parquet)"] if "logit_bytes_per_token" in rows[0] else []
     for col in ["model", "samples", *names, "train s", *extra]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
