@@ -51,7 +51,9 @@ def stratified_indices(labels: list[int], n: int, key: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="source", required=True, help="folder with the full splits")
-    parser.add_argument("--to", default=str(Path(__file__).resolve().parent.parent / "compeff" / "sample_data"))
+    parser.add_argument(
+        "--to", default=str(Path(__file__).resolve().parent.parent / "compeff" / "sample_data")
+    )
     args = parser.parse_args()
     out_root = Path(args.to)
     index: dict[str, dict[str, int]] = {}
@@ -60,8 +62,10 @@ def main() -> None:
             src = Path(args.source) / name / f"{split}.jsonl.gz"
             with gzip.open(src, "rt", encoding="utf-8") as fh:
                 rows = [json.loads(line) for line in fh if line.strip()]
-            keep = range(len(rows)) if n is None else stratified_indices(
-                [r["label"] for r in rows], n, f"{SEED}:{name}:{split}"
+            keep = (
+                range(len(rows))
+                if n is None
+                else stratified_indices([r["label"] for r in rows], n, f"{SEED}:{name}:{split}")
             )
             out = out_root / name / f"{split}.jsonl.gz"
             out.parent.mkdir(parents=True, exist_ok=True)
