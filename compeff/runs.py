@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -269,6 +270,14 @@ def read_chat_set(path: Path, need: tuple[str, ...] = ("messages",)) -> list[dic
             raise DataError(f"{path}:{lineno}: record without {', '.join(repr(k) for k in missing)}")
         rows.append(row)
     return rows
+
+
+def _file_contains(path: Path, needle: bytes) -> bool:
+    """Whether a file's bytes contain ``needle`` (memory-mapped: a multi-GB file is not read into memory)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return mapped.find(needle) != -1
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -566,7 +575,7 @@ class Stage:
         ``data.jsonl`` (:func:`compeff.top_logprobs.write_parquet`), described in the manifest."""
         marker = f'"{top_logprobs.FIELD}"'.encode()
         path = self.folder / top_logprobs.PARQUET_FILE
-        if not self.data_path.exists() or marker not in self.data_path.read_bytes():
+        if not _file_contains(self.data_path, marker):
             path.unlink(missing_ok=True)
             return
         info = top_logprobs.write_parquet(iter_jsonl(self.data_path), path)
