@@ -117,7 +117,7 @@ def _arrow_batch(rows: list[tuple[str, dict[str, Any]]]) -> Any:
     unpacked = [unpack(field) for _, field in rows]
     lengths = np.array([len(t) for t, _, _ in unpacked], dtype=np.int64)
     outer = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    widths = np.concatenate([ids.shape[1] * np.ones(len(ids), dtype=np.int64) for _, ids, _ in unpacked])
+    widths = np.repeat([ids.shape[1] for _, ids, _ in unpacked], lengths)
     inner = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
     tokens = np.concatenate([t for t, _, _ in unpacked]).astype(np.uint32)
     flat_ids = np.concatenate([ids.reshape(-1) for _, ids, _ in unpacked]).astype(np.uint32)
@@ -146,6 +146,14 @@ def write_parquet(records: Iterable[dict[str, Any]], path: Path) -> dict[str, An
 
     tmp = path.with_name(path.name + ".tmp")
     writer, pending, n_rows, n_tokens, stored = None, [], 0, 0, 0
+
+    def flush() -> None:
+        nonlocal writer
+        batch = _arrow_batch(pending)
+        writer = writer or pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+        writer.write_batch(batch)
+        pending.clear()
+
     try:
         for record in records:
             field = record.get(FIELD)
@@ -155,14 +163,9 @@ def write_parquet(records: Iterable[dict[str, Any]], path: Path) -> dict[str, An
             n_rows, n_tokens = n_rows + 1, n_tokens + int(field["n"])
             stored += stored_bytes_per_token(field) * max(int(field["n"]), 1)
             if len(pending) == _ROWS_PER_GROUP:
-                batch = _arrow_batch(pending)
-                writer = writer or pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-                writer.write_batch(batch)
-                pending = []
+                flush()
         if pending:
-            batch = _arrow_batch(pending)
-            writer = writer or pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-            writer.write_batch(batch)
+            flush()
     finally:
         if writer is not None:
             writer.close()

@@ -160,8 +160,7 @@ def run_distill_bench(
             {
                 "row": f"student after {loss.upper()}, selected",
                 "model": str(root / f"sft-{loss}-selected" / "model"),
-                "samples": sum(1 for _ in iter_jsonl(paths["selected"]))
-                - sum(manifest.get("kd_refused", {}).values()),
+                "samples": manifest.get("kd_samples", manifest.get("samples")),
                 "train_s": manifest.get("train_runtime_s"),
             }
         )

@@ -103,31 +103,17 @@ def kd_features(
 
 
 def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
-    """``sft.packing`` for kd: samples placed best-fit-decreasing into rows of at most ``max_length``
-    tokens (TRL's strategy), every array concatenated, ``position_ids`` restarting at 0 for each sample so
-    attention stays inside it (transformers builds the block-diagonal mask from them). A sample never
-    spans two rows; the teacher's arrays stay at their tokens."""
-    rows: list[list[dict[str, Any]]] = []
-    room: list[int] = []
-    for f in sorted(features, key=lambda f: len(f["input_ids"]), reverse=True):
-        n = len(f["input_ids"])
-        fits = [i for i, r in enumerate(room) if r >= n]
-        if fits:
-            best = min(fits, key=lambda i: room[i])
-            rows[best].append(f)
-            room[best] -= n
-        else:
-            rows.append([f])
-            room.append(max_length - n)
+    """``sft.packing`` for kd: TRL's best-fit-decreasing packer (``trl.pack_dataset``, as plain SFT packs)
+    places samples into rows of at most ``max_length`` tokens, every array packed alike; ``position_ids``
+    restart at 0 for each sample so attention stays inside it (transformers builds the block-diagonal mask
+    from them). A sample never spans two rows; the teacher's arrays stay at their tokens."""
+    from datasets import Dataset
+    from trl import pack_dataset
+
     packed = []
-    for row in rows:
-        packed.append(
-            {
-                key: [x for f in row for x in f[key]]
-                for key in ("input_ids", "completion_mask", "teacher_ids", "teacher_logprobs")
-            }
-            | {"position_ids": [p for f in row for p in range(len(f["input_ids"]))]}
-        )
+    for row in pack_dataset(Dataset.from_list(features), max_length, strategy="bfd"):
+        lengths = row.pop("seq_lengths")
+        packed.append(row | {"position_ids": [p for n in lengths for p in range(n)]})
     return packed
 
 
