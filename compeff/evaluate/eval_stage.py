@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -94,20 +95,23 @@ def eval_prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[s
     ]
 
 
-_PIECES: dict[tuple[str, str, tuple[str, ...]], dict[str, str] | None] = {}
+@lru_cache(maxsize=64)
+def _first_pieces(
+    url: str, model: str, label_names: tuple[str, ...], api_key: str | None
+) -> dict[str, str] | None:
+    """The server's first token of every spelling of the labels: asked once per server and label set,
+    not once per set and seed."""
+    from compeff.teachers.tokenize_api import served_first_pieces
+
+    variants = [v for name in label_names for v in label_variants(name)]
+    return served_first_pieces(url, model, variants, api_key)
 
 
 def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int] | None:
     """The served tokenizer's first token of every spelling of each label word (None, with a note, when
     the server has no tokenize endpoint: label tokens are then matched by prefix)."""
-    from compeff.teachers.tokenize_api import served_first_pieces
-
     t = recipe.teacher
-    key = (str(t.base_urls[0]), t.model, tuple(label_names))
-    if key not in _PIECES:  # asked once per server and label set, not once per set and seed
-        variants = [v for name in label_names for v in label_variants(name)]
-        _PIECES[key] = served_first_pieces(key[0], t.model, variants, os.environ.get(t.api_key_env))
-    first = _PIECES[key]
+    first = _first_pieces(str(t.base_urls[0]), t.model, tuple(label_names), os.environ.get(t.api_key_env))
     if first is None:
         console.print(
             "[yellow]eval: the server has no tokenize endpoint compeff knows; label tokens are matched by "
