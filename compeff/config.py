@@ -519,6 +519,35 @@ class SftSettings(Section):
     )
 
 
+class WordingSpec(Section):
+    name: PlainName = Field(description="Name of the wording in the results.")
+    template: str = Field(
+        description="The user turn: {text} is the text; {labels} (comma-separated) or {labels_or} "
+        "('a, b or c') the label words."
+    )
+    k_shot: bool = Field(
+        False, description="Put eval.k_shot demonstrations (Text: / cue: lines) above the text."
+    )
+    cue: str = Field("Answer", description="Answer prefix for models read without a chat template.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        if "{text}" not in value and "{labels" not in value:
+            raise ValueError(
+                "a wording needs {text} (or is k-shot) and names the labels with {labels} or {labels_or}"
+            )
+        return value
+
+
+def _wording_name(value: str) -> str:
+    from compeff.evaluate.wordings import BUILTIN_WORDINGS
+
+    if value not in BUILTIN_WORDINGS:
+        raise ValueError(f"unknown wording {value!r}; built-in: {', '.join(BUILTIN_WORDINGS)}")
+    return value
+
+
 class EvalSettings(Section):
     model: str | None = Field(
         None,
@@ -543,7 +572,24 @@ class EvalSettings(Section):
         description="Label words of file sets, in label order (labels in the file: 0..n-1 or these words); "
         "imdb and tweeteval_sentiment know theirs.",
     )
-    k_shot: int = Field(4, ge=0, description="Demonstrations per prompt, drawn from the set's train split.")
+    wordings: list[Annotated[str, AfterValidator(_wording_name)] | WordingSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Prompt wordings every model is scored on; a set's score is the mean over them, with "
+        "the spread. Built-in: question, instruction, text-first, author (zero-shot) and k-shot; or "
+        "{name, template} entries of your own. null: the four zero-shot ones (plus k-shot for a model "
+        "read without a chat template).",
+    )
+    calibrate: bool = Field(
+        False,
+        description="Also report contextual calibration (Zhao et al. 2021): label probabilities divided by "
+        "their mean on content-free inputs ('N/A', '', '[MASK]'), as extra rows.",
+    )
+    k_shot: int = Field(
+        4,
+        ge=0,
+        description="Demonstrations per prompt of the k-shot wording, drawn from the set's train split.",
+    )
     seeds: list[Seed] = Field(
         default_factory=lambda: [42, 52, 62], min_length=1, description="Seeds of the demo draws, averaged."
     )

@@ -17,15 +17,16 @@ from compeff.config import ConfigError, load_recipe
 from compeff.evaluate.classification import (
     EvalError,
     HFLabelScorer,
-    chat_user_content,
+    label_distribution,
+    label_owners,
     label_pieces,
-    label_token_ids,
     label_variants,
-    render_prompt,
+    local_first_tokens,
     served_label_scores,
     stratified_subset,
 )
 from compeff.evaluate.eval_stage import run_eval_stage
+from compeff.evaluate.wordings import BUILTIN_WORDINGS
 from compeff.runs import iter_jsonl
 from compeff.train.sft import SftCheckError, run_sft_stage
 
@@ -45,6 +46,7 @@ FILLER = [
 ]
 MARKERS = {0: "dreadful", 1: "wonderful"}
 LABELS = ["negative", "positive"]
+TOY_WORDINGS = ("question", "instruction")  # a 2-layer toy learns two wordings in 200 steps
 
 
 def toy_text(rng: random.Random, label: int) -> str:
@@ -54,13 +56,14 @@ def toy_text(rng: random.Random, label: int) -> str:
 
 
 def write_toy(tmp_path: Path, n_train: int = 160, n_test: int = 40) -> tuple[Path, Path]:
-    """A chat training set in eval's own prompt format, and a labelled held-out test set."""
+    """A chat training set in eval's own wordings, and a labelled held-out test set."""
     rng = random.Random(0)
     train, test = tmp_path / "toy_sft.jsonl", tmp_path / "toy_test.jsonl"
     with train.open("w") as fh:
         for i in range(n_train):
             label = i % 2
-            user = chat_user_content(render_prompt(toy_text(rng, label), [], LABELS))
+            wording = BUILTIN_WORDINGS[TOY_WORDINGS[(i // 2) % len(TOY_WORDINGS)]]
+            user = wording.render(toy_text(rng, label), LABELS)
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": LABELS[label]}]
             fh.write(json.dumps({"id": f"t{i}", "messages": messages, "teacher": "toy"}) + "\n")
     with test.open("w") as fh:
@@ -85,6 +88,7 @@ def recipe(tmp_path: Path, model: Path, train: Path, test: Path, name: str, *ext
             "eval.seeds=[42]",
             "eval.chat_template=true",
             "eval.label_names=[negative, positive]",
+            f"eval.wordings=[{', '.join(TOY_WORDINGS)}]",
             *extra,
         ],
     )
@@ -114,7 +118,10 @@ def test_full_sft_lifts_accuracy_from_chance(tmp_path, tiny_lm):
     assert accuracy(after) >= 0.9
     md = (r.run_dir / "eval" / "results.md").read_text()
     assert "overall" in md and "Confusion" in md
-    assert (r.run_dir / "eval" / "results.csv").read_text().startswith("set,n,accuracy")
+    assert (r.run_dir / "eval" / "results.csv").read_text().startswith("set,wording,n,accuracy")
+    wordings = next(iter(after["results"]["sets"].values()))["wordings"]
+    assert sorted(wordings) == sorted(TOY_WORDINGS)  # every model is scored on every wording
+    assert all(w["accuracy"] >= 0.8 for w in wordings.values())
     side = recipe(tmp_path, tiny_lm, train, test, "full", "sft.learning_rate=3e-3", "sft.max_steps=200",
                   "eval.compare=[student]")  # fmt: skip
     both = run_eval_stage(side, force=True, progress=False)["results"]["comparison"]
@@ -193,30 +200,36 @@ def test_pre_training_checks_refuse_loudly(tmp_path, tiny_lm):
                       progress=False)  # fmt: skip
 
 
-def test_label_scores_equal_the_models_own_logits(tiny_lm):
+def test_label_evidence_is_the_mass_of_every_spelling(tiny_lm):
+    """A local model's label evidence is the log of the summed probability of the first tokens of all its
+    spellings, read at the answer's first position: checked against the model's own logits, unbatched."""
+    wording = BUILTIN_WORDINGS["question"]
     scorer = HFLabelScorer(str(tiny_lm), batch_size=3)
-    prompts = [
-        render_prompt(t, [("great fun", "positive")], LABELS) for t in ("a", "dull slow plot here", "fun")
-    ]
-    preds, scores = scorer.predict(prompts, LABELS)
+    turns = [wording.render(t, LABELS) for t in ("a", "dull slow plot here", "fun")]
+    preds, mass = scorer.predict(turns, LABELS)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    ids = [
-        tok(" negative", add_special_tokens=False)["input_ids"][0],
-        tok(" positive", add_special_tokens=False)["input_ids"][0],
-    ]
-    for prompt, pred, row in zip(prompts, preds, scores, strict=True):
+    first = {v: tok(v, add_special_tokens=False)["input_ids"][0] for n in LABELS for v in label_variants(n)}
+    for turn, pred, row in zip(turns, preds, mass, strict=True):
         with torch.inference_mode():  # unbatched, unpadded: the direct computation
-            logits = model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
-        direct = logits[ids].numpy()
+            ids = tok(f"{turn}\nAnswer:")["input_ids"]
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+        direct = []
+        starts = [{first[v] for v in label_variants(name)} for name in LABELS]
+        for own, other in ((starts[0], starts[1]), (starts[1], starts[0])):
+            own = own - other  # a token that starts both labels' spellings is evidence for neither
+            direct.append(float(torch.logsumexp(logprobs[sorted(own)], 0)))
         assert np.allclose(row, direct, atol=1e-4)
-        assert pred == int(direct.argmax())
+        assert pred == int(np.argmax(direct))
+    probs = label_distribution(mass)
+    assert np.allclose(probs.sum(1), 1.0) and probs.shape == (3, 2)
 
 
 def test_label_collisions_and_served_scores(tiny_lm):
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    with pytest.raises(EvalError, match="start with the same token"):
-        label_token_ids(tok, ["positive", "positively"], leading_space=True)
+    # every spelling of 'positively' starts like one of 'positive': no token of its own, one clear error
+    with pytest.raises(EvalError, match="starts with the same token as"):
+        label_owners(local_first_tokens(tok, ["positive", "positively"]), ["positive", "positively"])
     tops = [
         {"token": " pos", "logprob": -0.2},
         {"token": "neg", "logprob": -1.9},
@@ -256,7 +269,7 @@ def test_eval_of_a_served_model(tmp_path):
     from compeff.teachers.fake_server import FakeServer
 
     def responder(messages, body):
-        text = messages[-1]["content"].rsplit("Text:", 1)[1]
+        text = messages[-1]["content"].rsplit("Text:", 1)[-1]  # after k-shot demos, if any
         first = "positive" if MARKERS[1] in text else "negative"
         other = "negative" if first == "positive" else "positive"
         return first, [{"token": first[:3], "logprob": -0.1}, {"token": other[:3], "logprob": -2.5}]

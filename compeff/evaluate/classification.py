@@ -1,7 +1,7 @@
 """Sentiment classification by label-word scoring, in the style of SentiBench.
 
-A k-shot prompt (demos from the set's train split, one draw per seed) ends where the label is due;
-the model's next-token distribution is compared over the first token of each label word and the
+A prompt (one of several wordings, :mod:`compeff.evaluate.wordings`) ends where the label is due;
+the evidence for a label is the probability mass of the first tokens of all its spellings, and the
 largest wins. Local causal LMs are read from their logits; served models (vLLM, any OpenAI-compatible
 server) from their top log-probabilities, so a teacher and its student are scored by the same code.
 """
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from compeff.data import DataError
-
-INSTRUCTION = "Classify the sentiment of the text as one of: {labels}."
+from compeff.evaluate.wordings import BUILTIN_WORDINGS
 
 
 class EvalError(DataError):
@@ -48,18 +47,10 @@ def cut(text: str, max_chars: int) -> str:
 def render_prompt(
     text: str, demos: Sequence[tuple[str, str]], label_names: Sequence[str], max_chars: int = 1000
 ) -> str:
-    """The k-shot prompt, ending with 'Sentiment:' where the label word is due."""
-    parts = [INSTRUCTION.format(labels=", ".join(label_names)), ""]
-    for demo_text, label in demos:
-        parts += [f"Text: {cut(demo_text, max_chars)}", f"Sentiment: {label}", ""]
-    parts += [f"Text: {cut(text, max_chars)}", "Sentiment:"]
-    return "\n".join(parts)
-
-
-def chat_user_content(prompt: str) -> str:
-    """The user turn of a prompt for chat models: the k-shot prompt without its final cue, which the
-    assistant turn replaces."""
-    return prompt.rsplit("\nSentiment:", 1)[0]
+    """The k-shot prompt of a model read without a chat template, ending with 'Sentiment:'."""
+    wording = BUILTIN_WORDINGS["k-shot"]
+    shown = [(cut(d, max_chars), label) for d, label in demos]
+    return wording.completion_prompt(wording.render(cut(text, max_chars), label_names, shown))
 
 
 def draw_demos(data: LabelledSet, k: int, seed: int, exclude: str | None = None) -> list[tuple[str, str]]:
@@ -80,24 +71,6 @@ def draw_demos(data: LabelledSet, k: int, seed: int, exclude: str | None = None)
         picks.append(pool[rng.randrange(len(pool))])
     rng.shuffle(picks)
     return [(data.demo_texts[i], data.label_names[data.demo_labels[i]]) for i in picks]
-
-
-def label_token_ids(tokenizer: Any, label_names: Sequence[str], leading_space: bool) -> list[int]:
-    """First token id of each label word; refuses label words that share their first token."""
-    ids = []
-    for name in label_names:
-        tokens = tokenizer((" " if leading_space else "") + name, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise EvalError(f"label word {name!r} has no token")
-        ids.append(tokens[0])
-    clashes = [(a, b) for i, a in enumerate(label_names) for b in label_names[i + 1 :] if ids[label_names.index(a)] == ids[label_names.index(b)]]  # fmt: skip
-    if clashes:
-        a, b = clashes[0]
-        raise EvalError(
-            f"label words {a!r} and {b!r} start with the same token ({tokenizer.decode([ids[label_names.index(a)]])!r}); "
-            "their first-token scores cannot tell them apart - rename the labels"
-        )
-    return ids
 
 
 def stratified_subset(labels: Sequence[int], limit: int | None, seed: int = 0) -> list[int]:
@@ -166,20 +139,20 @@ class HFLabelScorer:
         self._torch = torch
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of a prompt as the model reads it (template applied; the beginning cut if too long)."""
+        """Token ids of a prompt as the model reads it: with a chat template the prompt is the user turn
+        (the assistant turn follows); without one it is read as it is. The beginning is cut if too long."""
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": chat_user_content(prompt)}],
-                add_generation_prompt=True,
-                tokenize=True,
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
             ids = self.tokenizer(prompt)["input_ids"]
         return ids[-self.max_length :]
 
-    def label_ids(self, label_names: Sequence[str]) -> list[int]:
-        return label_token_ids(self.tokenizer, label_names, leading_space=not self.chat_template)
+    def owners(self, label_names: Sequence[str]) -> dict[int, int]:
+        """Token id -> label for the first token of every spelling of every label word."""
+        return label_owners(local_first_tokens(self.tokenizer, label_names), label_names)
 
     def next_token_logits(self, prompts: Sequence[str]) -> np.ndarray:
         """Logits of the token after each prompt, [len(prompts), vocab] (float32).
@@ -213,10 +186,31 @@ class HFLabelScorer:
             return np.zeros((0, 0), dtype=np.float32)
         return torch.stack(out_rows).numpy()
 
-    def predict(self, prompts: Sequence[str], label_names: Sequence[str]) -> tuple[list[int], np.ndarray]:
-        """Predicted label index per prompt and the label-word logits [len(prompts), n_labels]."""
-        scores = self.next_token_logits(prompts)[:, self.label_ids(label_names)]
-        return [int(i) for i in scores.argmax(1)], scores
+    def label_log_mass(
+        self, user_turns: Sequence[str], label_names: Sequence[str], cue: str = "Answer"
+    ) -> np.ndarray:
+        """Log of each label's probability mass (all its spellings' first tokens) at the answer's first
+        token, [len(user_turns), n_labels]; ``cue`` ends the prompt of a model read without a template."""
+        prompts = list(user_turns) if self.chat_template else [f"{u}\n{cue}:" for u in user_turns]
+        owners = self.owners(label_names)
+        ids = list(owners)
+        logits = self.next_token_logits(prompts)
+        if not len(logits):
+            return np.zeros((0, len(label_names)))
+        columns = log_softmax_rows(logits)[:, ids]
+        return np.stack([label_log_mass(zip(ids, row.tolist()), owners, len(label_names)) for row in columns])
+
+    def predict(self, user_turns: Sequence[str], label_names: Sequence[str], cue: str = "Answer"):
+        """Predicted label index per prompt and the label log-masses [len(prompts), n_labels]."""
+        mass = self.label_log_mass(user_turns, label_names, cue)
+        return [int(i) for i in mass.argmax(1)], mass
+
+
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (a whole vocabulary per row, vectorised)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
 
 
 def label_variants(name: str) -> list[str]:
@@ -225,11 +219,25 @@ def label_variants(name: str) -> list[str]:
     return [prefix + form for prefix in ("", " ") for form in forms]
 
 
-def label_pieces(first_pieces: dict[str, str], label_names: Sequence[str]) -> dict[str, int]:
-    """Map each first token (as text) of a label word's spellings to its label; a token that starts the
-    words of two labels tells them apart no better than chance and is left out; a label left with no
-    token of its own is an error that names the labels it cannot be told from."""
-    owners: dict[str, set[int]] = {}
+def local_first_tokens(tokenizer: Any, label_names: Sequence[str]) -> dict[str, int]:
+    """The first token id of every spelling of every label word, from a local tokenizer."""
+    first = {}
+    for name in label_names:
+        for variant in label_variants(name):
+            tokens = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise EvalError(f"label word {name!r} has no token")
+            first[variant] = tokens[0]
+    return first
+
+
+def label_owners(first_tokens: Mapping[str, Hashable], label_names: Sequence[str]) -> dict[Any, int]:
+    """Map each first token (an id for a local tokenizer, a token text for a server) of a label word's
+    spellings to its label; a token that starts the words of two labels tells them apart no better than
+    chance and is left out; a label left with no token of its own is an error that names the labels it
+    cannot be told from."""
+    first_pieces = first_tokens
+    owners: dict[Any, set[int]] = {}
     for i, name in enumerate(label_names):
         for variant in label_variants(name):
             owners.setdefault(first_pieces[variant], set()).add(i)
@@ -238,10 +246,39 @@ def label_pieces(first_pieces: dict[str, str], label_names: Sequence[str]) -> di
         if i not in pieces.values():
             colliding = sorted({label_names[j] for p, ls in owners.items() if i in ls for j in ls})
             raise EvalError(
-                f"on this server every spelling of the label {name!r} starts with the same token as "
+                f"every spelling of the label {name!r} starts with the same token as "
                 f"{', '.join(n for n in colliding if n != name)}: choose label words whose first tokens differ"
             )
     return pieces
+
+
+label_pieces = label_owners  # the served tokenizer's pieces: the same mapping, keyed by token text
+
+
+def label_log_mass(
+    alternatives: Iterable[tuple[Hashable, float]], owners: Mapping[Any, int], n_labels: int
+) -> np.ndarray:
+    """The evidence for each label, one function for every backend: the log of the summed probability of
+    the tokens that start its spellings, read from (token, log-probability) pairs: every owned token of a
+    local model's full distribution, or a served model's top-k alternatives. A label none of whose tokens
+    is listed gets -inf (a served top-k cut: its mass is below the k-th alternative's)."""
+    scores = np.full(n_labels, -np.inf)
+    for token, logprob in alternatives:
+        hit = owners.get(token)
+        if hit is not None:
+            scores[hit] = np.logaddexp(scores[hit], float(logprob))
+    return scores
+
+
+def label_distribution(log_mass: np.ndarray) -> np.ndarray:
+    """Label probabilities renormalised over the label set, [n, n_labels]; a row with no evidence for any
+    label (a served top-k that lists none) is uniform."""
+    x = np.atleast_2d(np.asarray(log_mass, dtype=np.float64))
+    top = x.max(axis=1, keepdims=True)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(x - safe)
+    total = e.sum(axis=1, keepdims=True)
+    return np.where(total > 0, e / np.where(total > 0, total, 1.0), 1.0 / x.shape[1])
 
 
 def served_label_scores(
@@ -254,19 +291,16 @@ def served_label_scores(
     label's score adds the probabilities of its spellings. Without them (a server with no tokenize
     endpoint) a token counts for the one label word it starts; a token that starts several is skipped.
     -inf where no token of a label is listed."""
-    scores = np.full(len(label_names), -np.inf)
-    for alt in top_logprobs:
-        token = alt.get("token", "")
-        logprob = float(alt.get("logprob", -np.inf))
-        if pieces is not None:
-            hit = pieces.get(token)
-        else:
+    pairs = [(alt.get("token", ""), float(alt.get("logprob", -np.inf))) for alt in top_logprobs]
+    if pieces is None:  # no tokenize endpoint: a token counts for the one label word it starts
+        owners: dict[str, int] = {}
+        for token, _ in pairs:
             word = token.strip().lower()
             hits = [i for i, name in enumerate(label_names) if word and name.lower().startswith(word)]
-            hit = hits[0] if len(hits) == 1 else None
-        if hit is not None:
-            scores[hit] = np.logaddexp(scores[hit], logprob)
-    return scores
+            if len(hits) == 1:
+                owners[token] = hits[0]
+        pieces = owners
+    return label_log_mass(pairs, pieces, len(label_names))
 
 
 def summarise(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""``compeff eval``: accuracy and macro-F1 of a model on labelled sets, k-shot label-word scoring.
+"""``compeff eval``: accuracy and macro-F1 of models on labelled sets, over several prompt wordings.
 
-Every prediction is a line of ``runs/<name>/eval/data.jsonl`` (set, seed, label, prediction, label
-scores), so a killed evaluation resumes; ``results.json`` / ``results.csv`` / ``results.md`` hold the
-per-set scores (mean and spread over the demo seeds), confusion matrices, the overall score (mean over
-sets x 100) and the settings.
+Every prediction is a line of ``runs/<name>/eval/data.jsonl`` (model, set, wording, seed, label,
+prediction, label log-masses), so a killed evaluation resumes; ``results.json`` / ``results.csv`` /
+``results.md`` hold per set the mean over wordings (accuracy, macro-F1, spread) and a ``wordings`` entry
+per wording (accuracy, macro-F1, agreement with the teacher, calibrated scores), confusion matrices, the
+overall score (mean over sets x 100) and the settings.
 """
 
 from __future__ import annotations
@@ -21,17 +22,14 @@ from compeff.data import DataError, dataset_name, load_labelled
 from compeff.evaluate.classification import (
     HFLabelScorer,
     LabelledSet,
-    classification_metrics,
-    draw_demos,
-    label_pieces,
-    label_shares,
+    label_owners,
     label_variants,
-    mean_over_seeds,
-    render_prompt,
     served_label_scores,
     stratified_subset,
     summarise,
 )
+from compeff.evaluate.ruler import CONTENT_FREE, WordingRun, reference_preds, run_wording, summarise_runs
+from compeff.evaluate.wordings import Wording, resolve_wordings
 from compeff.models import student_model
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, iter_jsonl, weights_fingerprint
@@ -85,26 +83,32 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
     return student_model(recipe.student), recipe.eval.adapter
 
 
-def eval_prompts(data: LabelledSet, k: int, seed: int, max_chars: int) -> list[str]:
-    """The k-shot prompt of every text of a set (demos drawn per text from the seed, never the text)."""
-    return [
-        render_prompt(
-            text, draw_demos(data, k, seed * 1_000_003 + i, exclude=text), data.label_names, max_chars
-        )
-        for i, text in enumerate(data.texts)
-    ]
-
-
 @lru_cache(maxsize=64)
+def _first_pieces_cached(
+    url: str, model: str, label_names: tuple[str, ...], api_key: str | None
+) -> dict[str, str] | None:
+    from compeff.teachers.tokenize_api import served_first_pieces
+
+    variants = [v for name in label_names for v in label_variants(name)]
+    first = served_first_pieces(url, model, variants, api_key)
+    if first is None:  # an outage is not remembered: the next call asks again
+        raise _NoPieces
+    return first
+
+
+class _NoPieces(Exception):
+    pass
+
+
 def _first_pieces(
     url: str, model: str, label_names: tuple[str, ...], api_key: str | None
 ) -> dict[str, str] | None:
     """The server's first token of every spelling of the labels: asked once per server and label set,
-    not once per set and seed."""
-    from compeff.teachers.tokenize_api import served_first_pieces
-
-    variants = [v for name in label_names for v in label_variants(name)]
-    return served_first_pieces(url, model, variants, api_key)
+    not once per set and wording (a failed ask is not cached)."""
+    try:
+        return _first_pieces_cached(url, model, label_names, api_key)
+    except _NoPieces:
+        return None
 
 
 def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int] | None:
@@ -118,36 +122,58 @@ def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int
             "prefix (a token that starts several label words is skipped)[/yellow]"
         )
         return None
-    return label_pieces(first, label_names)
+    return label_owners(first, label_names)
+
+
+class ServedLabelScorer:
+    """A served model (the recipe's teacher settings, openai backend) read from the top log-probabilities
+    of its answer's first token: the same label arithmetic as a local model, over the top-k it lists. A
+    text whose top-k names no label has no evidence (-inf for every label): it is counted as wrong and
+    kept in ``failures`` with its answer."""
+
+    def __init__(self, recipe: Recipe, tag: str = "served"):
+        self.recipe = recipe
+        self.tag = tag
+        self.failures: list[dict[str, Any]] = []
+        self._calls = 0
+
+    def label_log_mass(
+        self, user_turns: list[str], label_names: list[str], cue: str = "Answer"
+    ) -> np.ndarray:
+        from compeff.teachers import ChatRequest, SamplingParams
+        from compeff.teaching import teacher_session
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
+        pieces = served_label_tokens(self.recipe, label_names)
+        self._calls += 1
+        tag = f"{self.tag}|{self._calls}"
+        requests = [
+            ChatRequest(id=f"{tag}|{i}", messages=[{"role": "user", "content": p}], params=params)
+            for i, p in enumerate(user_turns)
+        ]
+        scores = np.full((len(user_turns), len(label_names)), -np.inf)
+        with teacher_session(self.recipe.teacher) as (teacher, _):
+            for result in teacher.generate(requests):
+                i = int(result.id.rsplit("|", 1)[1])
+                if not result.ok or not result.logprobs or not result.logprobs[0]:
+                    self.failures.append(
+                        {"id": result.id, "reason": result.error or "no logprobs in the answer"}
+                    )
+                    continue
+                first = (result.logprobs[0].get("content") or [{}])[0]
+                scores[i] = served_label_scores(first.get("top_logprobs") or [first], label_names, pieces)
+                if not np.isfinite(scores[i]).any():
+                    self.failures.append({"id": result.id, "kind": "rejected", "answer": result.text,
+                                          "reason": "no label word among the top-20 log-probabilities"})  # fmt: skip
+        return scores
 
 
 def served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str], tag: str):
-    """Predictions of the recipe's served model (openai backend) from its top log-probabilities."""
-    from compeff.teachers import ChatRequest, SamplingParams
-    from compeff.teaching import teacher_session
-
-    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
-    pieces = served_label_tokens(recipe, label_names)
-    requests = [
-        ChatRequest(id=f"{tag}|{i}", messages=[{"role": "user", "content": p}], params=params)
-        for i, p in enumerate(prompts)
-    ]
-    preds, scores, failures = [-1] * len(prompts), [[float("-inf")] * len(label_names)] * len(prompts), []
-    with teacher_session(recipe.teacher) as (teacher, _):
-        for result in teacher.generate(requests):
-            i = int(result.id.rsplit("|", 1)[1])
-            if not result.ok or not result.logprobs or not result.logprobs[0]:
-                failures.append({"id": result.id, "reason": result.error or "no logprobs in the answer"})
-                continue
-            first = (result.logprobs[0].get("content") or [{}])[0]
-            s = served_label_scores(first.get("top_logprobs") or [first], label_names, pieces)
-            scores[i] = s.tolist()
-            if np.isfinite(s).any():
-                preds[i] = int(np.argmax(s))
-            else:  # counted as wrong, and kept where failures are
-                failures.append({"id": result.id, "reason": "no label word among the top log-probabilities",
-                                 "kind": "rejected", "answer": result.text})  # fmt: skip
-    return preds, np.array(scores), failures
+    """Predictions of the recipe's served model for ready prompts: (labels, log-masses, failures)."""
+    scorer = ServedLabelScorer(recipe, tag)
+    mass = scorer.label_log_mass(prompts, label_names)
+    preds = [int(np.argmax(m)) if np.isfinite(m).any() else -1 for m in mass]
+    return preds, mass, scorer.failures
 
 
 def _compared_models(recipe: Recipe) -> list[tuple[str, str]]:
@@ -156,15 +182,24 @@ def _compared_models(recipe: Recipe) -> list[tuple[str, str]]:
     return [(tag, paths[tag]) for tag in recipe.eval.compare]
 
 
+def eval_wordings(recipe: Recipe) -> list[Wording]:
+    """The wordings every model is scored on (``eval.wordings``, else the defaults)."""
+    s = recipe.eval
+    specs = None if s.wordings is None else [w if isinstance(w, str) else w.model_dump() for w in s.wordings]
+    return resolve_wordings(specs, s.chat_template, s.k_shot)
+
+
 def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Evaluate the chosen model (and the ``eval.compare`` models) on every set and seed; write the
-    results tables."""
+    """Evaluate the chosen model (and the ``eval.compare`` models) on every set and wording; write the
+    results tables, with each student's agreement with the teacher when the teacher is among them."""
     s = recipe.eval
     model, adapter = resolve_eval_model(recipe)
     sets = s.sets or recipe.data.eval_sets
     compared = _compared_models(recipe)
+    wordings = eval_wordings(recipe)
     config = {
         "eval": s.model_dump(exclude={"batch_size", "device"}),
+        "wordings": [w.__dict__ for w in wordings],
         "model": model if s.backend == "hf" else f"{recipe.teacher.model}@openai",
         "adapter": adapter,
         "sets": sets,
@@ -175,21 +210,32 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
     config["compared"] = {tag: weights_fingerprint(path) for tag, path in compared}
     stage = Stage.open(recipe.run_dir, "eval", config=config, inputs={}, force=force)
     with stage:
-        done_rows: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        done_rows: dict[tuple[str, str, str, int | None], list[dict[str, Any]]] = {}
         for row in iter_jsonl(stage.data_path):
-            done_rows.setdefault((row.get("model_tag", ""), row["set"], row["seed"]), []).append(row)
+            key = (row.get("model_tag", ""), row["set"], row.get("wording", ""), row.get("seed"))
+            done_rows.setdefault(key, []).append(row)
         data_sets = {
             spec: load_eval_set(spec, s.limit, recipe.run.seed, recipe.data.dir, s.label_names)
             for spec in sets
         }
         evaluated = [("", model, adapter, s.backend)] + [(tag, path, None, "hf") for tag, path in compared]
-        total = len(sets) * len(s.seeds) * len(evaluated)
-        per_model: dict[str, dict[str, dict[str, Any]]] = {}
-        with Tracker("eval (model x set x seed)", total=total, enabled=progress) as tracker:
+        runs_per_wording = sum(len(s.seeds) if w.k_shot else 1 for w in wordings)
+        total = len(sets) * runs_per_wording * len(evaluated)
+        runs: dict[str, dict[str, list[WordingRun]]] = {}
+        with Tracker("eval (model x set x wording)", total=total, enabled=progress) as tracker:
             for tag, name, adapter_path, backend in evaluated:
-                per_model[tag] = _evaluate_model(
-                    recipe, stage, tag, name, adapter_path, backend, data_sets, done_rows, tracker
+                runs[tag] = _evaluate_model(
+                    recipe, stage, tag, name, adapter_path, backend, data_sets, wordings, done_rows, tracker
                 )
+        teacher_tag = "teacher" if "teacher" in runs else ("" if s.model == "teacher" else None)
+        per_model: dict[str, dict[str, dict[str, Any]]] = {}
+        for tag in runs:
+            per_model[tag] = {}
+            for spec, data in data_sets.items():
+                reference = None
+                if teacher_tag is not None and tag != teacher_tag:
+                    reference = reference_preds(runs[teacher_tag][spec])
+                per_model[tag][spec] = summarise_runs(data, runs[tag][spec], reference)
         per_set = per_model[""]
         overall = summarise(per_set)
         comparison = {
@@ -206,10 +252,19 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
             stage.extra["compared"] = {tag: c["overall"] for tag, c in comparison.items()}
         console.print(
             f"eval: {model}{' + ' + adapter if adapter else ''}: accuracy {overall['accuracy']:.1f}, "
-            f"macro-F1 {overall['macro_f1']:.1f} (mean over {len(per_set)} sets x 100) -> {stage.folder}"
+            f"macro-F1 {overall['macro_f1']:.1f} (mean over {len(wordings)} wordings and {len(per_set)} sets "
+            f"x 100) -> {stage.folder}"
         )
     assert stage.manifest is not None
     return {**stage.manifest, "results": results}
+
+
+def _mass_row(values: list[float | None]) -> list[float]:
+    return [float("-inf") if v is None else float(v) for v in values]
+
+
+def _stored(values: np.ndarray) -> list[float | None]:
+    return [round(float(v), 5) if np.isfinite(v) else None for v in values]
 
 
 def _evaluate_model(
@@ -220,94 +275,136 @@ def _evaluate_model(
     adapter: str | None,
     backend: str,
     data_sets: dict[str, LabelledSet],
-    done_rows: dict[tuple[str, str, int], list[dict[str, Any]]],
+    wordings: list[Wording],
+    done_rows: dict[tuple[str, str, str, int | None], list[dict[str, Any]]],
     tracker: Tracker,
-) -> dict[str, dict[str, Any]]:
-    """Metrics of one model on every set (mean over seeds), reusing the rows an earlier run kept."""
+) -> dict[str, list[WordingRun]]:
+    """Every wording run of one model on every set, reusing the rows an earlier run kept."""
     s = recipe.eval
-    scorer = None
-    per_set: dict[str, dict[str, Any]] = {}
+    scorer: Any = None
+    out: dict[str, list[WordingRun]] = {}
     prefix = f"{tag}|" if tag else ""
     try:
         for spec, data in data_sets.items():
-            runs = []
-            all_preds: list[int] = []
-            for seed in s.seeds:
-                rows = done_rows.get((tag, spec, seed))
-                if rows is None or len(rows) != len(data.texts):
-                    prompts = eval_prompts(data, s.k_shot, seed, s.max_chars)
-                    if backend == "openai":
-                        preds, scores, failures = served_predictions(
-                            recipe, prompts, data.label_names, f"{spec}|{seed}"
+            out[spec] = []
+            for wording in wordings:
+                for seed in s.seeds if wording.k_shot else [None]:
+                    rows = done_rows.get((tag, spec, wording.name, seed), [])
+                    texts = sorted((r for r in rows if not r.get("content_free")), key=_row_index)
+                    free = sorted((r for r in rows if r.get("content_free")), key=_row_index)
+                    if len(texts) == len(data.texts) and (not s.calibrate or len(free) == len(CONTENT_FREE)):
+                        run = WordingRun(
+                            wording.name,
+                            seed,
+                            np.array([_mass_row(r["scores"]) for r in texts]).reshape(len(texts), -1),
+                            np.array([_mass_row(r["scores"]) for r in free]) if s.calibrate else None,
                         )
-                        stage.fail(failures)
                     else:
                         if scorer is None:
-                            scorer = HFLabelScorer(
-                                model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
+                            scorer = (
+                                ServedLabelScorer(recipe, tag or "evaluated")
+                                if backend == "openai"
+                                else HFLabelScorer(
+                                    model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
+                                )
                             )
-                        preds, scores = scorer.predict(prompts, data.label_names)
-                    rows = [
-                        {"id": f"{prefix}{spec}|{seed}|{i}", "set": spec, "seed": seed, "label": y, "pred": p,
-                         "scores": [round(float(v), 5) for v in sc], **({"model_tag": tag} if tag else {})}
-                        for i, (y, p, sc) in enumerate(zip(data.labels, preds, scores, strict=True))
-                    ]  # fmt: skip
-                    stage.append(rows)
-                preds = [r["pred"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("|", 1)[1]))]
-                truth = data.labels
-                scored = [(y, p if p >= 0 else (y + 1) % len(data.label_names)) for y, p in zip(truth, preds, strict=True)]  # fmt: skip
-                runs.append(
-                    {
-                        "seed": seed,
-                        **classification_metrics(
-                            [a for a, _ in scored], [b for _, b in scored], len(data.label_names)
-                        ),
-                    }
-                )
-                all_preds += preds
-                tracker.advance(1)
-            result = mean_over_seeds(runs)
-            result.update(
-                n=len(data.texts),
-                label_names=data.label_names,
-                predicted_share=label_shares(all_preds, data.label_names),
-            )
-            per_set[spec] = result
+                        run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars, s.calibrate)
+                        if backend == "openai":
+                            stage.fail(scorer.failures)
+                            scorer.failures = []
+                        base = f"{prefix}{spec}|{wording.name}|{seed if seed is not None else '-'}"
+                        common = {"set": spec, "wording": wording.name, "seed": seed,
+                                  **({"model_tag": tag} if tag else {})}  # fmt: skip
+                        new = [
+                            {"id": f"{base}|{i}", **common, "label": y, "pred": p, "scores": _stored(m)}
+                            for i, (y, p, m) in enumerate(
+                                zip(data.labels, run.preds, run.log_mass, strict=True)
+                            )
+                        ]
+                        if run.content_free is not None:
+                            new += [
+                                {"id": f"{base}|cf{j}", **common, "content_free": True, "scores": _stored(m)}
+                                for j, m in enumerate(run.content_free)
+                            ]
+                        stage.append(new)
+                    out[spec].append(run)
+                    tracker.advance(1)
     finally:
         del scorer  # one model in memory at a time
-    return per_set
+    return out
+
+
+def _row_index(row: dict[str, Any]) -> int:
+    last = row["id"].rsplit("|", 1)[1]
+    return int(last[2:]) if last.startswith("cf") else int(last)
 
 
 def results_csv(per_set: dict[str, dict[str, Any]]) -> str:
+    """One line per set and wording (wording 'mean': the mean over wordings)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["set", "n", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std"])
+    writer.writerow(["set", "wording", "n", "accuracy", "macro_f1", "agreement"])
     for name, r in per_set.items():
-        writer.writerow([name, r["n"], f"{r['accuracy']:.4f}", f"{r['accuracy_std']:.4f}", f"{r['macro_f1']:.4f}", f"{r['macro_f1_std']:.4f}"])  # fmt: skip
+        for wording, w in r["wordings"].items():
+            writer.writerow([name, wording, r["n"], f"{w['accuracy']:.4f}", f"{w['macro_f1']:.4f}",
+                             f"{w['agreement']:.4f}" if "agreement" in w else ""])  # fmt: skip
+        writer.writerow([name, "mean", r["n"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+                         f"{r['agreement']:.4f}" if "agreement" in r else ""])  # fmt: skip
     return buf.getvalue()
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
-    s = results["settings"]["eval"]
+    """The results as a page: per set the mean over wordings with its spread, each wording (accuracy,
+    macro-F1, agreement with the teacher, calibrated rows), the side-by-side table and confusions."""
+    s = results["settings"]
+    names_w = [w["name"] for w in s["wordings"]]
     lines = [
         f"# Evaluation: {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""),
         "",
-        f"{s['k_shot']}-shot label-word scoring, seeds {s['seeds']}, backend {results['backend']}"
-        + (", chat template" if s["chat_template"] else ""),
+        f"Label-word scoring over {len(names_w)} wordings ({', '.join(names_w)}), backend {results['backend']}"
+        + (", chat template" if s["eval"]["chat_template"] else "")
+        + ". A label's evidence is the probability of the first tokens of all its spellings; a score is the "
+        "mean over wordings +- its spread (std over wordings). No wording is chosen on test data.",
         "",
-        "| set | n | accuracy | macro-F1 |",
-        "|---|---:|---:|---:|",
+        "| set | n | accuracy | macro-F1 | no label |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, r in results["sets"].items():
         lines.append(
             f"| {name} | {r['n']} | {100 * r['accuracy']:.1f} +- {100 * r['accuracy_std']:.1f} | "
-            f"{100 * r['macro_f1']:.1f} +- {100 * r['macro_f1_std']:.1f} |"
+            f"{100 * r['macro_f1']:.1f} +- {100 * r['macro_f1_std']:.1f} | {r['no_label']} |"
         )
     o = results["overall"]
-    lines.append(f"| **overall** (mean x 100) | | **{o['accuracy']:.1f}** | **{o['macro_f1']:.1f}** |")
+    lines.append(f"| **overall** (mean x 100) | | **{o['accuracy']:.1f}** | **{o['macro_f1']:.1f}** | |")
+    models = results.get("comparison") or {"evaluated": {"model": results["model"], "sets": results["sets"]}}
+    for set_name in results["sets"]:
+        lines += [
+            "",
+            f"## {set_name}: each wording (accuracy / macro-F1 / agreement with the teacher, x 100)",
+            "",
+        ]
+        lines += ["| model | " + " | ".join(names_w) + " | mean |", "|---|" + "---:|" * (len(names_w) + 1)]
+        for tag, c in models.items():
+            r = c["sets"][set_name]
+            cells = []
+            for w in names_w:
+                e = r["wordings"].get(w, {})
+                cells.append(
+                    f"{_pct(e.get('accuracy'))} / {_pct(e.get('macro_f1'))} / {_pct(e.get('agreement'))}"
+                )
+            cells.append(f"{_pct(r['accuracy'])} / {_pct(r['macro_f1'])} / {_pct(r.get('agreement'))}")
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+            if "calibrated" in r:
+                cal = [_pct(r["wordings"][w]["calibrated"]["accuracy"]) + " / " + _pct(r["wordings"][w]["calibrated"]["macro_f1"]) + " / -" for w in names_w if w in r["wordings"]]  # fmt: skip
+                cal.append(f"{_pct(r['calibrated']['accuracy'])} / {_pct(r['calibrated']['macro_f1'])} / -")
+                lines.append(f"| {tag}, calibrated | " + " | ".join(cal) + " |")
     if results.get("comparison"):
         names = list(results["sets"])
-        lines += ["", "Side by side, same prompts and seeds (accuracy / macro-F1, x 100):", "",
+        lines += ["", "Side by side (mean over wordings, accuracy / macro-F1, x 100):", "",
                   "| model | " + " | ".join(names) + " | overall |", "|---|" + "---:|" * (len(names) + 1)]  # fmt: skip
         for tag, c in results["comparison"].items():
             cells = [
@@ -317,7 +414,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                          + f" | {c['overall']['accuracy']:.1f} / {c['overall']['macro_f1']:.1f} |")  # fmt: skip
     for name, r in results["sets"].items():
         names = r["label_names"]
-        lines += ["", f"Confusion on {name} (rows: truth, columns: prediction; summed over seeds)", ""]
+        lines += ["", f"Confusion on {name} (rows: truth, columns: prediction; summed over wordings)", ""]
         lines += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [
             f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"

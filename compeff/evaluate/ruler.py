@@ -1,0 +1,178 @@
+"""The ruler: one model on one labelled set, over several wordings, with agreement and calibration.
+
+Shared by ``compeff eval`` and ``compeff bench distill`` so both measure with the same arithmetic. A
+scorer is anything with ``label_log_mass(user_turns, label_names, cue) -> [n, n_labels]`` (a local model,
+:class:`compeff.evaluate.classification.HFLabelScorer`, or a served one read from its top log-probabilities).
+
+Per wording the result keeps accuracy, macro-F1, how many texts had no evidence for any label (a served
+top-k cut that lists no label: counted as wrong), optionally contextual calibration (Zhao et al. 2021:
+each label's probability divided by its mean probability on content-free inputs), and the agreement with
+a reference model's labels (the teacher's): the share of texts where the two labels are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from compeff.evaluate.classification import (
+    LabelledSet,
+    classification_metrics,
+    cut,
+    draw_demos,
+    label_distribution,
+    label_shares,
+)
+from compeff.evaluate.wordings import Wording
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+class LabelScorer(Protocol):
+    def label_log_mass(
+        self, user_turns: Sequence[str], label_names: Sequence[str], cue: str = "Answer"
+    ) -> np.ndarray: ...
+
+
+@dataclass
+class WordingRun:
+    """What one model answered on one set with one wording (one demo seed for k-shot wordings)."""
+
+    wording: str
+    seed: int | None
+    log_mass: np.ndarray  # [n, n_labels]
+    content_free: np.ndarray | None = None  # [len(CONTENT_FREE), n_labels]
+    preds: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        has = np.isfinite(self.log_mass).any(axis=1)
+        self.preds = [int(p) if h else -1 for p, h in zip(self.log_mass.argmax(1), has)]
+
+    def calibrated_preds(self) -> list[int] | None:
+        """Labels after contextual calibration (None without content-free scores)."""
+        if self.content_free is None:
+            return None
+        p_cf = label_distribution(self.content_free).mean(axis=0)
+        p = label_distribution(self.log_mass) / np.maximum(p_cf, 1e-12)
+        return [int(i) for i in p.argmax(1)]
+
+
+def wording_prompts(
+    data: LabelledSet, wording: Wording, seed: int | None, k_shot: int, max_chars: int
+) -> list[str]:
+    """The user turn of every text of a set in one wording (k-shot demos drawn per text from the seed)."""
+    out = []
+    for i, text in enumerate(data.texts):
+        demos = []
+        if wording.k_shot and k_shot:
+            drawn = draw_demos(data, k_shot, (seed or 0) * 1_000_003 + i, exclude=text)
+            demos = [(cut(d, max_chars), label) for d, label in drawn]
+        out.append(wording.render(cut(text, max_chars), data.label_names, demos))
+    return out
+
+
+def run_wording(
+    scorer: LabelScorer,
+    data: LabelledSet,
+    wording: Wording,
+    seed: int | None,
+    k_shot: int,
+    max_chars: int,
+    calibrate: bool = False,
+) -> WordingRun:
+    """Score every text of a set in one wording (and the content-free inputs when ``calibrate``)."""
+    prompts = wording_prompts(data, wording, seed, k_shot, max_chars)
+    mass = scorer.label_log_mass(prompts, data.label_names, wording.cue)
+    content_free = None
+    if calibrate:
+        free = [wording.render(t, data.label_names) for t in CONTENT_FREE]
+        content_free = scorer.label_log_mass(free, data.label_names, wording.cue)
+    return WordingRun(wording.name, seed, np.asarray(mass, dtype=np.float64), content_free)
+
+
+def agreement(preds: Sequence[int], reference: Sequence[int]) -> float:
+    """Share of texts where a model's label equals the reference model's (no label never agrees)."""
+    pairs = [(a, b) for a, b in zip(preds, reference, strict=True)]
+    return float(np.mean([a == b and a >= 0 for a, b in pairs])) if pairs else 0.0
+
+
+def _scored(truth: Sequence[int], preds: Sequence[int], n_labels: int) -> dict[str, Any]:
+    """Metrics with 'no label' counted as wrong (mapped to a label other than the truth)."""
+    fixed = [p if p >= 0 else (y + 1) % n_labels for y, p in zip(truth, preds, strict=True)]
+    return classification_metrics(truth, fixed, n_labels)
+
+
+def summarise_runs(
+    data: LabelledSet,
+    runs: Sequence[WordingRun],
+    reference: dict[tuple[str, int | None], list[int]] | None = None,
+) -> dict[str, Any]:
+    """A set's result: accuracy and macro-F1 as the mean over wordings (k-shot seeds averaged inside their
+    wording) with the spread over wordings, a ``wordings`` entry per wording (accuracy, macro-F1, texts
+    without label evidence, calibrated scores, agreement with ``reference``), the summed confusion matrix
+    and the share of each predicted label."""
+    n_labels = len(data.label_names)
+    by_wording: dict[str, list[WordingRun]] = {}
+    for run in runs:
+        by_wording.setdefault(run.wording, []).append(run)
+    wordings: dict[str, dict[str, Any]] = {}
+    confusion = np.zeros((n_labels, n_labels), dtype=int)
+    all_preds: list[int] = []
+    for name, group in by_wording.items():
+        metrics = [_scored(data.labels, r.preds, n_labels) for r in group]
+        entry: dict[str, Any] = {
+            "accuracy": float(np.mean([m["accuracy"] for m in metrics])),
+            "macro_f1": float(np.mean([m["macro_f1"] for m in metrics])),
+            "no_label": int(sum(p < 0 for r in group for p in r.preds)),
+            "seeds": [r.seed for r in group] if group[0].seed is not None else None,
+            "predicted_share": label_shares([p for r in group for p in r.preds], data.label_names),
+        }
+        calibrated = [r.calibrated_preds() for r in group]
+        if all(c is not None for c in calibrated):
+            cal = [classification_metrics(data.labels, c, n_labels) for c in calibrated if c is not None]
+            entry["calibrated"] = {
+                "accuracy": float(np.mean([m["accuracy"] for m in cal])),
+                "macro_f1": float(np.mean([m["macro_f1"] for m in cal])),
+            }
+        if reference is not None:
+            agree = [
+                agreement(r.preds, reference[(name, r.seed)]) for r in group if (name, r.seed) in reference
+            ]
+            if agree:
+                entry["agreement"] = float(np.mean(agree))
+        wordings[name] = entry
+        for m in metrics:
+            confusion += np.array(m["confusion"])
+        all_preds += [p for r in group for p in r.preds]
+    acc = [w["accuracy"] for w in wordings.values()]
+    f1 = [w["macro_f1"] for w in wordings.values()]
+    result: dict[str, Any] = {
+        "n": len(data.texts),
+        "label_names": data.label_names,
+        "accuracy": float(np.mean(acc)),
+        "accuracy_std": float(np.std(acc)),
+        "macro_f1": float(np.mean(f1)),
+        "macro_f1_std": float(np.std(f1)),
+        "confusion": confusion.tolist(),
+        "predicted_share": label_shares(all_preds, data.label_names),
+        "no_label": sum(w["no_label"] for w in wordings.values()),
+        "wordings": wordings,
+    }
+    agreements = [w["agreement"] for w in wordings.values() if "agreement" in w]
+    if agreements:
+        result["agreement"] = float(np.mean(agreements))
+        result["agreement_std"] = float(np.std(agreements))
+    if all("calibrated" in w for w in wordings.values()) and wordings:
+        result["calibrated"] = {
+            "accuracy": float(np.mean([w["calibrated"]["accuracy"] for w in wordings.values()])),
+            "macro_f1": float(np.mean([w["calibrated"]["macro_f1"] for w in wordings.values()])),
+        }
+    return result
+
+
+def reference_preds(runs: Sequence[WordingRun]) -> dict[tuple[str, int | None], list[int]]:
+    """A model's labels per (wording, seed), the reference others' agreement is measured against."""
+    return {(r.wording, r.seed): r.preds for r in runs}
