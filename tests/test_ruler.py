@@ -1,0 +1,119 @@
+"""The ruler on real tiny models: label evidence, distribution, accuracy, agreement and calibration where
+the answer is known in advance (a model with its final norm zeroed gives every token the same
+probability, so each label's mass is its number of first tokens over the vocabulary size)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compeff.config import load_recipe
+from compeff.evaluate.classification import (
+    HFLabelScorer,
+    label_distribution,
+    label_owners,
+    local_first_tokens,
+)
+from compeff.evaluate.eval_stage import run_eval_stage
+from compeff.evaluate.ruler import agreement
+from compeff.evaluate.wordings import BUILTIN_WORDINGS
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture(scope="module")
+def uniform_lm(tiny_lm, tmp_path_factory) -> Path:
+    """The tiny LM with its final norm zeroed: every next-token probability is 1 / vocabulary size."""
+    out = tmp_path_factory.mktemp("uniform-lm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.model.norm.weight.data.zero_()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(out)
+    return out
+
+
+def test_label_mass_of_a_uniform_model_counts_its_tokens(uniform_lm):
+    tok = AutoTokenizer.from_pretrained(uniform_lm)
+    owners = label_owners(local_first_tokens(tok, LABELS), LABELS)
+    counts = np.bincount(list(owners.values()), minlength=len(LABELS))
+    vocab = AutoModelForCausalLM.from_pretrained(uniform_lm).config.vocab_size
+    turns = [BUILTIN_WORDINGS[w].render("a slow film", LABELS) for w in ("question", "author")]
+    mass = HFLabelScorer(str(uniform_lm), chat_template=True).label_log_mass(turns, LABELS)
+    assert np.allclose(mass, np.log(counts / vocab)[None, :].repeat(2, 0), atol=1e-5)
+    assert np.allclose(label_distribution(mass), counts / counts.sum(), atol=1e-6)
+
+
+def _write_set(tmp_path: Path, labels: list[int]) -> Path:
+    path = tmp_path / "set.jsonl"
+    words = ["dull", "fine", "great", "slow", "long", "fun"]
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"x{i}", "text": f"{words[i % 6]} film {i}", "label": y}) + "\n"
+            for i, y in enumerate(labels)
+        )
+    )
+    return path
+
+
+def test_eval_reports_each_wording_agreement_and_calibration(tmp_path, tiny_lm, uniform_lm):
+    labels = [0] * 5 + [1] * 7 + [2] * 8
+    data = _write_set(tmp_path, labels)
+    recipe = load_recipe(
+        None,
+        [
+            f"run.dir={tmp_path / 'runs'}",
+            "run.name=ruler",
+            f"teacher.model={uniform_lm}",
+            f"student.model={tiny_lm}",
+            f"eval.model={uniform_lm}",
+            "eval.compare=[teacher, student]",
+            f"eval.sets=[{data}]",
+            f"eval.label_names=[{', '.join(LABELS)}]",
+            "eval.chat_template=true",
+            "eval.wordings=[question, text-first, {name: mine, template: 'Text: {text} Feeling ({labels})?'}]",
+            "eval.calibrate=true",
+        ],
+    )
+    results = run_eval_stage(recipe, progress=False)["results"]
+    tok = AutoTokenizer.from_pretrained(uniform_lm)
+    counts = np.bincount(
+        list(label_owners(local_first_tokens(tok, LABELS), LABELS).values()), minlength=len(LABELS)
+    )
+    expected_label = int(np.argmax(counts))  # every text: the label with most first tokens
+    teacher = results["comparison"]["teacher"]["sets"][str(data)]
+    assert set(teacher["wordings"]) == {"question", "text-first", "mine"}
+    share = labels.count(expected_label) / len(labels)
+    for entry in teacher["wordings"].values():
+        assert entry["accuracy"] == pytest.approx(share)
+        assert entry["predicted_share"][LABELS[expected_label]] == 1.0
+        # calibrated by content-free inputs the uniform model is uniform: ties go to the first label
+        assert entry["calibrated"]["accuracy"] == pytest.approx(labels.count(0) / len(labels))
+        assert "agreement" not in entry  # the teacher is the reference
+    assert teacher["accuracy_std"] == pytest.approx(0.0, abs=1e-12)
+    # the evaluated model is the teacher's weights: it agrees everywhere; the student by its own labels
+    evaluated = results["sets"][str(data)]
+    assert evaluated["agreement"] == 1.0
+    student = results["comparison"]["student"]["sets"][str(data)]
+    direct = HFLabelScorer(str(tiny_lm), chat_template=True)
+    for name in ("question", "text-first"):
+        turns = [BUILTIN_WORDINGS[name].render(f"{w} film {i}", LABELS) for i, w in _texts(len(labels))]
+        preds, _ = direct.predict(turns, LABELS)
+        assert student["wordings"][name]["agreement"] == pytest.approx(
+            agreement(preds, [expected_label] * len(labels))
+        )
+    assert math.isclose(student["accuracy"], np.mean([w["accuracy"] for w in student["wordings"].values()]))
+    md = (recipe.run_dir / "eval" / "results.md").read_text()
+    assert "calibrated" in md and "agreement with the teacher" in md
+    # resumed from its rows: the same results without loading a model
+    again = run_eval_stage(recipe, progress=False)["results"]
+    assert again["comparison"]["student"]["sets"] == results["comparison"]["student"]["sets"]
+
+
+def _texts(n: int) -> list[tuple[int, str]]:
+    words = ["dull", "fine", "great", "slow", "long", "fun"]
+    return [(i, words[i % 6]) for i in range(n)]
