@@ -337,6 +337,28 @@ class TasksSettings(Section):
     max_tokens: int | None = Field(
         None, ge=1, description="Most new tokens per answer in this stage (null: teacher.max_tokens)."
     )
+    seed_tasks: list[Literal["polarity", "polarity3", "rating", "emotion", "irony", "subjectivity"]] = Field(
+        default_factory=lambda: ["polarity", "polarity3", "rating", "emotion", "irony", "subjectivity"],
+        description="Built-in sentiment tasks added after the teacher's own (closed label sets, several "
+        "wordings each; near-duplicates of a teacher task are merged into it): every run distils the basics. "
+        "[] turns them off.",
+    )
+    seed_tasks_file: str | None = Field(
+        None,
+        description="More seed tasks of your own: a JSONL or YAML list of {name, labels, wordings} (each "
+        "wording a template with {text} and {labels_or} or {labels}).",
+    )
+    seed_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of generate's samples that go to seed tasks when the teacher also wrote tasks.",
+    )
+
+    @field_validator("seed_tasks_file")
+    @classmethod
+    def _seed_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _must_exist(value, info)
 
 
 class GenerateSettings(Section):
@@ -366,6 +388,19 @@ class GenerateSettings(Section):
     )
     qc: bool = Field(
         True, description="Drop answers that break their task's format (labels, JSON schema, rating number)."
+    )
+    label_scoring: bool = Field(
+        True,
+        description="Answer closed tasks (a label set) by label scoring: the teacher's probability of each "
+        "label (the mass of its spellings' first tokens, one call of one token with its top-20 "
+        "log-probabilities), kept as label_probs; the answer is the most likely label. false: sampled text.",
+    )
+    min_confidence: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Drop closed-task samples whose most likely label has a teacher probability below this "
+        "(quality control at no extra call; counted in the report). 0: keep all.",
     )
     shard: ShardSpec = Field(
         None, description="Do only shard K of N of the samples, written as 'K/N' (K from 0)."
@@ -449,6 +484,11 @@ class SampleSettings(Section):
 class SftSettings(Section):
     input: str | None = Field(
         None, description="Chat dataset to train on (default: the run's sample/data.jsonl)."
+    )
+    answer_only_head: bool = Field(
+        True,
+        description="Run the output layer only at answer positions (the same loss; a closed-task sample's "
+        "1-3 answer tokens instead of its whole prompt). false: TRL's own loss over every position.",
     )
     loss: Literal["sft", "kd", "gkd"] = Field(
         "sft",

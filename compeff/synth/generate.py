@@ -28,10 +28,13 @@ from compeff.shards import (
     shard_stage_name,
 )
 from compeff.synth.instructions import pairing_prompts, plan_pairings, qc_reason, task_definition
+from compeff.synth.label_answers import LabelReader, label_params
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
 from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
+
+LOW_CONFIDENCE = "qc: teacher confidence below the threshold"
 
 
 def load_tasks(path: Path) -> list[dict[str, Any]]:
@@ -115,6 +118,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         recipe.run.seed,
         settings.task_cap,
         settings.analysis_share,
+        recipe.tasks.seed_share,
     )
     name = "generate"
     if settings.shard:
@@ -145,6 +149,13 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         if t.get("type") == "structured" and t.get("json_schema")
     }
 
+    scored = {
+        tid
+        for tid, t in by_id.items()
+        if settings.label_scoring and t.get("type") == "closed_classification" and t.get("labels")
+    }
+    task_params.update(dict.fromkeys(scored, label_params()))
+
     def build(pairing) -> ChatRequest:
         return ChatRequest(
             id=pairing.id,
@@ -164,16 +175,28 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         if pending:
             with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
                 capture = logprob_capture(recipe) if settings.teacher_top_logprobs else None
+                reader = LabelReader(recipe) if scored else None
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
-                    if settings.qc:
+                    label_fields: dict[str, Any] = {}
+                    answer = result.text
+                    if reader is not None and task["id"] in scored:
+                        probs = reader.read(result, task["labels"])
+                        answer = max(probs, key=probs.__getitem__)
+                        confidence = probs[answer]
+                        if confidence < settings.min_confidence:
+                            raise AnswerRejected(
+                                f"{LOW_CONFIDENCE}: {confidence:.3f} < generate.min_confidence {settings.min_confidence}"
+                            )
+                        label_fields = {"label_probs": probs, "teacher_confidence": confidence}
+                    elif settings.qc:
                         reason = qc_reason(task, result.text, definitions[task["id"]])
                         if reason:
                             raise AnswerRejected(f"qc: {reason}")
                     record = {
                         "id": request.id,
-                        "messages": [*request.messages, {"role": "assistant", "content": result.text}],
+                        "messages": [*request.messages, {"role": "assistant", "content": answer}],
                         "perspective_id": task["perspective_id"],
                         "task_id": task["id"],
                         "task_name": task["name"],
@@ -182,7 +205,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         "teacher": teacher.model,
                         "sampling": sampling,
                     }
-                    if capture is not None:
+                    record.update(label_fields)
+                    if capture is not None and not label_fields:
                         record[top_logprobs.FIELD] = capture(result)
                     report_rows.add_row(record)
                     return record
@@ -243,7 +267,8 @@ class ReportBuilder:
         self.lengths: list[int] = []
         self.ok_ids: set[str] = set()
         self.failed_ids: set[str] = set()
-        self.rejected = self.failed = 0
+        self.rejected = self.failed = self.low_confidence = 0
+        self.confidences: list[float] = []
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.ok_ids.add(row["id"])
@@ -251,6 +276,8 @@ class ReportBuilder:
         self.lengths.append(len(answer.split()))
         self.per_task[row["task_id"]]["ok"] += 1
         task = self.tasks.get(row["task_id"], {})
+        if "teacher_confidence" in row:
+            self.confidences.append(float(row["teacher_confidence"]))
         if task.get("type") == "closed_classification" and task.get("labels"):
             self.balance[row["task_id"]][match_label(answer, task["labels"]) or "(other)"] += 1
 
@@ -266,6 +293,7 @@ class ReportBuilder:
             self.per_task[row.get("task_id", "?")][key] += 1
             self.rejected += key == "rejected"
             self.failed += key == "failed"
+            self.low_confidence += LOW_CONFIDENCE in str(row.get("reason", ""))
 
     def result(self) -> dict[str, Any]:
         lengths = self.lengths
@@ -278,6 +306,11 @@ class ReportBuilder:
             "samples": len(self.ok_ids),
             "rejected_qc": self.rejected,
             "failed_calls": self.failed,
+            "label_scored": len(self.confidences),
+            "rejected_low_confidence": self.low_confidence,
+            "teacher_confidence_mean": round(statistics.fmean(self.confidences), 4)
+            if self.confidences
+            else None,
             "answer_words": {
                 "mean": round(statistics.fmean(lengths), 2) if lengths else 0,
                 "median": statistics.median(lengths) if lengths else 0,
@@ -307,7 +340,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "# Distillation set",
         "",
         f"- samples: {report['samples']} of {report['planned']} planned",
-        f"- dropped by QC: {report['rejected_qc']}; failed teacher calls: {report['failed_calls']}",
+        f"- dropped by QC: {report['rejected_qc']} (of them for low teacher confidence: "
+        f"{report.get('rejected_low_confidence', 0)}); failed teacher calls: {report['failed_calls']}",
+        f"- closed-task answers read as label distributions: {report.get('label_scored', 0)} (mean teacher "
+        f"confidence {report.get('teacher_confidence_mean') or '-'})",
         f"- answer length (words): mean {report['answer_words']['mean']}, median {report['answer_words']['median']}, "
         f"max {report['answer_words']['max']}",
         f"- by task type: {', '.join(f'{k}: {v}' for k, v in sorted(report['by_type'].items())) or '-'}",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from compeff.synth.seed_tasks import fill
 from compeff.synth.tasks import TaskDefinition, check_output
 
 
@@ -52,17 +54,25 @@ def plan_pairings(
     seed: int,
     task_cap: float = 2.0,
     analysis_share: float = 0.1,
+    seed_share: float = 0.5,
 ) -> list[Pairing]:
     """Random pairing of instructions with texts, fixed by the seed: a shuffled text order, a task per
-    sample drawn with a per-task cap, and k demonstrations per sample drawn from its task."""
+    sample drawn with a per-task cap, and k demonstrations per sample drawn from its task. Seed tasks
+    (``source: seed``) get ``seed_share`` of the non-analysis samples when the teacher wrote tasks too,
+    all of them when it wrote none."""
     rng = random.Random(seed)
-    demonstrated = [t["id"] for t in tasks if t["type"] != "analysis"]
+    seeded = [t["id"] for t in tasks if t.get("source") == "seed"]
+    demonstrated = [t["id"] for t in tasks if t["type"] != "analysis" and t.get("source") != "seed"]
     analysis = [t["id"] for t in tasks if t["type"] == "analysis"]
     n_analysis = round(analysis_share * n_samples) if analysis else 0
-    if not demonstrated:
+    if not demonstrated and not seeded:
         n_analysis = n_samples
-    draws = _capped_draws(rng, demonstrated, n_samples - n_analysis, task_cap) + _capped_draws(
-        rng, analysis, n_analysis, task_cap
+    n_closed = n_samples - n_analysis
+    n_seed = (round(seed_share * n_closed) if demonstrated else n_closed) if seeded else 0
+    draws = (
+        _capped_draws(rng, demonstrated, n_closed - n_seed, task_cap)
+        + _capped_draws(rng, seeded, n_seed, task_cap)
+        + _capped_draws(rng, analysis, n_analysis, task_cap)
     )
     rng.shuffle(draws)
     gen = np.random.default_rng(seed)
@@ -122,12 +132,20 @@ def pairing_prompts(
 
     def prompt(pairing: Pairing) -> str:
         task = tasks[pairing.task_id]
+        text = texts[pairing.text_index]["text"][:max_chars]
+        if task.get("wordings"):
+            return fill(
+                task["wordings"][wording_index(pairing.id, len(task["wordings"]))], task["labels"], text
+            )
         demos = [task["demos"][i] for i in pairing.demo_indices]
-        return render_instruction(
-            task, texts[pairing.text_index]["text"][:max_chars], demos, heads[pairing.task_id]
-        )
+        return render_instruction(task, text, demos, heads[pairing.task_id])
 
     return prompt
+
+
+def wording_index(sample_id: str, n: int) -> int:
+    """Which of a task's ``n`` wordings a sample uses: fixed by its id, spread evenly."""
+    return zlib.crc32(sample_id.encode("utf-8")) % n
 
 
 def task_definition(task: dict[str, Any]) -> TaskDefinition | None:

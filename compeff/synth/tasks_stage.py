@@ -23,6 +23,7 @@ from compeff.prompts import load_prompt, render_prompt
 from compeff.runs import Stage, iter_jsonl
 from compeff.synth import answer_schemas
 from compeff.synth.answer_schemas import schema_text
+from compeff.synth.seed_tasks import fill, seed_task_rows
 from compeff.synth.tasks import (
     TaskDefinition,
     TaskRejected,
@@ -371,8 +372,43 @@ def _build_tasks(
                     "merged_from": [],
                 }
             )
+    tasks = add_seed_tasks(recipe, tasks, report)
     report["by_type"] = dict(Counter(t["type"] for t in tasks))
     return tasks
+
+
+def add_seed_tasks(
+    recipe: Recipe, tasks: list[dict[str, Any]], report: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The teacher's tasks followed by the seed tasks (``tasks.seed_tasks``); a seed task that is a near
+    duplicate of one of the teacher's is merged into it (the teacher's comes first). Counts by source."""
+    settings = recipe.tasks
+    seeds = seed_task_rows(list(settings.seed_tasks), settings.seed_tasks_file)
+    own = [t for t in tasks if t["type"] != "analysis"]
+    merged = 0
+    if seeds and own and settings.dedup_threshold < 1.0:
+        from compeff.embeddings import embed_texts
+
+        vectors = embed_texts(
+            [f"{t['name']}: {t['description']}" for t in own]
+            + [f"{t['name']}: {fill(t['description'], t['labels'], '')}" for t in seeds],
+            recipe.embedder,
+        )
+        targets = merge_near_duplicates(vectors, settings.dedup_threshold)
+        keep = []
+        for j, seed in enumerate(seeds):
+            target = targets[len(own) + j]
+            if target == len(own) + j:
+                keep.append(seed)
+            elif target < len(own):  # merged into a teacher task
+                own[target]["merged_from"] = sorted([*own[target]["merged_from"], seed["id"]])
+                merged += 1
+            else:  # two seed tasks alike: the first is kept
+                merged += 1
+        seeds = keep
+    report["by_source"] = {"teacher": len(tasks), "seed": len(seeds)}
+    report["seed_merged"] = merged
+    return tasks + seeds
 
 
 def _task_order(rid: str) -> tuple:
@@ -395,6 +431,8 @@ def summary_markdown(tasks: list[dict[str, Any]], report: dict[str, Any]) -> str
         f"- demo calls: {report.get('demo_calls', 0)} (failed or unparseable: {report.get('demo_calls_failed', 0)}; "
         f"demos off format dropped: {report.get('demos_dropped_off_format', 0)})",
         f"- tasks dropped for too few demos: {len(report.get('dropped_too_few_demos', []))}",
+        f"- by source: {', '.join(f'{k}: {v}' for k, v in report.get('by_source', {}).items())} "
+        f"(seed tasks merged into the teacher's: {report.get('seed_merged', 0)})",
         f"- final: {len(tasks)} ({', '.join(f'{k}: {v}' for k, v in sorted(report.get('by_type', {}).items()))})",
         "",
         "| perspective | " + " | ".join(types) + " |",

@@ -212,7 +212,8 @@ class HFTeacher(Teacher):
                 texts.append(self.tokenizer.decode(seq[:length], skip_special_tokens=True))
                 reasons.append("stop" if length < len(seq) else "length")
                 if logprobs is not None:
-                    lps.append({"content": logprobs[k][:length]})
+                    # an answer that ends at once still reports its first position (what label scoring reads)
+                    lps.append({"content": logprobs[k][: max(length, 1)]})
             yield TeacherResult(
                 id=request.id,
                 ok=True,

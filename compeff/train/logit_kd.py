@@ -1,5 +1,9 @@
 """``sft.loss: kd``: SFT plus the teacher's top-k distribution at every answer token (offline logit KD).
 
+Closed-task samples answered as label distributions (``label_probs``, see
+:mod:`compeff.synth.label_answers`) are learnt as soft labels: the distribution sits at the answer's first
+token, over each label's first token in the student's own tokenizer (so any student can learn it).
+
 Each sample carries the teacher's top-k token ids and log-probabilities (``generate.teacher_top_logprobs``,
 see :mod:`compeff.top_logprobs`). Before training every sample is checked: the student's vocabulary must be
 the one the ids belong to (compared by content, not by name), and the teacher's sampled tokens must spell
@@ -20,6 +24,8 @@ from compeff import top_logprobs
 from compeff.data import DataError
 from compeff.train.chat_tokens import chat_text, chat_token_ids
 
+LABEL_FIELD = "label_probs"  # a closed task's teacher distribution over its labels (generate)
+
 
 class VocabularyMismatch(DataError):
     """The student's tokenizer is not the one the teacher's token ids belong to."""
@@ -28,6 +34,8 @@ class VocabularyMismatch(DataError):
 def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
     """The vocabulary fingerprint common to the samples and the student, or a clear refusal."""
     found = Counter(str(r[top_logprobs.FIELD]["vocab"]) for r in rows if top_logprobs.FIELD in r)
+    if not found and any(LABEL_FIELD in r for r in rows):  # label distributions: any vocabulary
+        return top_logprobs.vocab_fingerprint(tokenizer)
     if not found:
         raise DataError(
             f"sft.loss: kd needs the teacher's log-probabilities in the samples ({top_logprobs.FIELD}); "
@@ -78,6 +86,13 @@ def kd_features(
     resegmented = 0
     for row, pair in zip(rows, pairs, strict=True):
         field = row.get(top_logprobs.FIELD)
+        if not field and row.get(LABEL_FIELD):
+            feature = label_feature(tokenizer, pair, row[LABEL_FIELD], max_length)
+            if feature is None:
+                refused["answer cut away"].append(str(row["id"]))
+            else:
+                features.append(feature)
+            continue
         if not field:
             refused["no log-probabilities"].append(str(row["id"]))
             continue
@@ -99,7 +114,40 @@ def kd_features(
         t_ids[start : start + n], t_lp[start : start + n] = ids[:n], logprobs[:n]
         features.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
                          "teacher_ids": t_ids.tolist(), "teacher_logprobs": t_lp.tolist()})  # fmt: skip
+    width = max((len(f["teacher_ids"][0]) for f in features), default=0)
+    for f in features:  # one k for the batch tensors: narrower rows padded with no-information entries
+        pad = width - len(f["teacher_ids"][0])
+        if pad:
+            f["teacher_ids"] = [ids + [0] * pad for ids in f["teacher_ids"]]
+            f["teacher_logprobs"] = [lp + [float("-inf")] * pad for lp in f["teacher_logprobs"]]
     return features, {k: v for k, v in refused.items() if v}, resegmented
+
+
+def label_feature(
+    tokenizer: Any, pair: dict[str, Any], probs: dict[str, float], max_length: int
+) -> dict[str, Any] | None:
+    """A closed-task sample with the teacher's label distribution: the answer's first token carries it
+    (each label's first token as the student's tokenizer writes it in the answer, with that label's
+    probability; labels sharing a first token pool theirs), later answer tokens are cross-entropy only.
+    Built from the student's own tokenizer, so any student can learn a teacher's label distribution."""
+    prompt = chat_token_ids(tokenizer, pair["prompt"], True)
+    full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)[:max_length]
+    start = len(prompt)
+    if len(full) <= start or full[:start] != prompt:
+        return None
+    mass: dict[int, float] = {}
+    role = pair["completion"][0].get("role", "assistant")
+    for label, p in probs.items():
+        ids = chat_token_ids(tokenizer, pair["prompt"] + [{"role": role, "content": label}], False)
+        if len(ids) > start and p > 0:
+            mass[ids[start]] = mass.get(ids[start], 0.0) + float(p)
+    k = max(1, len(mass))
+    t_ids = [[0] * k for _ in full]
+    t_lp = [[float("-inf")] * k for _ in full]
+    t_ids[start] = list(mass) + [0] * (k - len(mass))
+    t_lp[start] = [float(np.log(v)) for v in mass.values()] + [float("-inf")] * (k - len(mass))
+    return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
+            "teacher_ids": t_ids, "teacher_logprobs": t_lp}  # fmt: skip
 
 
 def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -154,19 +202,28 @@ def collate(pad_id: int):
     return collate_batch
 
 
+def kd_term(logits: Any, teacher_ids: Any, teacher_logprobs: Any, temperature: float) -> Any:
+    """Mean sparse KL over the positions with teacher information, logits and arrays already aligned
+    (the logits at a position predict the token whose teacher arrays sit beside them)."""
+    from compeff.train.kd_losses import sparse_topk_kl
+
+    kl = sparse_topk_kl(logits, teacher_ids, teacher_logprobs, temperature)
+    has = torch_isfinite_any(teacher_logprobs)
+    return (kl * has).sum() / has.sum().clamp(min=1)
+
+
+def torch_isfinite_any(teacher_logprobs: Any) -> Any:
+    import torch
+
+    return torch.isfinite(teacher_logprobs).any(-1)
+
+
 def distill_loss(
     logits: Any, ce: Any, teacher_ids: Any, teacher_logprobs: Any, alpha: float, temperature: float
 ) -> tuple[Any, Any]:
     """(CE + alpha * T^2 * mean KL over the positions with teacher information, that mean KL). Logits at
     position t predict token t + 1, so the teacher's arrays (stored at the predicted token) shift by one."""
-    import torch
-
-    from compeff.train.kd_losses import sparse_topk_kl
-
-    lp = teacher_logprobs[:, 1:]
-    kl = sparse_topk_kl(logits[:, :-1], teacher_ids[:, 1:], lp, temperature)
-    has = torch.isfinite(lp).any(-1)
-    mean_kl = (kl * has).sum() / has.sum().clamp(min=1)
+    mean_kl = kd_term(logits[:, :-1], teacher_ids[:, 1:], teacher_logprobs[:, 1:], temperature)
     return ce + alpha * temperature**2 * mean_kl, mean_kl
 
 
@@ -186,18 +243,20 @@ def kd_trainer_class():
         kd_temperature = 1.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from compeff.train.answer_head import answer_forward
+
             teacher_ids = inputs.pop("teacher_ids")
             teacher_logprobs = inputs.pop("teacher_logprobs")
-            # one forward pass gives the logits and the answer tokens' cross-entropy (TRL's own loss path
-            # uses a fused head that would need a second pass to show the logits)
-            outputs = student_forward(model, inputs, num_items_in_batch)
-            ce = outputs.loss
-            loss, mean_kl = distill_loss(
-                outputs.logits, ce, teacher_ids, teacher_logprobs, self.kd_alpha, self.kd_temperature
+            # one forward pass, the output layer only at answer positions: the answer tokens'
+            # cross-entropy and the logits the KL reads
+            ce, logits, columns = answer_forward(model, inputs, num_items_in_batch)
+            mean_kl = kd_term(
+                logits, teacher_ids[:, columns + 1], teacher_logprobs[:, columns + 1], self.kd_temperature
             )
+            loss = ce + self.kd_alpha * self.kd_temperature**2 * mean_kl
             mode = "train" if model.training else "eval"
             if hasattr(self, "_metrics"):
                 self._metrics[mode].setdefault("kd_kl", []).append(float(mean_kl.detach()))
-            return (loss, outputs) if return_outputs else loss
+            return (loss, {"logits": logits}) if return_outputs else loss
 
     return TopKDistillTrainer

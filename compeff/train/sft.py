@@ -382,7 +382,10 @@ def run_sft_stage(
                 **common,
             )
         else:
-            trainer = SFTTrainer(train_dataset=Dataset.from_list(pairs), **common)
+            from compeff.train.answer_head import answer_only_trainer_class
+
+            trainer_class = answer_only_trainer_class() if s.answer_only_head else SFTTrainer
+            trainer = trainer_class(train_dataset=Dataset.from_list(pairs), **common)
             check_collated_masks(trainer, report["completion_tokens"], s.packing)
         checkpoints = sorted(
             (stage.folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])

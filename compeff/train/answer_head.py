@@ -1,0 +1,63 @@
+"""Pay only for the tokens that count: the output layer run only where a loss is read.
+
+A closed-task sample is a prompt of 50-200 tokens and an answer of 1-3; the student's output layer
+(49,152 columns for SmolLM2) over every position, and TRL's full-vocabulary entropy metric on top, cost
+more than the decoder itself. Here the model's forward pass gets ``logits_to_keep`` = the columns where
+some row of the batch has an answer token to predict (transformers applies the head to those columns
+only), and the cross-entropy is computed on them: the same loss as the model's own (summed, divided by
+the batch's answer-token count, or by ``num_items_in_batch`` under gradient accumulation), at a fraction
+of the head's cost. The forward call goes through the wrapper (PEFT, DDP), so adapters and gradient
+synchronisation work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def answer_columns(labels: Any) -> Any:
+    """The sequence positions whose logits predict an answer token in some row (labels shifted by one)."""
+    import torch
+
+    wanted = (labels[:, 1:] != -100).any(dim=0)
+    return torch.nonzero(wanted, as_tuple=False).flatten()
+
+
+def answer_forward(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[Any, Any, Any]:
+    """(cross-entropy on the answer tokens, logits at the kept columns [batch, columns, vocab], the kept
+    columns). The head runs only on those columns; padding and prompt columns never reach it."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    columns = answer_columns(labels)
+    forward = {k: inputs[k] for k in FORWARD_KEYS if k in inputs}
+    if len(columns) == 0:  # nothing to learn in this batch: a zero loss still tied to the graph
+        out = model(**forward, use_cache=False, logits_to_keep=1)
+        return out.logits.sum() * 0.0, out.logits[:, :0], columns
+    out = model(**forward, use_cache=False, logits_to_keep=columns)
+    logits = out.logits
+    targets = labels[:, columns + 1]
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.device)
+    return total / count, logits, columns
+
+
+def answer_only_trainer_class():
+    """TRL's SFTTrainer whose loss runs the output layer only at answer positions (same loss value)."""
+    from trl import SFTTrainer
+
+    class AnswerOnlySFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, logits, _ = answer_forward(model, inputs, num_items_in_batch)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    return AnswerOnlySFTTrainer

@@ -1,0 +1,172 @@
+"""Closed tasks end to end on real tiny models: the seed tasks, the teacher's answers read as label
+distributions (and the confidence QC), soft-label KD at the answer's first token, and the output layer
+run only at answer positions (same loss and gradients as the model's own)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compeff.config import load_recipe
+from compeff.evaluate.classification import HFLabelScorer, label_distribution
+from compeff.runs import iter_jsonl
+from compeff.synth.instructions import pairing_prompts, plan_pairings, wording_index
+from compeff.synth.seed_tasks import SEED_TASKS, fill, load_seed_file, seed_task_rows
+from compeff.train.answer_head import answer_forward
+from compeff.train.logit_kd import collate, kd_features, kd_term
+
+
+def test_answer_only_head_gives_the_models_own_loss_and_gradients(tiny_lm):
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    rows = []
+    for prompt, answer in (("a long prompt about a slow film " * 3, "negative"), ("fun", "a positive one")):
+        full = tok(prompt + answer)["input_ids"]
+        start = len(tok(prompt)["input_ids"])
+        rows.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
+                     "teacher_ids": [[0]] * len(full), "teacher_logprobs": [[-math.inf]] * len(full)})  # fmt: skip
+    batch = collate(tok.pad_token_id)(rows)
+    batch.pop("teacher_ids"), batch.pop("teacher_logprobs")
+    reference = model(**batch)  # the model's own loss over the full logits
+    reference.loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, logits, columns = answer_forward(model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.loss.item(), rel=1e-5)
+    assert logits.shape[1] == len(columns) < batch["input_ids"].shape[1]  # the head saw fewer columns
+    for p, g in zip(model.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    probs = {"negative": 0.2, "neutral": 0.1, "positive": 0.7}
+    row = {"id": "s1", "messages": [{"role": "user", "content": "Label it: fine film"},
+                                     {"role": "assistant", "content": "positive"}], "label_probs": probs}  # fmt: skip
+    pair = {"prompt": row["messages"][:1], "completion": row["messages"][1:]}
+    features, refused, _ = kd_features(tok, [row], [pair], max_length=128)
+    assert not refused
+    f = features[0]
+    start = f["completion_mask"].index(1)
+    informed = [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
+    assert informed == [start]  # only the answer's first token carries the teacher's distribution
+    assert f["input_ids"][start] in f["teacher_ids"][start]  # the answer's own first token is among them
+    mass = sum(math.exp(v) for v in f["teacher_logprobs"][start] if np.isfinite(v))
+    assert mass == pytest.approx(1.0)
+    # the KL term at that token against a student whose distribution we set by hand
+    batch = collate(tok.pad_token_id)(features)
+    logits = torch.full((1, 1, AutoModelForCausalLM.from_pretrained(tiny_lm).config.vocab_size), -1e4)
+    ids = batch["teacher_ids"][:, start]
+    lps = batch["teacher_logprobs"][:, start]
+    for j, v in zip(ids[0].tolist(), lps[0].tolist(), strict=True):
+        if math.isfinite(v):
+            logits[0, 0, j] = v  # the student equals the teacher there: KL 0
+    kl = kd_term(logits, ids[:, None], lps[:, None], 1.0)
+    assert kl.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_seed_tasks_and_their_wordings(tmp_path):
+    rows = seed_task_rows(list(SEED_TASKS))
+    assert {r["name"] for r in rows} == set(SEED_TASKS) and all(len(r["wordings"]) >= 2 for r in rows)
+    from compeff.evaluate.wordings import BUILTIN_WORDINGS
+
+    ruler = {w.template for w in BUILTIN_WORDINGS.values()}
+    assert not ruler & {w for r in rows for w in r["wordings"]}  # the ruler's wordings stay unseen
+    texts = [{"id": f"t{i}", "text": f"text {i}"} for i in range(40)]
+    plan = plan_pairings(rows, len(texts), 60, 2, 42)
+    prompt = pairing_prompts({r["id"]: r for r in rows}, texts)
+    used = set()
+    for p in plan:
+        task = next(r for r in rows if r["id"] == p.task_id)
+        wording = task["wordings"][wording_index(p.id, len(task["wordings"]))]
+        assert prompt(p) == fill(wording, task["labels"], texts[p.text_index]["text"])
+        used.add((task["id"], wording))
+    assert len(used) > len(rows)  # several wordings per task in one plan
+    extra = tmp_path / "mine.yaml"
+    extra.write_text(
+        "- name: stance\n  labels: [against, favor]\n  wordings: ['Stance of {text}: {labels_or}?']\n"
+    )
+    assert seed_task_rows(["polarity"], str(extra))[-1]["labels"] == ["against", "favor"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- name: x\n  labels: [a]\n  wordings: ['{text}']\n")
+    from compeff.data import DataError
+
+    with pytest.raises(DataError, match="at least two"):
+        load_seed_file(str(bad))
+
+
+@pytest.fixture(scope="module")
+def label_teacher(tiny_lm, tmp_path_factory):
+    """The tiny LM taught for a few steps to answer the seed polarity tasks with a label word (its top-20
+    then lists the labels; its confidence varies with the text)."""
+    from compeff.train.sft import run_sft_stage
+
+    root = tmp_path_factory.mktemp("label-teacher")
+    rows = seed_task_rows(["polarity", "polarity3"])
+    lines = []
+    for i in range(48):
+        task = rows[i % 2]
+        label = task["labels"][(i // 2) % len(task["labels"])]
+        text = f"the film {i} was {['dull', 'fine', 'great'][(i // 2) % 3]}"
+        wording = task["wordings"][i % len(task["wordings"])]
+        messages = [{"role": "user", "content": fill(wording, task["labels"], text)},
+                    {"role": "assistant", "content": label}]  # fmt: skip
+        lines.append(json.dumps({"id": f"t{i}", "messages": messages}) + "\n")
+    (root / "train.jsonl").write_text("".join(lines))
+    recipe = load_recipe(None, [f"run.dir={root}", "run.name=t", f"student.model={tiny_lm}",
+                                f"sft.input={root / 'train.jsonl'}", "sft.max_steps=30",
+                                "sft.learning_rate=3e-3", "sft.logging_steps=30"])  # fmt: skip
+    run_sft_stage(recipe, progress=False)
+    return recipe.run_dir / "sft" / "model"
+
+
+def test_generate_reads_closed_tasks_as_label_distributions(tmp_path, label_teacher):
+    """generate with the tiny local teacher on seed tasks only: each answer is the argmax of the teacher's
+    label distribution, computed as the ruler computes it; low-confidence answers are dropped and counted."""
+    from compeff.synth.generate import run_generate_stage
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"u{i}", "text": f"the film {i} was slow and fun"}) + "\n"
+                             for i in range(12)))  # fmt: skip
+    overrides = [
+        f"run.dir={tmp_path / 'runs'}",
+        "run.name=labels",
+        f"teacher.model={label_teacher}",
+        "teacher.cache=null",
+        f"data.user_texts=[{texts}]",
+        "generate.n_samples=12",
+        "tasks.seed_tasks=[polarity, polarity3]",
+    ]
+    recipe = load_recipe(None, overrides)
+    tasks_dir = recipe.run_dir / "tasks"
+    tasks_dir.mkdir(parents=True)
+    rows = seed_task_rows(["polarity", "polarity3"])
+    (tasks_dir / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_generate_stage(recipe, progress=False)
+    out = list(iter_jsonl(recipe.run_dir / "generate" / "data.jsonl"))
+    assert len(out) == 12
+    scorer = HFLabelScorer(str(label_teacher), chat_template=True)
+    by_id = {r["id"]: r for r in rows}
+    for sample in out:
+        labels = by_id[sample["task_id"]]["labels"]
+        probs = sample["label_probs"]
+        assert list(probs) == labels and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+        assert sample["messages"][-1]["content"] == max(probs, key=probs.get)
+        assert sample["teacher_confidence"] == max(probs.values())
+        # the ruler's arithmetic on the full distribution: the top-20 cut keeps the same label order here
+        direct = label_distribution(scorer.label_log_mass([sample["messages"][0]["content"]], labels))[0]
+        assert int(np.argmax(direct)) == labels.index(sample["messages"][-1]["content"])
+    threshold = float(np.median([s["teacher_confidence"] for s in out]))
+    strict = load_recipe(None, [*overrides, "run.name=strict", f"generate.min_confidence={threshold}"])
+    (strict.run_dir / "tasks").mkdir(parents=True)
+    (strict.run_dir / "tasks" / "tasks.jsonl").write_text((tasks_dir / "tasks.jsonl").read_text())
+    run_generate_stage(strict, progress=False)
+    report = json.loads((strict.run_dir / "generate" / "report.json").read_text())
+    kept = sum(1 for s in out if s["teacher_confidence"] >= threshold)
+    assert report["samples"] == kept and report["rejected_low_confidence"] == 12 - kept > 0
