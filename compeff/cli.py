@@ -414,9 +414,14 @@ def bench_distill(
         "--subset",
         help="Plain-SFT rows: selected, random, all (repeatable; KD / GKD train on selected).",
     ),
+    seeds: int = typer.Option(
+        1, "--seeds", min=1, help="Training seeds of the selected-set SFT and KD rows."
+    ),
+    gold: bool = typer.Option(True, "--gold/--no-gold", help="Add the gold-label ceiling row."),
 ) -> None:
-    """Teacher, student before SFT and after SFT on selected / random / all samples (and KD / GKD on the
-    selected set), side by side."""
+    """Teacher, student before training and after SFT on selected / random / all samples, KD / GKD on the
+    selected set, and the gold-label ceiling, side by side: accuracy, macro-F1 and agreement with the
+    teacher over the ruler's wordings."""
     from compeff.bench.distill import run_distill_bench
 
     guarded(
@@ -430,6 +435,8 @@ def bench_distill(
             losses=tuple(loss),
             top_k=top_k,
             subsets=tuple(subset),
+            seeds=seeds,
+            gold=gold,
         )
     )
 

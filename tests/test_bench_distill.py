@@ -30,17 +30,17 @@ def test_subsets_same_size_from_generate_and_carry_the_logprobs(tmp_path):
     assert list(iter_jsonl(again["random"])) == sets["random"]
 
 
-def test_table_has_the_kd_bytes_column_only_with_kd():
-    sets = {"a": {"accuracy": 50.0, "macro_f1": 33.3, "n": 10}}
-    rows = [{"row": "teacher", "samples": None, "train_s": None, "sets": sets},
-            {"row": "student after KD, selected", "samples": 4, "train_s": 12.4, "sets": sets,
-             "logit_bytes_per_token": 165.3, "logit_parquet_bytes_per_token": 97.1}]  # fmt: skip
-    rows[0].update(logit_bytes_per_token=None, logit_parquet_bytes_per_token=None)
-    table = markdown_table(rows)
-    assert "| student after KD, selected | 4 | 50.0 / 33.3 | 12 | 165 / 97.1 |" in table
-    assert "| teacher | - | 50.0 / 33.3 | - | - |" in table
-    plain = markdown_table([{k: v for k, v in r.items() if "bytes" not in k} for r in rows])
-    assert "bytes" not in plain
+def test_table_shows_agreement_and_folds_seeds():
+    from compeff.bench.distill import with_seed_means
+
+    cell = {"accuracy": 50.0, "macro_f1": 33.3, "agreement": None, "n": 10}
+    rows = [{"row": "teacher", "samples": None, "train_s": None, "sets": {"a": cell}}]
+    for k, acc in enumerate((60.0, 70.0)):
+        rows.append({"row": f"KD, selected (seed {k + 1})", "group": "KD, selected", "samples": 4, "train_s": 10.0 + k,
+                     "sets": {"a": {"accuracy": acc, "macro_f1": 40.0, "agreement": 80.0, "n": 10}}})  # fmt: skip
+    table = markdown_table(with_seed_means(rows))
+    assert "| teacher | - | 50.0 / 33.3 / - | - |" in table
+    assert "| KD, selected (mean of 2 seeds) | 4 | 65.0 +- 5.0 / 40.0 / 80.0 | 10 |" in table
 
 
 def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):

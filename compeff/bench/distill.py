@@ -16,17 +16,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from compeff.config import ConfigError, Recipe, load_recipe
-from compeff.evaluate.classification import HFLabelScorer, classification_metrics
-from compeff.evaluate.eval_stage import eval_prompts, load_eval_set
+from compeff.evaluate.classification import HFLabelScorer
+from compeff.evaluate.eval_stage import load_eval_set
 from compeff.fingerprints import fingerprint_obj
 from compeff.models import student_model
 from compeff.pipeline import run_pipeline
-from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, read_manifest, weights_fingerprint
-from compeff.top_logprobs import FIELD, PARQUET_FILE, stored_bytes_per_token
+from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_fingerprint
+from compeff.top_logprobs import FIELD
+from compeff.train.logit_kd import LABEL_FIELD
 
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
@@ -45,7 +47,8 @@ def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]
     paths = {}
     for name, rows in (("selected", selected), ("random", chosen), ("all", generated)):
         text = "".join(
-            json.dumps({k: r[k] for k in ("id", "messages", FIELD) if k in r}) + "\n" for r in rows
+            json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD) if k in r}) + "\n"
+            for r in rows
         )
         paths[name] = out / f"{name}.jsonl"
         if not paths[name].exists() or paths[name].read_text(encoding="utf-8") != text:
@@ -63,16 +66,20 @@ def train(recipe: Recipe, stage_name: str) -> dict[str, Any]:
         return run_sft_stage(recipe, force=True, progress=False, stage_name=stage_name)
 
 
-def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 of one model on every set (k-shot label-word scoring, the recipe's eval
-    settings); reused from ``cache`` when the weights, sets and settings are the same."""
+def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, Any]:
+    """Every wording's labels of one model on every set (the ruler of ``compeff eval``, the recipe's
+    eval settings); reused from ``cache`` when the weights, sets and settings are the same."""
+    from compeff.evaluate.eval_stage import eval_wordings
+    from compeff.evaluate.ruler import run_wording
+
     s = recipe.eval
-    seed = s.seeds[0]
+    wordings = eval_wordings(recipe)
     key = fingerprint_obj(
         {
             "weights": weights_fingerprint(model),
             "sets": {name: len(data.texts) for name, data in sets.items()},
             "eval": s.model_dump(exclude={"batch_size", "device"}),
+            "wordings": [w.__dict__ for w in wordings],
             "seed": recipe.run.seed,
         }
     )
@@ -81,21 +88,101 @@ def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -
         if kept.get("key") == key:
             return kept["sets"]
     scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {}
     for name, data in sets.items():
         started = time.perf_counter()
-        preds, _ = scorer.predict(eval_prompts(data, s.k_shot, seed, s.max_chars), data.label_names)
-        metrics = classification_metrics(data.labels, preds, len(data.label_names))
-        results[name] = {
-            "accuracy": 100 * metrics["accuracy"],
-            "macro_f1": 100 * metrics["macro_f1"],
-            "n": len(data.texts),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+        runs = {}
+        for wording in wordings:
+            seed = s.seeds[0] if wording.k_shot else None
+            run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars)
+            runs[wording.name] = run.preds
+        results[name] = {"preds": runs, "seconds": round(time.perf_counter() - started, 1)}
     del scorer
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, json.dumps({"key": key, "model": model, "sets": results}, indent=2).encode())
+    atomic_write_bytes(cache, json.dumps({"key": key, "model": model, "sets": results}).encode())
     return results
+
+
+def summarise_row(
+    scored: dict[str, Any], sets: dict[str, Any], teacher: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A row's cells per set: accuracy and macro-F1 (mean over wordings, x 100, with the spread) and the
+    agreement with the teacher's labels (mean over wordings)."""
+    from compeff.evaluate.ruler import WordingRun, summarise_runs
+
+    out = {}
+    for name, data in sets.items():
+        runs = []
+        for wording, preds in scored[name]["preds"].items():
+            run = WordingRun(wording, None, np.zeros((len(preds), len(data.label_names))))
+            run.preds = list(preds)
+            runs.append(run)
+        reference = None
+        if teacher is not None:
+            reference = {(w, None): p for w, p in teacher[name]["preds"].items()}
+        r = summarise_runs(data, runs, reference)
+        out[name] = {
+            "accuracy": 100 * r["accuracy"],
+            "accuracy_std": 100 * r["accuracy_std"],
+            "macro_f1": 100 * r["macro_f1"],
+            "agreement": 100 * r["agreement"] if "agreement" in r else None,
+            "n": r["n"],
+            "wordings": {
+                w: {k: e[k] for k in ("accuracy", "macro_f1", "agreement") if k in e}
+                for w, e in r["wordings"].items()
+            },
+        }
+    return out
+
+
+GOLD_TASKS = {
+    "seed:polarity": ["negative", "positive"],
+    "seed:polarity3": ["negative", "neutral", "positive"],
+}
+
+
+def gold_labels(recipe: Recipe) -> dict[str, str]:
+    """The true label word of every user text the chain read (hidden from the chain itself)."""
+    from compeff.data import select_user_texts
+
+    texts, _ = select_user_texts(recipe.data.user_texts, recipe.generate.n_samples, recipe.run.seed + 1,
+                                 recipe.data.text_field, recipe.data.dir)  # fmt: skip
+    names = {"imdb": ["negative", "positive"], "tweeteval_sentiment": ["negative", "neutral", "positive"]}
+    out = {}
+    for t in texts:
+        source = t["id"].split(":", 1)[0]
+        if "label" in t and source in names:
+            out[t["id"]] = names[source][int(t["label"])]
+    return out
+
+
+def gold_subset(run_dir: Path, out: Path, gold: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    """The ceiling's training set: every generated polarity sample whose text has a true label in its task's
+    label set, answered with that label; and how often the teacher's label was right there (all samples,
+    and above confidence thresholds, what ``generate.min_confidence`` would keep)."""
+    rows, right, confidence = [], [], []
+    for r in iter_jsonl(run_dir / "generate" / "data.jsonl"):
+        labels = GOLD_TASKS.get(r.get("task_id", ""))
+        truth = gold.get(r.get("text_id", ""))
+        if not labels or truth not in (labels or []):
+            continue
+        answer = r["messages"][-1]["content"]
+        right.append(answer == truth)
+        confidence.append(float(r.get("teacher_confidence", 1.0)))
+        rows.append(
+            {"id": r["id"], "messages": [*r["messages"][:-1], {"role": "assistant", "content": truth}]}
+        )
+    path = out / "gold.jsonl"
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+    right_a, conf_a = np.array(right, dtype=bool), np.array(confidence)
+    quality = {"samples": len(rows), "teacher_right": float(right_a.mean()) if len(rows) else None}
+    for t in (0.5, 0.6, 0.7, 0.8):
+        kept = conf_a >= t
+        quality[f"teacher_right_conf>={t}"] = [
+            float(right_a[kept].mean()) if kept.any() else None,
+            int(kept.sum()),
+        ]
+    return path, quality
 
 
 def run_distill_bench(
@@ -108,17 +195,22 @@ def run_distill_bench(
     losses: tuple[str, ...] = ("sft",),
     top_k: int = 20,
     subsets: tuple[str, ...] = SUBSETS,
+    seeds: int = 1,
+    gold: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the chain, the fine-tunings and the evaluations; print and save the table. ``losses`` beyond
-    ``sft`` (``kd``: offline top-k logit KD, ``gkd``: on-policy) add rows trained on the selected set;
-    with ``kd`` the chain keeps the teacher's top-``top_k`` log-probabilities. ``subsets`` picks the
-    plain-SFT rows."""
+    """Run the chain, the fine-tunings and the evaluations; print and save the table. The user texts are
+    labelled splits (IMDb train, TweetEval validation) whose labels the chain never sees; the bench uses
+    them for the gold-label ceiling (the same student trained on the same polarity samples with the true
+    labels) and to count how often the teacher's labels are right. ``losses`` beyond ``sft`` (``kd``:
+    soft labels for closed tasks and top-k logit KD for free text, ``gkd``: on-policy) add rows trained on
+    the selected set; ``seeds`` > 1 repeats the selected-set SFT and KD rows with other training seeds."""
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
     base = [
         f"run.dir={out_dir}",
         "run.name=distill-bench",
+        "data.user_texts=[imdb:train, tweeteval_sentiment:validation]",
         f"generate.n_samples={n_samples}",
         *([f"generate.teacher_top_logprobs={top_k}"] if "kd" in losses else []),
         *(overrides or []),
@@ -133,76 +225,102 @@ def run_distill_bench(
         "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
     }
     paths = distillation_subsets(root, root / "sets", recipe.run.seed)
+    quality = None
+    if gold:
+        paths["gold"], quality = gold_subset(root, root / "sets", gold_labels(recipe))
+        Console().print(f"teacher's labels in the distillation set vs the hidden true labels: {quality}")
     rows: list[dict[str, Any]] = [
         {"row": "teacher", "model": recipe.teacher.model, "samples": None, "train_s": None},
         {
-            "row": "student before SFT",
+            "row": "student before training",
             "model": student_model(recipe.student),
             "samples": None,
             "train_s": None,
         },
     ]
+
+    def add(row: str, subset: str, loss: str, seed_offset: int = 0) -> None:
+        extra = [f"sft.input={paths[subset]}", f"sft.loss={loss}"]
+        if seed_offset:
+            extra.append(f"run.seed={recipe.run.seed + seed_offset}")
+        trained = load_recipe(recipe_path, base + extra)
+        name = f"sft-{loss}-{subset}" + (f"-s{seed_offset}" if seed_offset else "")
+        manifest = train(trained, name)
+        rows.append({"row": row + (f" (seed {seed_offset + 1})" if seeds > 1 else ""),
+                     "model": str(root / name / "model"),
+                     "samples": manifest.get("kd_samples", manifest.get("samples")),
+                     "train_s": manifest.get("train_runtime_s"), "group": row})  # fmt: skip
+
     for name in (x for x in SUBSETS if x in subsets and "sft" in losses):
-        trained = load_recipe(recipe_path, base + [f"sft.input={paths[name]}"])
-        manifest = train(trained, f"sft-{name}")
-        rows.append(
-            {
-                "row": f"student after SFT, {name}",
-                "model": str(root / f"sft-{name}" / "model"),
-                "samples": sum(1 for _ in iter_jsonl(paths[name])),
-                "train_s": manifest.get("train_runtime_s"),
-            }
-        )
+        for k in range(seeds if name == "selected" else 1):
+            add(f"SFT, {name}", name, "sft", k)
     for loss in (x for x in losses if x != "sft"):
-        trained = load_recipe(recipe_path, base + [f"sft.input={paths['selected']}", f"sft.loss={loss}"])
-        manifest = train(trained, f"sft-{loss}-selected")
-        rows.append(
-            {
-                "row": f"student after {loss.upper()}, selected",
-                "model": str(root / f"sft-{loss}-selected" / "model"),
-                "samples": manifest.get("kd_samples", manifest.get("samples")),
-                "train_s": manifest.get("train_runtime_s"),
-            }
-        )
-    if "kd" in losses:
-        fields = [r[FIELD] for r in iter_jsonl(paths["selected"]) if FIELD in r]
-        bytes_per_token = sum(stored_bytes_per_token(f) * f["n"] for f in fields) / max(
-            1, sum(f["n"] for f in fields)
-        )
-        parquet = (read_manifest(root / "sample") or {}).get("top_logprobs", {})
-        Console().print(
-            f"stored teacher log-probabilities (k = {top_k}): {bytes_per_token:.0f} bytes per answer token "
-            f"in the records, {parquet.get('parquet_bytes_per_token', '-')} in sample/{PARQUET_FILE}"
-        )
-        for row in rows:
-            kd_row = row["row"].startswith("student after KD")
-            row["logit_bytes_per_token"] = round(bytes_per_token, 1) if kd_row else None
-            row["logit_parquet_bytes_per_token"] = parquet.get("parquet_bytes_per_token") if kd_row else None
+        for k in range(seeds):
+            add(f"{loss.upper()}, selected", "selected", loss, k)
+    if gold:
+        add("gold-label ceiling (true labels, same texts)", "gold", "sft")
     for row in rows:
-        tag = row["row"].replace(" ", "-").replace(",", "")
-        row["sets"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
-    print_table(rows, recipe)
-    (root / "distill_bench.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    (root / "distill_bench.md").write_text(markdown_table(rows), encoding="utf-8")
-    return rows
+        tag = row["row"].replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        row["scored"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
+    teacher = rows[0]["scored"]
+    for row in rows:
+        row["sets"] = summarise_row(row.pop("scored"), sets, None if row is rows[0] else teacher)
+    table_rows = with_seed_means(rows)
+    print_table(table_rows, recipe)
+    result = {"rows": rows, "table": table_rows, "teacher_label_quality": quality}
+    (root / "distill_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (root / "distill_bench.md").write_text(markdown_table(table_rows), encoding="utf-8")
+    return table_rows
+
+
+def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows trained with several seeds folded into one row: the mean, with the spread over seeds."""
+    out: list[dict[str, Any]] = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row.get("group", row["row"]), []).append(row)
+    for name, members in groups.items():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        sets = {}
+        for set_name in members[0]["sets"]:
+            cells = [m["sets"][set_name] for m in members]
+            sets[set_name] = {
+                "accuracy": float(np.mean([c["accuracy"] for c in cells])),
+                "accuracy_seed_std": float(np.std([c["accuracy"] for c in cells])),
+                "macro_f1": float(np.mean([c["macro_f1"] for c in cells])),
+                "agreement": float(np.mean([c["agreement"] for c in cells])),
+                "n": cells[0]["n"],
+            }
+        out.append({"row": f"{name} (mean of {len(members)} seeds)", "samples": members[0]["samples"],
+                    "train_s": float(np.mean([m["train_s"] or 0 for m in members])), "sets": sets})  # fmt: skip
+    return out
+
+
+def _cell(c: dict[str, Any]) -> str:
+    spread = c.get("accuracy_seed_std")
+    acc = f"{c['accuracy']:.1f}" + (f" +- {spread:.1f}" if spread is not None else "")
+    agree = "-" if c.get("agreement") is None else f"{c['agreement']:.1f}"
+    return f"{acc} / {c['macro_f1']:.1f} / {agree}"
 
 
 def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
-    """A row's cells: samples, accuracy / macro-F1 per set, training seconds."""
-    scores = [f"{row['sets'][n]['accuracy']:.1f} / {row['sets'][n]['macro_f1']:.1f}" for n in names]
+    """A row's cells: samples, accuracy / macro-F1 / agreement per set, training seconds."""
+    scores = [_cell(row["sets"][n]) for n in names]
     seconds = "-" if row["train_s"] is None else f"{row['train_s']:.0f}"
-    cells = [str(row["samples"] or "-"), *scores, seconds]
-    if "logit_bytes_per_token" in row:
-        jsonl, parquet = row["logit_bytes_per_token"], row.get("logit_parquet_bytes_per_token")
-        cells.append("-" if jsonl is None else f"{jsonl:.0f} / {parquet if parquet is not None else '-'}")
-    return cells
+    return [str(row["samples"] or "-"), *scores, seconds]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The bench table in Markdown (accuracy / macro-F1 x 100 per set, training seconds)."""
+    """The bench table in Markdown (per set: accuracy / macro-F1 / agreement with the teacher, x 100,
+    means over the ruler's wordings; training seconds)."""
     names = list(rows[0]["sets"])
-    head = ["model", "samples"] + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1" for n in names] + ["train s"]
-    head += ["logit bytes/token (records / parquet)"] if "logit_bytes_per_token" in rows[0] else []
+    head = (
+        ["model", "samples"]
+        + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1 / agree" for n in names]
+        + ["train s"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join([r["row"], *_cells(r, names)]) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -212,10 +330,9 @@ def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
     """The bench table on the terminal."""
     names = list(rows[0]["sets"])
     table = Table(
-        title=f"compeff bench distill: {recipe.eval.k_shot}-shot label-word accuracy / macro-F1 (x 100)"
+        title="compeff bench distill: accuracy / macro-F1 / agreement with the teacher (x 100, mean over wordings)"
     )
-    extra = ["logit bytes/token (records / parquet)"] if "logit_bytes_per_token" in rows[0] else []
-    for col in ["model", "samples", *names, "train s", *extra]:
+    for col in ["model", "samples", *names, "train s"]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(r["row"], *_cells(r, names))
