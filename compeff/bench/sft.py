@@ -1,5 +1,6 @@
 """``compeff bench sft``: training tokens per second of ``compeff sft``, full fine-tuning against LoRA
-(and packing on / off), on the same chat samples and the same student, one after the other.
+(and packing on / off, the output layer at answer positions only or everywhere), on the same chat
+samples and the same student, one after the other.
 
 The samples are real IMDb reviews with the instruction of a sentiment task and the label word as the
 answer; tokens counted are those TRL reports as seen by the model (``num_tokens``), over the
@@ -41,8 +42,11 @@ def run_sft_bench(
     max_length: int = 512,
     packing: tuple[bool, ...] = (False, True),
     out_dir: Path | None = None,
+    heads: tuple[str, ...] = ("answer-only", "full"),
 ) -> list[dict[str, Any]]:
-    """Time each (method, packing) configuration; print a table and return the rows."""
+    """Time each (method, packing, output-layer) configuration; print a table and return the rows.
+    ``heads``: the output layer only at answer positions (``sft.answer_only_head``, the default) or over
+    every position (TRL's own loss), side by side on the same closed-task samples."""
     import torch
 
     from compeff.train.sft import run_sft_stage
@@ -51,46 +55,49 @@ def run_sft_bench(
     root.mkdir(parents=True, exist_ok=True)
     data = sft_bench_set(root / "set.jsonl")
     results = []
-    for method in ("full", "lora"):
-        for pack in packing:
-            name = f"{method}-{'packed' if pack else 'padded'}"
-            overrides = [
-                f"run.dir={root}",
-                f"run.name={name}",
-                f"student.model={model}",
-                f"sft.input={data}",
-                f"sft.max_steps={steps}",
-                f"sft.per_device_batch_size={batch_size}",
-                f"sft.max_length={max_length}",
-                f"sft.packing={str(pack).lower()}",
-                "sft.logging_steps=1",
-                "sft.learning_rate=1e-4",
-            ]
-            if method == "lora":
-                overrides += ["sft.lora_r=16", "sft.lora_alpha=32"]
-            manifest = run_sft_stage(load_recipe(None, overrides), force=True, progress=False)
-            log = list(iter_jsonl(root / name / "sft" / "data.jsonl"))
-            tokens = max((float(r["num_tokens"]) for r in log if "num_tokens" in r), default=0.0)
-            runtime = manifest.get("train_runtime_s") or float("nan")
-            results.append(
-                {
-                    "method": method,
-                    "packing": pack,
-                    "steps": manifest.get("steps"),
-                    "tokens": int(tokens),
-                    "seconds": round(float(runtime), 2),
-                    "tokens_per_s": round(tokens / float(runtime), 1),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu",
-                    "threads": torch.get_num_threads(),
-                }
-            )
+    configs = [(m, p, h) for m in ("full", "lora") for p in packing for h in heads]
+    for method, pack, head in configs:
+        name = f"{method}-{'packed' if pack else 'padded'}-{head}"
+        overrides = [
+            f"run.dir={root}",
+            f"run.name={name}",
+            f"student.model={model}",
+            f"sft.input={data}",
+            f"sft.max_steps={steps}",
+            f"sft.per_device_batch_size={batch_size}",
+            f"sft.max_length={max_length}",
+            f"sft.packing={str(pack).lower()}",
+            "sft.logging_steps=1",
+            "sft.learning_rate=1e-4",
+            f"sft.answer_only_head={str(head == 'answer-only').lower()}",
+        ]
+        if method == "lora":
+            overrides += ["sft.lora_r=16", "sft.lora_alpha=32"]
+        manifest = run_sft_stage(load_recipe(None, overrides), force=True, progress=False)
+        log = list(iter_jsonl(root / name / "sft" / "data.jsonl"))
+        tokens = max((float(r["num_tokens"]) for r in log if "num_tokens" in r), default=0.0)
+        runtime = manifest.get("train_runtime_s") or float("nan")
+        results.append(
+            {
+                "method": method,
+                "packing": pack,
+                "head": head,
+                "steps": manifest.get("steps"),
+                "tokens": int(tokens),
+                "seconds": round(float(runtime), 2),
+                "tokens_per_s": round(tokens / float(runtime), 1),
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "threads": torch.get_num_threads(),
+            }
+        )
     table = Table(title=f"compeff sft on {model}: {steps} steps, batch {batch_size}, max_length {max_length}")
-    for col in ("method", "packing", "tokens", "seconds", "tokens/s"):
+    for col in ("method", "packing", "output layer", "tokens", "seconds", "tokens/s"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             r["method"],
             str(r["packing"]),
+            r["head"],
             str(r["tokens"]),
             f"{r['seconds']:.2f}",
             f"{r['tokens_per_s']:,.0f}",

@@ -57,7 +57,34 @@ def answer_only_trainer_class():
 
     class AnswerOnlySFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, logits, _ = answer_forward(model, inputs, num_items_in_batch)
+            loss, logits, columns = answer_forward(model, inputs, num_items_in_batch)
+            log_answer_metrics(self, model, inputs, logits, columns)
             return (loss, {"logits": logits}) if return_outputs else loss
 
     return AnswerOnlySFTTrainer
+
+
+def log_answer_metrics(trainer: Any, model: Any, inputs: dict[str, Any], logits: Any, columns: Any) -> None:
+    """TRL's ``num_tokens`` (tokens seen, as SFTTrainer counts them) and ``mean_token_accuracy`` on the
+    answer tokens, from the kept columns only (no full-vocabulary entropy)."""
+    import torch
+
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is None:
+        return
+    mode = "train" if model.training else "eval"
+    with torch.no_grad():
+        if "attention_mask" in inputs:
+            seen = inputs["attention_mask"].sum()
+        else:
+            seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        seen = trainer.accelerator.gather_for_metrics(seen).sum().item()
+        if mode == "train":
+            trainer._total_train_tokens = getattr(trainer, "_total_train_tokens", 0) + seen
+            metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+        if len(columns):
+            targets = inputs["labels"][:, columns + 1]
+            valid = targets != -100
+            right = ((logits.argmax(-1) == targets) & valid).sum()
+            total = valid.sum()
+            metrics[mode].setdefault("mean_token_accuracy", []).append((right / total.clamp(min=1)).item())

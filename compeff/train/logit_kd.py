@@ -243,13 +243,14 @@ def kd_trainer_class():
         kd_temperature = 1.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from compeff.train.answer_head import answer_forward
+            from compeff.train.answer_head import answer_forward, log_answer_metrics
 
             teacher_ids = inputs.pop("teacher_ids")
             teacher_logprobs = inputs.pop("teacher_logprobs")
             # one forward pass, the output layer only at answer positions: the answer tokens'
             # cross-entropy and the logits the KL reads
             ce, logits, columns = answer_forward(model, inputs, num_items_in_batch)
+            log_answer_metrics(self, model, inputs, logits, columns)
             mean_kl = kd_term(
                 logits, teacher_ids[:, columns + 1], teacher_logprobs[:, columns + 1], self.kd_temperature
             )
