@@ -418,6 +418,9 @@ def bench_distill(
         1, "--seeds", min=1, help="Training seeds of the selected-set SFT and KD rows."
     ),
     gold: bool = typer.Option(True, "--gold/--no-gold", help="Add the gold-label ceiling row."),
+    fraction: list[float] = typer.Option(
+        [], "--fraction", help="Data-efficiency rows: SFT on the selected and a random share (repeatable)."
+    ),
 ) -> None:
     """Teacher, student before training and after SFT on selected / random / all samples, KD / GKD on the
     selected set, and the gold-label ceiling, side by side: accuracy, macro-F1 and agreement with the
@@ -437,6 +440,7 @@ def bench_distill(
             subsets=tuple(subset),
             seeds=seeds,
             gold=gold,
+            fractions=tuple(fraction),
         )
     )
 

@@ -54,3 +54,18 @@ def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "unknown --loss / --subset half" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(tmp_path):
+    from compeff.bench.distill import fraction_subsets
+    from compeff.config import load_recipe
+
+    recipe = load_recipe(None, [f"run.dir={tmp_path}", "run.name=b", "sample.method=hard", "sample.group=global"])
+    rows = [{"id": f"g{i}", "messages": [{"role": "user", "content": str(i)}], "task_id": "t",
+             "difficulty": {"rank": i / 40}, "label_probs": {"a": 0.5, "b": 0.5}} for i in range(40)]  # fmt: skip
+    write(recipe.run_dir / "score" / "data.jsonl", rows)
+    paths = fraction_subsets(recipe, tmp_path / "sets", (0.1, 0.25))
+    chosen = [r["id"] for r in iter_jsonl(paths["selected-0.1"])]
+    assert sorted(chosen) == ["g36", "g37", "g38", "g39"]  # the hardest tenth
+    assert len(list(iter_jsonl(paths["random-0.25"]))) == len(list(iter_jsonl(paths["selected-0.25"]))) == 10
+    assert all("label_probs" in r for r in iter_jsonl(paths["random-0.1"]))

@@ -135,6 +135,32 @@ def summarise_row(
     return out
 
 
+def fraction_subsets(recipe: Recipe, out: Path, fractions: tuple[float, ...]) -> dict[str, Path]:
+    """The data-efficiency sets: for each fraction of the scored set, the difficulty-prioritised selection
+    (the sample stage's method, groups and metric at that ratio) and a random subset of the same size."""
+    from compeff.select.sample_stage import group_key
+    from compeff.select.sampling import select
+
+    settings = recipe.sample
+    rows = list(iter_jsonl(recipe.run_dir / "score" / "data.jsonl"))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fraction in fractions:
+        keep = select(rows, lambda r: float(r["difficulty"][settings.metric]),
+                      lambda r: group_key(r, settings.group), fraction, settings.method, recipe.run.seed,
+                      settings.a)  # fmt: skip
+        chosen = [r for r, k in zip(rows, keep, strict=True) if k]
+        randomly = random.Random(recipe.run.seed + 7).sample(rows, len(chosen))
+        for name, subset in ((f"selected-{fraction:g}", chosen), (f"random-{fraction:g}", randomly)):
+            paths[name] = out / f"{name}.jsonl"
+            text = "".join(
+                json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD) if k in r}) + "\n"
+                for r in subset
+            )
+            atomic_write_bytes(paths[name], text.encode("utf-8"))
+    return paths
+
+
 GOLD_TASKS = {
     "seed:polarity": ["negative", "positive"],
     "seed:polarity3": ["negative", "neutral", "positive"],
@@ -172,6 +198,7 @@ def gold_subset(run_dir: Path, out: Path, gold: dict[str, str]) -> tuple[Path, d
         rows.append(
             {"id": r["id"], "messages": [*r["messages"][:-1], {"role": "assistant", "content": truth}]}
         )
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "gold.jsonl"
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     right_a, conf_a = np.array(right, dtype=bool), np.array(confidence)
@@ -197,13 +224,16 @@ def run_distill_bench(
     subsets: tuple[str, ...] = SUBSETS,
     seeds: int = 1,
     gold: bool = True,
+    fractions: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """Run the chain, the fine-tunings and the evaluations; print and save the table. The user texts are
     labelled splits (IMDb train, TweetEval validation) whose labels the chain never sees; the bench uses
     them for the gold-label ceiling (the same student trained on the same polarity samples with the true
     labels) and to count how often the teacher's labels are right. ``losses`` beyond ``sft`` (``kd``:
     soft labels for closed tasks and top-k logit KD for free text, ``gkd``: on-policy) add rows trained on
-    the selected set; ``seeds`` > 1 repeats the selected-set SFT and KD rows with other training seeds."""
+    the selected set; ``seeds`` > 1 repeats the selected-set SFT and KD rows with other training seeds;
+    ``fractions`` (e.g. 0.1, 0.25) add SFT rows on the difficulty-selected and a random subset of that
+    share of the scored set (the data-efficiency curve; 0.5 and 1.0 are the selected / random / all rows)."""
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
@@ -257,6 +287,11 @@ def run_distill_bench(
     for loss in (x for x in losses if x != "sft"):
         for k in range(seeds):
             add(f"{loss.upper()}, selected", "selected", loss, k)
+    if fractions:
+        paths.update(fraction_subsets(recipe, root / "sets", fractions))
+        for fraction in fractions:
+            for kind in ("selected", "random"):
+                add(f"SFT, {kind} {fraction:.0%}", f"{kind}-{fraction:g}", "sft")
     if gold:
         add("gold-label ceiling (true labels, same texts)", "gold", "sft")
     for row in rows:
