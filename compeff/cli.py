@@ -421,6 +421,9 @@ def bench_distill(
     fraction: list[float] = typer.Option(
         [], "--fraction", help="Data-efficiency rows: SFT on the selected and a random share (repeatable)."
     ),
+    min_confidence: float | None = typer.Option(
+        None, "--min-confidence", help="Add an SFT row on the selected set without low-confidence labels."
+    ),
 ) -> None:
     """Teacher, student before training and after SFT on selected / random / all samples, KD / GKD on the
     selected set, and the gold-label ceiling, side by side: accuracy, macro-F1 and agreement with the
@@ -441,6 +444,7 @@ def bench_distill(
             seeds=seeds,
             gold=gold,
             fractions=tuple(fraction),
+            min_confidence=min_confidence,
         )
     )
 

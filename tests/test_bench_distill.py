@@ -69,3 +69,26 @@ def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(
     assert sorted(chosen) == ["g36", "g37", "g38", "g39"]  # the hardest tenth
     assert len(list(iter_jsonl(paths["random-0.25"]))) == len(list(iter_jsonl(paths["selected-0.25"]))) == 10
     assert all("label_probs" in r for r in iter_jsonl(paths["random-0.1"]))
+
+
+def test_gold_subset_answers_with_the_true_label_and_counts_the_teachers_hits(tmp_path):
+    from compeff.bench.distill import gold_subset
+
+    def sample(i, task, text, answer, conf):
+        return {"id": f"g{i}", "task_id": task, "text_id": text, "teacher_confidence": conf,
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}  # fmt: skip
+
+    write(tmp_path / "generate" / "data.jsonl", [
+        sample(0, "seed:polarity", "imdb:1", "positive", 0.9),        # right
+        sample(1, "seed:polarity", "imdb:2", "positive", 0.55),       # wrong
+        sample(2, "seed:polarity", "tweeteval_sentiment:3", "negative", 0.9),  # neutral: not in 2-way labels
+        sample(3, "seed:polarity3", "tweeteval_sentiment:3", "neutral", 0.8),  # right
+        sample(4, "seed:emotion", "imdb:1", "joy", 0.9),              # no gold for emotion
+    ])  # fmt: skip
+    gold = {"imdb:1": "positive", "imdb:2": "negative", "tweeteval_sentiment:3": "neutral"}
+    path, quality = gold_subset(tmp_path, tmp_path / "sets", gold)
+    rows = list(iter_jsonl(path))
+    assert [r["id"] for r in rows] == ["g0", "g1", "g3"]
+    assert [r["messages"][-1]["content"] for r in rows] == ["positive", "negative", "neutral"]
+    assert quality["samples"] == 3 and quality["teacher_right"] == 2 / 3
+    assert quality["teacher_right_conf>=0.6"] == [1.0, 2]

@@ -30,6 +30,8 @@ from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_
 from compeff.top_logprobs import FIELD
 from compeff.train.logit_kd import LABEL_FIELD
 
+CONFIDENCE = "teacher_confidence"
+
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
 
@@ -225,6 +227,7 @@ def run_distill_bench(
     seeds: int = 1,
     gold: bool = True,
     fractions: tuple[float, ...] = (),
+    min_confidence: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run the chain, the fine-tunings and the evaluations; print and save the table. The user texts are
     labelled splits (IMDb train, TweetEval validation) whose labels the chain never sees; the bench uses
@@ -233,7 +236,9 @@ def run_distill_bench(
     soft labels for closed tasks and top-k logit KD for free text, ``gkd``: on-policy) add rows trained on
     the selected set; ``seeds`` > 1 repeats the selected-set SFT and KD rows with other training seeds;
     ``fractions`` (e.g. 0.1, 0.25) add SFT rows on the difficulty-selected and a random subset of that
-    share of the scored set (the data-efficiency curve; 0.5 and 1.0 are the selected / random / all rows)."""
+    share of the scored set (the data-efficiency curve; 0.5 and 1.0 are the selected / random / all rows);
+    ``min_confidence`` adds an SFT row on the selected set without the closed-task samples whose teacher
+    confidence is below it (what ``generate.min_confidence`` would have dropped)."""
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
@@ -287,6 +292,13 @@ def run_distill_bench(
     for loss in (x for x in losses if x != "sft"):
         for k in range(seeds):
             add(f"{loss.upper()}, selected", "selected", loss, k)
+    if min_confidence is not None:
+        kept = [
+            r for r in iter_jsonl(paths["selected"]) if r.get("teacher_confidence", 1.0) >= min_confidence
+        ]
+        paths["confident"] = root / "sets" / "confident.jsonl"
+        atomic_write_bytes(paths["confident"], "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+        add(f"SFT, selected, teacher confidence >= {min_confidence:g}", "confident", "sft")
     if fractions:
         paths.update(fraction_subsets(recipe, root / "sets", fractions))
         for fraction in fractions:
