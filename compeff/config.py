@@ -348,12 +348,6 @@ class TasksSettings(Section):
         description="More seed tasks of your own: a JSONL or YAML list of {name, labels, wordings} (each "
         "wording a template with {text} and {labels_or} or {labels}).",
     )
-    seed_share: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Share of generate's samples that go to seed tasks when the teacher also wrote tasks.",
-    )
 
     @field_validator("seed_tasks_file")
     @classmethod
@@ -385,6 +379,13 @@ class GenerateSettings(Section):
     )
     analysis_share: float = Field(
         0.1, ge=0, le=1, description="Share of samples that use open analysis instructions."
+    )
+    seed_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the non-analysis samples that go to the seed tasks (tasks.seed_tasks) when the "
+        "teacher also wrote tasks (all of them when it wrote none).",
     )
     qc: bool = Field(
         True, description="Drop answers that break their task's format (labels, JSON schema, rating number)."
@@ -570,14 +571,17 @@ class WordingSpec(Section):
     )
     cue: str = Field("Answer", description="Answer prefix for models read without a chat template.")
 
-    @field_validator("template")
-    @classmethod
-    def _has_text(cls, value: str) -> str:
-        if "{text}" not in value and "{labels" not in value:
+    @model_validator(mode="after")
+    def _placeholders(self) -> WordingSpec:
+        if "{labels" not in self.template:
+            raise ValueError("a wording names the labels with {labels} or {labels_or}")
+        if self.k_shot and "{text}" in self.template:
             raise ValueError(
-                "a wording needs {text} (or is k-shot) and names the labels with {labels} or {labels_or}"
+                "a k-shot wording is the instruction above the demos (the text follows them): leave {text} out"
             )
-        return value
+        if not self.k_shot and "{text}" not in self.template:
+            raise ValueError("a zero-shot wording needs {text} where the text goes")
+        return self
 
 
 def _wording_name(value: str) -> str:
@@ -620,6 +624,16 @@ class EvalSettings(Section):
         "{name, template} entries of your own. null: the four zero-shot ones (plus k-shot for a model "
         "read without a chat template).",
     )
+
+    @field_validator("wordings")
+    @classmethod
+    def _unique_wordings(cls, value: list | None) -> list | None:
+        names = [w if isinstance(w, str) else w.name for w in value or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"wording names must be unique: {', '.join(twice)} given twice")
+        return value
+
     calibrate: bool = Field(
         False,
         description="Also report contextual calibration (Zhao et al. 2021): label probabilities divided by "

@@ -304,8 +304,12 @@ def run_distill_bench(
         for fraction in fractions:
             for kind in ("selected", "random"):
                 add(f"SFT, {kind} {fraction:.0%}", f"{kind}-{fraction:g}", "sft")
-    if gold:
+    if gold and quality and quality["samples"]:
         add("gold-label ceiling (true labels, same texts)", "gold", "sft")
+    elif gold:
+        Console().print(
+            "[yellow]bench distill: no polarity sample with a true label: no gold-label ceiling row[/yellow]"
+        )
     for row in rows:
         tag = row["row"].replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
         row["scored"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")

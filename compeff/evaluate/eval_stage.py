@@ -133,8 +133,13 @@ class ServedLabelScorer:
 
     def __init__(self, recipe: Recipe, tag: str = "served"):
         self.recipe = recipe
-        self.tag = tag
         self.failures: list[dict[str, Any]] = []
+        self.start(tag)
+
+    def start(self, tag: str) -> None:
+        """Name the next run's requests: ``tag|i`` for the texts, ``tag|cfj`` for a second (content-free)
+        call, the ids of the stage's rows, so a failure and the row written later share their id."""
+        self.tag = tag
         self._calls = 0
 
     def label_log_mass(
@@ -145,26 +150,24 @@ class ServedLabelScorer:
 
         params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
         pieces = served_label_tokens(self.recipe, label_names)
+        mark = "" if self._calls == 0 else "cf"
         self._calls += 1
-        tag = f"{self.tag}|{self._calls}"
         requests = [
-            ChatRequest(id=f"{tag}|{i}", messages=[{"role": "user", "content": p}], params=params)
+            ChatRequest(id=f"{self.tag}|{mark}{i}", messages=[{"role": "user", "content": p}], params=params)
             for i, p in enumerate(user_turns)
         ]
         scores = np.full((len(user_turns), len(label_names)), -np.inf)
         with teacher_session(self.recipe.teacher) as (teacher, _):
             for result in teacher.generate(requests):
-                i = int(result.id.rsplit("|", 1)[1])
+                i = int(result.id.rsplit("|", 1)[1].removeprefix("cf"))
                 if not result.ok or not result.logprobs or not result.logprobs[0]:
                     self.failures.append(
                         {"id": result.id, "reason": result.error or "no logprobs in the answer"}
                     )
                     continue
                 first = (result.logprobs[0].get("content") or [{}])[0]
+                # a top-20 that names no label is a result (no evidence: counted as no_label), not a failure
                 scores[i] = served_label_scores(first.get("top_logprobs") or [first], label_names, pieces)
-                if not np.isfinite(scores[i]).any():
-                    self.failures.append({"id": result.id, "kind": "rejected", "answer": result.text,
-                                          "reason": "no label word among the top-20 log-probabilities"})  # fmt: skip
         return scores
 
 
@@ -186,7 +189,8 @@ def eval_wordings(recipe: Recipe) -> list[Wording]:
     """The wordings every model is scored on (``eval.wordings``, else the defaults)."""
     s = recipe.eval
     specs = None if s.wordings is None else [w if isinstance(w, str) else w.model_dump() for w in s.wordings]
-    return resolve_wordings(specs, s.chat_template, s.k_shot)
+    # a served model is always asked through its chat endpoint: it gets the chat defaults
+    return resolve_wordings(specs, s.chat_template or s.backend == "openai", s.k_shot)
 
 
 def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -308,11 +312,13 @@ def _evaluate_model(
                                     model, adapter, s.device, s.chat_template, s.max_length, s.batch_size
                                 )
                             )
+                        base = f"{prefix}{spec}|{wording.name}|{seed if seed is not None else '-'}"
+                        if backend == "openai":
+                            scorer.start(base)
                         run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars, s.calibrate)
                         if backend == "openai":
                             stage.fail(scorer.failures)
                             scorer.failures = []
-                        base = f"{prefix}{spec}|{wording.name}|{seed if seed is not None else '-'}"
                         common = {"set": spec, "wording": wording.name, "seed": seed,
                                   **({"model_tag": tag} if tag else {})}  # fmt: skip
                         new = [

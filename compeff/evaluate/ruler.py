@@ -29,6 +29,7 @@ from compeff.evaluate.classification import (
 from compeff.evaluate.wordings import Wording
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
+CF_FLOOR = 1e-3  # smallest content-free probability a label is divided by
 
 
 class LabelScorer(Protocol):
@@ -52,12 +53,14 @@ class WordingRun:
         self.preds = [int(p) if h else -1 for p, h in zip(self.log_mass.argmax(1), has)]
 
     def calibrated_preds(self) -> list[int] | None:
-        """Labels after contextual calibration (None without content-free scores)."""
+        """Labels after contextual calibration (None without content-free scores). A text with no label
+        evidence stays without a label; a label the content-free inputs never gave (a served top-k cut) is
+        floored at ``CF_FLOOR`` rather than divided by zero."""
         if self.content_free is None:
             return None
         p_cf = label_distribution(self.content_free).mean(axis=0)
-        p = label_distribution(self.log_mass) / np.maximum(p_cf, 1e-12)
-        return [int(i) for i in p.argmax(1)]
+        p = label_distribution(self.log_mass) / np.maximum(p_cf, CF_FLOOR)
+        return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
 
 
 def wording_prompts(
@@ -87,8 +90,11 @@ def run_wording(
     prompts = wording_prompts(data, wording, seed, k_shot, max_chars)
     mass = scorer.label_log_mass(prompts, data.label_names, wording.cue)
     content_free = None
-    if calibrate:
-        free = [wording.render(t, data.label_names) for t in CONTENT_FREE]
+    if calibrate:  # in the same context as the texts: a k-shot wording keeps its demos (one draw)
+        demos = []
+        if wording.k_shot and k_shot:
+            demos = [(cut(d, max_chars), label) for d, label in draw_demos(data, k_shot, seed or 0)]
+        free = [wording.render(t, data.label_names, demos) for t in CONTENT_FREE]
         content_free = scorer.label_log_mass(free, data.label_names, wording.cue)
     return WordingRun(wording.name, seed, np.asarray(mass, dtype=np.float64), content_free)
 
@@ -100,9 +106,9 @@ def agreement(preds: Sequence[int], reference: Sequence[int]) -> float:
 
 
 def _scored(truth: Sequence[int], preds: Sequence[int], n_labels: int) -> dict[str, Any]:
-    """Metrics with 'no label' counted as wrong (mapped to a label other than the truth)."""
-    fixed = [p if p >= 0 else (y + 1) % n_labels for y, p in zip(truth, preds, strict=True)]
-    return classification_metrics(truth, fixed, n_labels)
+    """Metrics with 'no label' (-1) counted as wrong: a miss for the true label, a hit for none (it is
+    left out of the confusion matrix and counted as ``no_label``)."""
+    return classification_metrics(truth, list(preds), n_labels)
 
 
 def summarise_runs(
@@ -132,7 +138,7 @@ def summarise_runs(
         }
         calibrated = [r.calibrated_preds() for r in group]
         if all(c is not None for c in calibrated):
-            cal = [classification_metrics(data.labels, c, n_labels) for c in calibrated if c is not None]
+            cal = [_scored(data.labels, c, n_labels) for c in calibrated if c is not None]
             entry["calibrated"] = {
                 "accuracy": float(np.mean([m["accuracy"] for m in cal])),
                 "macro_f1": float(np.mean([m["macro_f1"] for m in cal])),

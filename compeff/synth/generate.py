@@ -35,6 +35,7 @@ from compeff.teachers import ChatRequest, TeacherResult, sampling_params
 from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
 
 LOW_CONFIDENCE = "qc: teacher confidence below the threshold"
+LABEL_SCORING_BACKENDS = ("hf", "openai")  # the backends whose answers carry top log-probabilities
 
 
 def load_tasks(path: Path) -> list[dict[str, Any]]:
@@ -118,7 +119,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         recipe.run.seed,
         settings.task_cap,
         settings.analysis_share,
-        recipe.tasks.seed_share,
+        settings.seed_share,
     )
     name = "generate"
     if settings.shard:
@@ -154,7 +155,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         for tid, t in by_id.items()
         if settings.label_scoring and t.get("type") == "closed_classification" and t.get("labels")
     }
-    task_params.update(dict.fromkeys(scored, label_params()))
+    if scored and recipe.teacher.backend not in LABEL_SCORING_BACKENDS:
+        console.print(
+            f"[yellow]generate: the {recipe.teacher.backend} backend reports no log-probabilities yet: closed "
+            "tasks are answered with sampled text (QC checks the label)[/yellow]"
+        )
+        scored = set()
 
     def build(pairing) -> ChatRequest:
         return ChatRequest(
@@ -176,6 +182,15 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
             with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
                 capture = logprob_capture(recipe) if settings.teacher_top_logprobs else None
                 reader = LabelReader(recipe) if scored else None
+                for tid in sorted(scored):  # label words that cannot be told apart: sampled text instead
+                    assert reader is not None
+                    why = reader.unreadable(by_id[tid]["labels"])
+                    if why:
+                        console.print(
+                            f"[yellow]generate: task {tid}: {why}; answered with sampled text[/yellow]"
+                        )
+                        scored.discard(tid)
+                task_params.update(dict.fromkeys(scored, label_params()))
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]

@@ -60,6 +60,16 @@ class LabelReader:
                 self._owners[key] = label_owners(local_first_tokens(self._tokenizer, labels), labels)
         return self._owners[key]
 
+    def unreadable(self, labels: list[str]) -> str | None:
+        """Why a task's labels cannot be scored (two labels no first token tells apart), or None."""
+        from compeff.evaluate.classification import EvalError
+
+        try:
+            self.owners(labels)
+        except EvalError as exc:
+            return str(exc)
+        return None
+
     def read(self, result: TeacherResult, labels: list[str]) -> dict[str, float]:
         """The label distribution of an answer; rejected (with the reason) when the top-k lists no label."""
         content = ((result.logprobs or [{}])[0] or {}).get("content") or []

@@ -89,6 +89,8 @@ def load_seed_file(path: str) -> dict[str, dict[str, Any]]:
         raw = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"tasks.seed_tasks_file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"tasks.seed_tasks_file: {path} is not UTF-8 text") from None
     try:
         items = (
             [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -107,8 +109,13 @@ def load_seed_file(path: str) -> dict[str, dict[str, Any]]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise DataError(f"{where}: needs a name")
         labels, wordings = item.get("labels"), item.get("wordings")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-            raise DataError(f"{where} ({item['name']}): labels must be a list of at least two words")
+        if (
+            not isinstance(labels, list)
+            or len(labels) < 2
+            or not all(isinstance(x, str) and x.strip() for x in labels)
+            or len({x.strip().lower() for x in labels}) != len(labels)
+        ):
+            raise DataError(f"{where} ({item['name']}): labels must be a list of at least two distinct words")
         if (
             not isinstance(wordings, list)
             or not wordings

@@ -165,6 +165,11 @@ def run_tasks_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
         "prompts": prompts,
     }
     inputs = {"perspectives": source, **source_inputs(recipe.data.user_texts, recipe.data.dir)}
+    if settings.seed_tasks_file:  # an edited file makes the stage stale
+        inputs["seed_tasks_file"] = Path(settings.seed_tasks_file)
+    seed_task_rows(
+        list(settings.seed_tasks), settings.seed_tasks_file
+    )  # a bad file: one line, before any call
     stage = Stage.open(recipe.run_dir, "tasks", config=config, inputs=inputs, force=force)
     report: dict[str, Any] = {}
     with stage:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
+NOT_FORWARDED = ("labels", "completion_mask", "assistant_masks", "teacher_ids", "teacher_logprobs")
 
 
 def answer_columns(labels: Any) -> Any:
@@ -35,7 +35,8 @@ def answer_forward(
 
     labels = inputs["labels"]
     columns = answer_columns(labels)
-    forward = {k: inputs[k] for k in FORWARD_KEYS if k in inputs}
+    # everything the collator made reaches the model (padding-free sequence lengths included), but labels
+    forward = {k: v for k, v in inputs.items() if k not in NOT_FORWARDED and k != "use_cache"}
     if len(columns) == 0:  # nothing to learn in this batch: a zero loss still tied to the graph
         out = model(**forward, use_cache=False, logits_to_keep=1)
         return out.logits.sum() * 0.0, out.logits[:, :0], columns
@@ -59,6 +60,7 @@ def answer_only_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, logits, columns = answer_forward(model, inputs, num_items_in_batch)
             log_answer_metrics(self, model, inputs, logits, columns)
+            loss = loss * across_devices(self, num_items_in_batch)
             return (loss, {"logits": logits}) if return_outputs else loss
 
     return AnswerOnlySFTTrainer
@@ -88,3 +90,12 @@ def log_answer_metrics(trainer: Any, model: Any, inputs: dict[str, Any], logits:
             right = ((logits.argmax(-1) == targets) & valid).sum()
             total = valid.sum()
             metrics[mode].setdefault("mean_token_accuracy", []).append((right / total.clamp(min=1)).item())
+
+
+def across_devices(trainer: Any, num_items_in_batch: Any) -> int:
+    """The factor TRL's and transformers' own losses apply: ``num_items_in_batch`` counts the answer tokens
+    of every rank and DDP averages the gradients, so a rank's loss is multiplied by the number of ranks."""
+    if num_items_in_batch is None or not getattr(trainer.args, "average_tokens_across_devices", False):
+        return 1
+    tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return max(1, trainer.accelerator.num_processes // tp)

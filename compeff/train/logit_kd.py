@@ -126,26 +126,37 @@ def kd_features(
 def label_feature(
     tokenizer: Any, pair: dict[str, Any], probs: dict[str, float], max_length: int
 ) -> dict[str, Any] | None:
-    """A closed-task sample with the teacher's label distribution: the answer's first token carries it
-    (each label's first token as the student's tokenizer writes it in the answer, with that label's
-    probability; labels sharing a first token pool theirs), later answer tokens are cross-entropy only.
+    """A closed-task sample with the teacher's label distribution: the first answer position where the
+    label words part carries it (each label's token there as the student's tokenizer writes it in the
+    answer, with that label's probability; labels sharing that token pool theirs); the other answer tokens
+    are cross-entropy only. A row whose answer does not start like its labels is refused (None).
     Built from the student's own tokenizer, so any student can learn a teacher's label distribution."""
     prompt = chat_token_ids(tokenizer, pair["prompt"], True)
     full = chat_token_ids(tokenizer, pair["prompt"] + pair["completion"], False)[:max_length]
     start = len(prompt)
     if len(full) <= start or full[:start] != prompt:
         return None
-    mass: dict[int, float] = {}
     role = pair["completion"][0].get("role", "assistant")
+    spelt = {
+        label: chat_token_ids(tokenizer, pair["prompt"] + [{"role": role, "content": label}], False)
+        for label in probs
+    }
+    # the first answer position where the labels part: a template may open the turn with tokens of its
+    # own (an empty think block), and the distribution belongs where the label words begin
+    at = start
+    while at < len(full) and all(len(ids) > at and ids[at] == full[at] for ids in spelt.values()):
+        at += 1
+    if at >= len(full) or any(ids[:at] != full[:at] for ids in spelt.values()):
+        return None
+    mass: dict[int, float] = {}
     for label, p in probs.items():
-        ids = chat_token_ids(tokenizer, pair["prompt"] + [{"role": role, "content": label}], False)
-        if len(ids) > start and p > 0:
-            mass[ids[start]] = mass.get(ids[start], 0.0) + float(p)
+        if len(spelt[label]) > at and p > 0:
+            mass[spelt[label][at]] = mass.get(spelt[label][at], 0.0) + float(p)
     k = max(1, len(mass))
     t_ids = [[0] * k for _ in full]
     t_lp = [[float("-inf")] * k for _ in full]
-    t_ids[start] = list(mass) + [0] * (k - len(mass))
-    t_lp[start] = [float(np.log(v)) for v in mass.values()] + [float("-inf")] * (k - len(mass))
+    t_ids[at] = list(mass) + [0] * (k - len(mass))
+    t_lp[at] = [float(np.log(v)) for v in mass.values()] + [float("-inf")] * (k - len(mass))
     return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
             "teacher_ids": t_ids, "teacher_logprobs": t_lp}  # fmt: skip
 
@@ -243,7 +254,7 @@ def kd_trainer_class():
         kd_temperature = 1.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from compeff.train.answer_head import answer_forward, log_answer_metrics
+            from compeff.train.answer_head import across_devices, answer_forward, log_answer_metrics
 
             teacher_ids = inputs.pop("teacher_ids")
             teacher_logprobs = inputs.pop("teacher_logprobs")
@@ -254,7 +265,8 @@ def kd_trainer_class():
             mean_kl = kd_term(
                 logits, teacher_ids[:, columns + 1], teacher_logprobs[:, columns + 1], self.kd_temperature
             )
-            loss = ce + self.kd_alpha * self.kd_temperature**2 * mean_kl
+            loss = ce * across_devices(self, num_items_in_batch)
+            loss = loss + self.kd_alpha * self.kd_temperature**2 * mean_kl
             mode = "train" if model.training else "eval"
             if hasattr(self, "_metrics"):
                 self._metrics[mode].setdefault("kd_kl", []).append(float(mean_kl.detach()))
