@@ -60,7 +60,9 @@ def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(
     from compeff.bench.distill import fraction_subsets
     from compeff.config import load_recipe
 
-    recipe = load_recipe(None, [f"run.dir={tmp_path}", "run.name=b", "sample.method=hard", "sample.group=global"])
+    recipe = load_recipe(
+        None, [f"run.dir={tmp_path}", "run.name=b", "sample.method=hard", "sample.group=global"]
+    )
     rows = [{"id": f"g{i}", "messages": [{"role": "user", "content": str(i)}], "task_id": "t",
              "difficulty": {"rank": i / 40}, "label_probs": {"a": 0.5, "b": 0.5}} for i in range(40)]  # fmt: skip
     write(recipe.run_dir / "score" / "data.jsonl", rows)

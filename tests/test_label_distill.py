@@ -170,3 +170,27 @@ def test_generate_reads_closed_tasks_as_label_distributions(tmp_path, label_teac
     report = json.loads((strict.run_dir / "generate" / "report.json").read_text())
     kept = sum(1 for s in out if s["teacher_confidence"] >= threshold)
     assert report["samples"] == kept and report["rejected_low_confidence"] == 12 - kept > 0
+
+
+def test_label_soft_targets_sit_where_the_label_words_part(tiny_lm):
+    """A template that opens the assistant turn with tokens of its own (an empty think block): the teacher's
+    distribution goes where the label words begin, not on the template's tokens."""
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['role'] == 'assistant' %}{{ 'think done\\n' }}{% endif %}"
+        "{{ message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    probs = {"negative": 0.4, "positive": 0.6}
+    row = {"id": "s", "messages": [{"role": "user", "content": "fine film"},
+                                   {"role": "assistant", "content": "positive"}], "label_probs": probs}  # fmt: skip
+    pair = {"prompt": row["messages"][:1], "completion": row["messages"][1:]}
+    features, refused, _ = kd_features(tok, [row], [pair], max_length=128)
+    assert not refused
+    f = features[0]
+    informed = [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
+    assert len(informed) == 1
+    at = informed[0]
+    assert tok.decode(f["input_ids"][at:]).startswith("positive")  # the label word, not "think"
+    assert at > f["completion_mask"].index(1)  # past the template's own tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,35 @@ def test_eval_reports_each_wording_agreement_and_calibration(tmp_path, tiny_lm, 
 def _texts(n: int) -> list[tuple[int, str]]:
     words = ["dull", "fine", "great", "slow", "long", "fun"]
     return [(i, words[i % 6]) for i in range(n)]
+
+
+def test_no_label_is_a_miss_and_never_an_invented_label():
+    from compeff.evaluate.classification import LabelledSet
+    from compeff.evaluate.ruler import WordingRun, summarise_runs
+
+    data = LabelledSet("s", ["a", "b", "c", "d"], [0, 1, 1, 0], ["negative", "positive"], [], [])
+    inf = -np.inf
+    mass = np.array([[-0.1, -2.0], [inf, inf], [-3.0, -0.2], [inf, inf]])  # two texts without evidence
+    run = WordingRun("question", None, mass, content_free=np.array([[-0.5, -1.0]] * 3))
+    assert run.preds == [0, -1, 1, -1]
+    assert run.calibrated_preds()[1] == -1 and run.calibrated_preds()[3] == -1
+    result = summarise_runs(data, [run], reference={("question", None): [0, 1, 1, 1]})
+    entry = result["wordings"]["question"]
+    assert entry["accuracy"] == 0.5 and entry["no_label"] == 2
+    assert entry["macro_f1"] == pytest.approx(2 / 3)  # per label: precision 1, recall 1/2
+    assert result["confusion"] == [[1, 0], [0, 1]]  # the misses are in no cell
+    assert entry["agreement"] == 0.5  # no label never agrees
+
+
+def test_custom_wordings_are_checked_when_the_recipe_loads():
+    from compeff.config import ConfigError
+
+    for bad, why in (
+        ("[question, question]", "unique"),
+        ("[{name: a, template: 'Sentiment ({labels})?'}]", "needs {text}"),
+        ("[{name: a, template: '{text}'}]", "names the labels"),
+        ("[{name: a, template: '{text} {labels}', k_shot: true}]", "leave {text} out"),
+        ("[nonesuch]", "unknown wording"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_recipe(None, [f"eval.wordings={bad}"])
