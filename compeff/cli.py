@@ -384,15 +384,27 @@ def bench_sft(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step."),
     max_length: int = typer.Option(512, "--max-length", help="Tokens per sample (and per packed row)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Run folder root; sft_bench.json goes there."),
+    method: list[str] = typer.Option(["full", "lora"], "--method", help="full and/or lora (repeatable)."),
+    packing: list[str] = typer.Option(["off", "on"], "--packing", help="off and/or on (repeatable)."),
+    head: list[str] = typer.Option(
+        ["answer-only", "full"], "--head", help="Output layer at answer positions only and/or everywhere."
+    ),
 ) -> None:
-    """Training tokens/s of full fine-tuning and LoRA, packing off and on."""
+    """Training tokens/s of full fine-tuning and LoRA, packing off and on, the output layer at answer
+    positions only or everywhere."""
     from compeff.bench.sft import run_sft_bench
+    from compeff.config import ConfigError
 
-    guarded(
-        lambda: run_sft_bench(
-            model=model, steps=steps, batch_size=batch_size, max_length=max_length, out_dir=out
-        )
-    )
+    def run() -> object:
+        bad = sorted(set(method) - {"full", "lora"}) + sorted(set(packing) - {"off", "on"})
+        bad += sorted(set(head) - {"answer-only", "full"})
+        if bad:
+            raise ConfigError(f"bench sft: unknown --method / --packing / --head {', '.join(bad)}")
+        return run_sft_bench(model=model, steps=steps, batch_size=batch_size, max_length=max_length,
+                             out_dir=out, packing=tuple(p == "on" for p in packing), heads=tuple(head),
+                             methods=tuple(method))  # fmt: skip
+
+    guarded(run)
 
 
 @bench_app.command("distill")

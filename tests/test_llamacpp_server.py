@@ -75,7 +75,7 @@ def test_label_words_scored_from_the_served_tokens(server, tmp_path):
     pieces = label_pieces(first, three)
     assert set(pieces.values()) == {0, 1, 2}
     assert all(any(v.startswith(p) for v in label_variants(three[i])) for p, i in pieces.items())
-    recipe = served_recipe(tmp_path, server, "eval.model=teacher", "eval.backend=openai", "eval.k_shot=1",
+    recipe = served_recipe(tmp_path, server, "eval.model=teacher", "eval.backend=openai", "eval.wordings=[question]",
                            "eval.limit=8", "eval.max_chars=200", "eval.seeds=[42]",
                            "eval.sets=[tweeteval_sentiment:test, imdb:test]")  # fmt: skip
     manifest = run_eval_stage(recipe, progress=False)
@@ -85,6 +85,32 @@ def test_label_words_scored_from_the_served_tokens(server, tmp_path):
     assert len(scored) >= 12  # SmolLM2's top-20 first tokens name a label for (nearly) every text
     for r in scored:
         assert np.isfinite(r["scores"][r["pred"]])
+
+
+def test_local_and_served_teacher_read_labels_alike(server, tmp_path):
+    """The same 60 tweets and wording through the local model (the GGUF's weights dequantised) and the
+    server (llama.cpp computing with the 4-bit blocks): the same label on >= 95% of texts, label
+    probabilities close (one arithmetic for both: every spelling's first token, renormalised over labels)."""
+    from compeff.evaluate.classification import HFLabelScorer, label_distribution
+    from compeff.evaluate.eval_stage import ServedLabelScorer, load_eval_set
+    from compeff.evaluate.ruler import wording_prompts
+    from compeff.evaluate.wordings import BUILTIN_WORDINGS
+
+    data = load_eval_set("tweeteval_sentiment:test", 60, 42, None)
+    turns = wording_prompts(data, BUILTIN_WORDINGS["question"], None, 0, 300)
+    local = label_distribution(
+        HFLabelScorer("builtin:smollm2", chat_template=True).label_log_mass(turns, data.label_names)
+    )
+    served = label_distribution(
+        ServedLabelScorer(served_recipe(tmp_path, server)).label_log_mass(turns, data.label_names)
+    )
+    same = float(np.mean(local.argmax(1) == served.argmax(1)))
+    gap = np.abs(local - served).max(axis=1)
+    print(
+        f"same label {same:.3f}; probability gap mean {gap.mean():.4f}, 95th pct {np.quantile(gap, 0.95):.4f}, max {gap.max():.4f}"
+    )
+    assert same >= 0.95
+    assert float(np.median(gap)) <= 0.05 and float(np.quantile(gap, 0.9)) <= 0.1
 
 
 def test_a_request_the_server_refuses_is_not_retried(server):
@@ -164,6 +190,10 @@ def test_chain_through_the_real_server_with_structured_output(server, tmp_path):
     rows = list(iter_jsonl(data))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2"))
     for r in rows:
+        if "label_probs" in r:  # a seed task: answered as a label distribution, not sampled text
+            assert sum(r["label_probs"].values()) == pytest.approx(1.0, abs=1e-3)
+            assert r["messages"][-1]["content"] == max(r["label_probs"], key=r["label_probs"].get)
+            continue
         field = r[top_logprobs.FIELD]
         assert field["k"] == 5 and field["n"] >= 1 and field["unmapped"] <= field["n"]
         assert field["vocab"] == top_logprobs.vocab_fingerprint(tokenizer)

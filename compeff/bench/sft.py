@@ -43,6 +43,7 @@ def run_sft_bench(
     packing: tuple[bool, ...] = (False, True),
     out_dir: Path | None = None,
     heads: tuple[str, ...] = ("answer-only", "full"),
+    methods: tuple[str, ...] = ("full", "lora"),
 ) -> list[dict[str, Any]]:
     """Time each (method, packing, output-layer) configuration; print a table and return the rows.
     ``heads``: the output layer only at answer positions (``sft.answer_only_head``, the default) or over
@@ -55,7 +56,7 @@ def run_sft_bench(
     root.mkdir(parents=True, exist_ok=True)
     data = sft_bench_set(root / "set.jsonl")
     results = []
-    configs = [(m, p, h) for m in ("full", "lora") for p in packing for h in heads]
+    configs = [(m, p, h) for m in methods for p in packing for h in heads]
     for method, pack, head in configs:
         name = f"{method}-{'packed' if pack else 'padded'}-{head}"
         overrides = [
