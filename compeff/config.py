@@ -396,6 +396,14 @@ class GenerateSettings(Section):
         "label (the mass of its spellings' first tokens, one call of one token with its top-20 "
         "log-probabilities), kept as label_probs; the answer is the most likely label. false: sampled text.",
     )
+    label_ensemble: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Prompt ensemble for closed tasks with several wordings (the seed tasks): average the "
+        "teacher's label distribution over this many wordings of the task (the sample's own first), at one "
+        "extra one-token call per extra wording. 1: off.",
+    )
     min_confidence: float = Field(
         0.0,
         ge=0,

@@ -194,3 +194,34 @@ def test_label_soft_targets_sit_where_the_label_words_part(tiny_lm):
     at = informed[0]
     assert tok.decode(f["input_ids"][at:]).startswith("positive")  # the label word, not "think"
     assert at > f["completion_mask"].index(1)  # past the template's own tokens
+
+
+def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
+    """generate.label_ensemble: 3: each closed sample's distribution is the mean of its own wording's (the
+    run without the ensemble) and the other wordings' (kept in generate/ensemble/, resumable)."""
+    from compeff.synth.generate import run_generate_stage
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"u{i}", "text": f"a {['dull', 'great'][i % 2]} film {i}"}) + "\n"
+                             for i in range(8)))  # fmt: skip
+    base = [f"run.dir={tmp_path / 'runs'}", f"teacher.model={label_teacher}", "teacher.cache=null",
+            f"data.user_texts=[{texts}]", "generate.n_samples=8", "tasks.seed_tasks=[polarity, polarity3]"]  # fmt: skip
+    rows = seed_task_rows(["polarity", "polarity3"])
+    results = {}
+    for name, extra in (("plain", []), ("ens", ["generate.label_ensemble=3"])):
+        recipe = load_recipe(None, [*base, f"run.name={name}", *extra])
+        (recipe.run_dir / "tasks").mkdir(parents=True)
+        (recipe.run_dir / "tasks" / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_generate_stage(recipe, progress=False)
+        results[name] = {r["id"]: r for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")}
+    others: dict[str, list[dict[str, float]]] = {}
+    for r in iter_jsonl(tmp_path / "runs" / "ens" / "generate" / "ensemble" / "data.jsonl"):
+        others.setdefault(r["sample_id"], []).append(r["label_probs"])
+    assert set(results["ens"]) == set(results["plain"]) and len(others) == 8
+    for sid, sample in results["ens"].items():
+        own = results["plain"][sid]["label_probs"]
+        assert sample["label_wordings"] == 1 + len(others[sid]) == 3  # both tasks have three wordings
+        for label, p in sample["label_probs"].items():
+            expected = (own[label] + sum(d[label] for d in others[sid])) / 3
+            assert p == pytest.approx(expected, abs=2e-6)
+        assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)

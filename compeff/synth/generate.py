@@ -27,8 +27,15 @@ from compeff.shards import (
     shard_of,
     shard_stage_name,
 )
-from compeff.synth.instructions import pairing_prompts, plan_pairings, qc_reason, task_definition
+from compeff.synth.instructions import (
+    pairing_prompts,
+    plan_pairings,
+    qc_reason,
+    task_definition,
+    wording_index,
+)
 from compeff.synth.label_answers import LabelReader, label_params
+from compeff.synth.seed_tasks import fill
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
@@ -191,6 +198,11 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         )
                         scored.discard(tid)
                 task_params.update(dict.fromkeys(scored, label_params()))
+                ensembled = (
+                    answer_ensemble(stage, teacher, cache, reader, ensemble_requests(pending, by_id, texts, settings, scored), _stage_config(recipe), progress)
+                    if reader is not None and settings.label_ensemble > 1
+                    else {}
+                )  # fmt: skip
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
@@ -198,13 +210,20 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     answer = result.text
                     if reader is not None and task["id"] in scored:
                         probs = reader.read(result, task["labels"])
+                        others = ensembled.get(request.id, [])
+                        if others:  # the prompt ensemble: the mean distribution over the wordings asked
+                            probs = {
+                                label: round(sum(d[label] for d in [probs, *others]) / (1 + len(others)), 6)
+                                for label in probs
+                            }
+                            label_fields["label_wordings"] = 1 + len(others)
                         answer = max(probs, key=probs.__getitem__)
                         confidence = probs[answer]
                         if confidence < settings.min_confidence:
                             raise AnswerRejected(
                                 f"{LOW_CONFIDENCE}: {confidence:.3f} < generate.min_confidence {settings.min_confidence}"
                             )
-                        label_fields = {"label_probs": probs, "teacher_confidence": confidence}
+                        label_fields.update(label_probs=probs, teacher_confidence=confidence)
                     elif settings.qc:
                         reason = qc_reason(task, result.text, definitions[task["id"]])
                         if reason:
@@ -246,6 +265,65 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         )
     assert stage.manifest is not None
     return stage.manifest
+
+
+def ensemble_requests(
+    pending: list[Any],
+    by_id: dict[str, dict[str, Any]],
+    texts: list[dict[str, Any]],
+    settings: Any,
+    scored: set[str],
+) -> list[ChatRequest]:
+    """For each pending closed sample of a task with several wordings, the other wordings of its task
+    (up to ``generate.label_ensemble`` in all, the sample's own first), asked of the same text."""
+    out = []
+    for p in pending:
+        task = by_id[p.task_id]
+        words = task.get("wordings") or []
+        if p.task_id not in scored or len(words) < 2:
+            continue
+        first = wording_index(p.id, len(words))
+        text = texts[p.text_index]["text"][: settings.max_chars]
+        for step in range(1, min(settings.label_ensemble, len(words))):
+            j = (first + step) % len(words)
+            out.append(
+                ChatRequest(
+                    id=f"{p.id}~w{j}",
+                    messages=[{"role": "user", "content": fill(words[j], task["labels"], text)}],
+                    params=label_params(),
+                    meta={"sample_id": p.id, "task_id": p.task_id, "labels": task["labels"]},
+                )
+            )
+    return out
+
+
+def answer_ensemble(
+    stage: Stage,
+    teacher: Any,
+    cache: Any,
+    reader: LabelReader,
+    requests: list[ChatRequest],
+    config: dict[str, Any],
+    progress: bool,
+) -> dict[str, list[dict[str, float]]]:
+    """The prompt ensemble's extra label distributions, answered in ``generate/ensemble/`` (resumable like
+    any stage) before the samples themselves; sample id -> distributions."""
+    if not requests:
+        return {}
+
+    def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+        return {"id": request.id, "sample_id": request.meta["sample_id"],
+                "label_probs": reader.read(result, request.meta["labels"])}  # fmt: skip
+
+    sub = Stage.open(stage.folder, "ensemble", config=config, inputs={})
+    with sub:
+        pending = sub.pending(requests)
+        if pending:
+            answer_requests(sub, teacher, pending, to_record, cache=cache, progress=progress)
+    out: dict[str, list[dict[str, float]]] = {}
+    for row in iter_jsonl(sub.data_path):
+        out.setdefault(row["sample_id"], []).append(row["label_probs"])
+    return out
 
 
 def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
