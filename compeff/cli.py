@@ -407,6 +407,21 @@ def bench_sft(
     guarded(run)
 
 
+@bench_app.command("labels")
+def bench_labels(
+    teacher: str = typer.Option("builtin:smollm2", "--teacher", help="Teacher model (local)."),
+    imdb: int = typer.Option(200, "--imdb", help="IMDb test reviews (2-way polarity task)."),
+    tweeteval: int = typer.Option(300, "--tweeteval", help="TweetEval test tweets (3-way polarity task)."),
+    max_chars: int = typer.Option(400, "--max-chars", help="Texts are cut to this many characters."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for labels_bench.json."),
+) -> None:
+    """How often the teacher's labels are right: per wording of the polarity seed tasks, ensembled over
+    them, and above confidence thresholds."""
+    from compeff.bench.labels import run_labels_bench
+
+    guarded(lambda: run_labels_bench(teacher, imdb, tweeteval, max_chars, out_dir=out))
+
+
 @bench_app.command("distill")
 def bench_distill(
     recipe: Path = typer.Option(Path("recipes/quickstart.yaml"), "--recipe", help="Recipe of the chain."),

@@ -225,3 +225,15 @@ def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
             expected = (own[label] + sum(d[label] for d in others[sid])) / 3
             assert p == pytest.approx(expected, abs=2e-6)
         assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
+
+
+def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, label_teacher):
+    from compeff.bench.labels import THRESHOLDS, run_labels_bench
+
+    results = run_labels_bench(str(label_teacher), imdb=8, tweeteval=9, out_dir=tmp_path)
+    for spec, n_words in (("imdb:test", 3), ("tweeteval_sentiment:test", 3)):
+        r = results[spec]
+        assert len(r["wordings"]) == n_words and 0 <= r["ensemble"] <= 1
+        kept = [r["confidence_ensemble"][f"{t:g}"]["kept"] for t in THRESHOLDS]
+        assert kept == sorted(kept, reverse=True)  # a higher threshold keeps fewer
+    assert json.loads((tmp_path / "labels_bench.json").read_text()) == results
