@@ -410,8 +410,10 @@ def bench_sft(
 @bench_app.command("labels")
 def bench_labels(
     teacher: str = typer.Option("builtin:smollm2", "--teacher", help="Teacher model (local)."),
-    imdb: int = typer.Option(200, "--imdb", help="IMDb test reviews (2-way polarity task)."),
-    tweeteval: int = typer.Option(300, "--tweeteval", help="TweetEval test tweets (3-way polarity task)."),
+    imdb: int = typer.Option(200, "--imdb", help="IMDb train reviews (2-way polarity task)."),
+    tweeteval: int = typer.Option(
+        300, "--tweeteval", help="TweetEval validation tweets (3-way polarity task)."
+    ),
     max_chars: int = typer.Option(400, "--max-chars", help="Texts are cut to this many characters."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for labels_bench.json."),
 ) -> None:

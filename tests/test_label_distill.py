@@ -231,7 +231,7 @@ def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, l
     from compeff.bench.labels import THRESHOLDS, run_labels_bench
 
     results = run_labels_bench(str(label_teacher), imdb=8, tweeteval=9, out_dir=tmp_path)
-    for spec, n_words in (("imdb:test", 3), ("tweeteval_sentiment:test", 3)):
+    for spec, n_words in (("imdb:train", 3), ("tweeteval_sentiment:validation", 3)):
         r = results[spec]
         assert len(r["wordings"]) == n_words and 0 <= r["ensemble"] <= 1
         kept = [r["confidence_ensemble"][f"{t:g}"]["kept"] for t in THRESHOLDS]

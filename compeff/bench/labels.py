@@ -1,9 +1,9 @@
 """``compeff bench labels``: how often the teacher's labels are right, and what confidence QC and the
 prompt ensemble buy.
 
-The teacher answers the seed polarity tasks (2-way on IMDb test reviews, 3-way on TweetEval test tweets)
-in each of the task's wordings, read as label distributions by the ruler's arithmetic; the labels are
-compared with the sets' true labels: per wording, the ensemble (the mean distribution over the wordings,
+The teacher answers the seed polarity tasks (2-way on IMDb train reviews, 3-way on TweetEval validation
+tweets: splits no evaluation uses) in each of the task's wordings, read as label distributions by the
+ruler's arithmetic; the labels are compared with the sets' true labels: per wording, the ensemble (the mean distribution over the wordings,
 ``generate.label_ensemble``), and above confidence thresholds (``generate.min_confidence``: the share of
 samples kept and how often their label is right).
 """
@@ -22,7 +22,8 @@ from compeff.evaluate.classification import HFLabelScorer, cut, label_distributi
 from compeff.evaluate.eval_stage import load_eval_set
 from compeff.synth.seed_tasks import SEED_TASKS, fill
 
-PAIRS = {"imdb:test": "polarity", "tweeteval_sentiment:test": "polarity3"}
+# labelled splits that no evaluation uses: wordings are never judged on test data
+PAIRS = {"imdb:train": "polarity", "tweeteval_sentiment:validation": "polarity3"}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
