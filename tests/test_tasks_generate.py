@@ -233,8 +233,9 @@ def recipe_for(tmp_path: Path, url: str, name: str = "s", **extra) -> Path:
             "max_retries": 1,
             "backoff_s": 0.01,
         },
-        "tasks": {"demo_calls": 6, "min_demos": 4},
-        "generate": {"n_samples": 80, "k_demos": 2},
+        # the teacher's own tasks answered in sampled text (seed tasks and label scoring: test_label_distill)
+        "tasks": {"demo_calls": 6, "min_demos": 4, "seed_tasks": []},
+        "generate": {"n_samples": 80, "k_demos": 2, "label_scoring": False},
     }
     for key, value in extra.items():
         section, field = key.split("__")
