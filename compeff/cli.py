@@ -410,7 +410,7 @@ def bench_sft(
 @bench_app.command("labels")
 def bench_labels(
     teacher: str = typer.Option("builtin:smollm2", "--teacher", help="Teacher model (local)."),
-    imdb: int = typer.Option(200, "--imdb", help="IMDb train reviews (2-way polarity task)."),
+    imdb: int = typer.Option(200, "--imdb", min=1, help="IMDb train reviews (2-way polarity task)."),
     tweeteval: int = typer.Option(
         300, "--tweeteval", help="TweetEval validation tweets (3-way polarity task)."
     ),

@@ -302,3 +302,32 @@ def test_packing_keeps_the_answer_masks(tmp_path, tiny_lm):
     r = recipe(tmp_path, tiny_lm, train, test, "packed", "sft.packing=true", "sft.max_steps=3")
     manifest = run_sft_stage(r, progress=False)  # the packed-label check runs before the first step
     assert manifest["status"] == "complete" and manifest["steps"] == 3
+
+
+def test_a_failed_served_call_gets_no_row_and_is_asked_again(tmp_path):
+    """A served call that fails (HTTP 500, no retry left) is kept in failures.jsonl and gets no row: the
+    wording stays incomplete and the next run scores it again (the whole wording, the prompts unchanged)."""
+    from compeff.teachers.fake_server import FakeServer
+
+    def responder(messages, body):
+        first = "positive" if MARKERS[1] in messages[-1]["content"] else "negative"
+        return first, [{"token": first, "logprob": -0.1}]
+
+    test = tmp_path / "set.jsonl"
+    rng = random.Random(3)
+    rows = [{"id": f"h{i}", "text": toy_text(rng, i % 2), "label": i % 2} for i in range(6)]
+    rows[2]["text"] += " [[first:1:500]]"  # the fake server fails this prompt's first attempt
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with FakeServer(responder=responder, max_seconds=60) as srv:
+        r = load_recipe(None, [f"run.dir={tmp_path / 'runs'}", "run.name=retry", "teacher.backend=openai",
+                               f"teacher.base_urls=[{srv.base_url}]", "teacher.cache=null", "teacher.max_retries=0",
+                               "eval.backend=openai", "eval.model=teacher", f"eval.sets=[{test}]",
+                               "eval.wordings=[question]", "eval.label_names=[negative, positive]"])  # fmt: skip
+        first = run_eval_stage(r, progress=False)
+        data = tmp_path / "runs" / "retry" / "eval" / "data.jsonl"
+        assert first["counts"]["failed"] == 1 and sum(1 for _ in iter_jsonl(data)) == 5
+        assert accuracy(first) == pytest.approx(5 / 6)  # the failed text counts as a miss this time
+        asked = srv.stats.requests
+        second = run_eval_stage(r, progress=False)
+        assert srv.stats.requests == asked + 6  # the incomplete wording was asked again
+    assert sum(1 for _ in iter_jsonl(data)) == 6 and accuracy(second) == 1.0

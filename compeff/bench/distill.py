@@ -49,7 +49,7 @@ def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]
     paths = {}
     for name, rows in (("selected", selected), ("random", chosen), ("all", generated)):
         text = "".join(
-            json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD) if k in r}) + "\n"
+            json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r}) + "\n"
             for r in rows
         )
         paths[name] = out / f"{name}.jsonl"
@@ -156,7 +156,8 @@ def fraction_subsets(recipe: Recipe, out: Path, fractions: tuple[float, ...]) ->
         for name, subset in ((f"selected-{fraction:g}", chosen), (f"random-{fraction:g}", randomly)):
             paths[name] = out / f"{name}.jsonl"
             text = "".join(
-                json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD) if k in r}) + "\n"
+                json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r})
+                + "\n"
                 for r in subset
             )
             atomic_write_bytes(paths[name], text.encode("utf-8"))
@@ -242,6 +243,11 @@ def run_distill_bench(
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
+    bad = [f for f in fractions if not 0 < f < 1] + ([min_confidence] if min_confidence is not None and not 0 <= min_confidence < 1 else [])  # fmt: skip
+    if bad or len(set(fractions)) != len(fractions):
+        raise ConfigError(
+            "bench distill: --fraction values must differ and lie in (0, 1), --min-confidence in [0, 1)"
+        )
     base = [
         f"run.dir={out_dir}",
         "run.name=distill-bench",
@@ -303,7 +309,7 @@ def run_distill_bench(
         paths.update(fraction_subsets(recipe, root / "sets", fractions))
         for fraction in fractions:
             for kind in ("selected", "random"):
-                add(f"SFT, {kind} {fraction:.0%}", f"{kind}-{fraction:g}", "sft")
+                add(f"SFT, {kind} {100 * fraction:g}%", f"{kind}-{fraction:g}", "sft")
     if gold and quality and quality["samples"]:
         add("gold-label ceiling (true labels, same texts)", "gold", "sft")
     elif gold:

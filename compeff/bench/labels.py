@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from compeff.data import DataError
 from compeff.evaluate.classification import HFLabelScorer, cut, label_distribution
 from compeff.evaluate.eval_stage import load_eval_set
 from compeff.synth.seed_tasks import SEED_TASKS, fill
@@ -58,7 +59,7 @@ def run_labels_bench(
         data = load_eval_set(spec, n, seed, data_dir)
         task = SEED_TASKS[task_name]
         if [x.lower() for x in task["labels"]] != [x.lower() for x in data.label_names]:
-            raise ValueError(f"{spec}: labels {data.label_names} differ from {task_name}'s {task['labels']}")
+            raise DataError(f"{spec}: labels {data.label_names} differ from {task_name}'s {task['labels']}")
         truth = np.array(data.labels)
         per_wording = []
         for wording in task["wordings"]:

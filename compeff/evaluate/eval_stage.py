@@ -316,7 +316,9 @@ def _evaluate_model(
                         if backend == "openai":
                             scorer.start(base)
                         run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars, s.calibrate)
-                        if backend == "openai":
+                        failed: set[str] = set()
+                        if backend == "openai":  # failed calls get no row: the next run asks them again
+                            failed = {f["id"] for f in scorer.failures}
                             stage.fail(scorer.failures)
                             scorer.failures = []
                         common = {"set": spec, "wording": wording.name, "seed": seed,
@@ -332,7 +334,7 @@ def _evaluate_model(
                                 {"id": f"{base}|cf{j}", **common, "content_free": True, "scores": _stored(m)}
                                 for j, m in enumerate(run.content_free)
                             ]
-                        stage.append(new)
+                        stage.append([row for row in new if row["id"] not in failed])
                     out[spec].append(run)
                     tracker.advance(1)
     finally:

@@ -146,7 +146,8 @@ def label_feature(
     at = start
     while at < len(full) and all(len(ids) > at and ids[at] == full[at] for ids in spelt.values()):
         at += 1
-    if at >= len(full) or any(ids[:at] != full[:at] for ids in spelt.values()):
+    # the answer must begin like one of its labels (an answer "Positive." to labels "positive" is refused)
+    if at >= len(full) or not any(ids[: at + 1] == full[: at + 1] for ids in spelt.values()):
         return None
     mass: dict[int, float] = {}
     for label, p in probs.items():
@@ -265,8 +266,15 @@ def kd_trainer_class():
             mean_kl = kd_term(
                 logits, teacher_ids[:, columns + 1], teacher_logprobs[:, columns + 1], self.kd_temperature
             )
+            # CE is already a share of the whole accumulated batch (num_items_in_batch); the KL is a mean
+            # over this micro-batch, so under gradient accumulation it is divided by the micro-batch count
+            accumulated = (
+                getattr(self, "current_gradient_accumulation_steps", 1)
+                if num_items_in_batch is not None
+                else 1
+            )
             loss = ce * across_devices(self, num_items_in_batch)
-            loss = loss + self.kd_alpha * self.kd_temperature**2 * mean_kl
+            loss = loss + self.kd_alpha * self.kd_temperature**2 * mean_kl / max(1, accumulated)
             mode = "train" if model.training else "eval"
             if hasattr(self, "_metrics"):
                 self._metrics[mode].setdefault("kd_kl", []).append(float(mean_kl.detach()))
