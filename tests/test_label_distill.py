@@ -44,23 +44,28 @@ def test_answer_only_head_gives_the_models_own_loss_and_gradients(tiny_lm):
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
-def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
-    probs = {"negative": 0.2, "neutral": 0.1, "positive": 0.7}
-    row = {"id": "s1", "messages": [{"role": "user", "content": "Label it: fine film"},
-                                     {"role": "assistant", "content": "positive"}], "label_probs": probs}  # fmt: skip
+def label_sample(tok, user: str, probs: dict[str, float]) -> tuple[dict, list[int]]:
+    """The kd feature of one closed-task sample answered "positive" with ``probs``, and the positions that
+    carry teacher information (the sample must not be refused)."""
+    row = {"id": "s", "messages": [{"role": "user", "content": user},
+                                   {"role": "assistant", "content": "positive"}], "label_probs": probs}  # fmt: skip
     pair = {"prompt": row["messages"][:1], "completion": row["messages"][1:]}
     features, refused, _ = kd_features(tok, [row], [pair], max_length=128)
     assert not refused
     f = features[0]
+    return f, [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
+
+
+def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    f, informed = label_sample(tok, "Label it: fine film", {"negative": 0.2, "neutral": 0.1, "positive": 0.7})
     start = f["completion_mask"].index(1)
-    informed = [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
     assert informed == [start]  # only the answer's first token carries the teacher's distribution
     assert f["input_ids"][start] in f["teacher_ids"][start]  # the answer's own first token is among them
     mass = sum(math.exp(v) for v in f["teacher_logprobs"][start] if np.isfinite(v))
     assert mass == pytest.approx(1.0)
     # the KL term at that token against a student whose distribution we set by hand
-    batch = collate(tok.pad_token_id)(features)
+    batch = collate(tok.pad_token_id)([f])
     logits = torch.full((1, 1, AutoModelForCausalLM.from_pretrained(tiny_lm).config.vocab_size), -1e4)
     ids = batch["teacher_ids"][:, start]
     lps = batch["teacher_logprobs"][:, start]
@@ -182,14 +187,7 @@ def test_label_soft_targets_sit_where_the_label_words_part(tiny_lm):
         "{{ message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    probs = {"negative": 0.4, "positive": 0.6}
-    row = {"id": "s", "messages": [{"role": "user", "content": "fine film"},
-                                   {"role": "assistant", "content": "positive"}], "label_probs": probs}  # fmt: skip
-    pair = {"prompt": row["messages"][:1], "completion": row["messages"][1:]}
-    features, refused, _ = kd_features(tok, [row], [pair], max_length=128)
-    assert not refused
-    f = features[0]
-    informed = [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
+    f, informed = label_sample(tok, "fine film", {"negative": 0.4, "positive": 0.6})
     assert len(informed) == 1
     at = informed[0]
     assert tok.decode(f["input_ids"][at:]).startswith("positive")  # the label word, not "think"

@@ -220,14 +220,8 @@ def kd_term(logits: Any, teacher_ids: Any, teacher_logprobs: Any, temperature: f
     from compeff.train.kd_losses import sparse_topk_kl
 
     kl = sparse_topk_kl(logits, teacher_ids, teacher_logprobs, temperature)
-    has = torch_isfinite_any(teacher_logprobs)
+    has = teacher_logprobs.isfinite().any(-1)
     return (kl * has).sum() / has.sum().clamp(min=1)
-
-
-def torch_isfinite_any(teacher_logprobs: Any) -> Any:
-    import torch
-
-    return torch.isfinite(teacher_logprobs).any(-1)
 
 
 def distill_loss(
