@@ -114,11 +114,8 @@ def summarise_row(
 
     out = {}
     for name, data in sets.items():
-        runs = []
-        for wording, preds in scored[name]["preds"].items():
-            run = WordingRun(wording, None, np.zeros((len(preds), len(data.label_names))))
-            run.preds = list(preds)
-            runs.append(run)
+        n_labels = len(data.label_names)
+        runs = [WordingRun.from_preds(w, None, p, n_labels) for w, p in scored[name]["preds"].items()]
         reference = None
         if teacher is not None:
             reference = {(w, None): p for w, p in teacher[name]["preds"].items()}

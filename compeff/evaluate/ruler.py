@@ -52,6 +52,15 @@ class WordingRun:
         has = np.isfinite(self.log_mass).any(axis=1)
         self.preds = [int(p) if h else -1 for p, h in zip(self.log_mass.argmax(1), has)]
 
+    @classmethod
+    def from_preds(cls, wording: str, seed: int | None, preds: Sequence[int], n_labels: int) -> WordingRun:
+        """A run known only by its labels (-1: no label): all of each text's mass on its label."""
+        mass = np.full((len(preds), n_labels), -np.inf)
+        for i, p in enumerate(preds):
+            if p >= 0:
+                mass[i, p] = 0.0
+        return cls(wording, seed, mass)
+
     def calibrated_preds(self) -> list[int] | None:
         """Labels after contextual calibration (None without content-free scores). A text with no label
         evidence stays without a label; a label the content-free inputs never gave (a served top-k cut) is
