@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.special import logsumexp
 
 from compeff.data import DataError
 from compeff.evaluate.wordings import BUILTIN_WORDINGS
@@ -197,20 +198,16 @@ class HFLabelScorer:
         logits = self.next_token_logits(prompts)
         if not len(logits):
             return np.zeros((0, len(label_names)))
-        columns = log_softmax_rows(logits)[:, ids]
+        # log-probabilities of the owned tokens only: their logits less each row's log-normaliser
+        columns = logits[:, ids].astype(np.float64) - logsumexp(
+            logits.astype(np.float64), axis=1, keepdims=True
+        )
         return np.stack([label_log_mass(zip(ids, row.tolist()), owners, len(label_names)) for row in columns])
 
     def predict(self, user_turns: Sequence[str], label_names: Sequence[str], cue: str = "Answer"):
         """Predicted label index per prompt and the label log-masses [len(prompts), n_labels]."""
         mass = self.label_log_mass(user_turns, label_names, cue)
         return [int(i) for i in mass.argmax(1)], mass
-
-
-def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (a whole vocabulary per row, vectorised)."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = x.max(axis=1, keepdims=True)
-    return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
 
 
 def label_variants(name: str) -> list[str]:
