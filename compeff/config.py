@@ -547,8 +547,8 @@ class SftSettings(Section):
         False, description="QLoRA: load the student in 4 bits (CUDA and bitsandbytes only)."
     )
     merge: bool = Field(False, description="Fold the LoRA adapter into the model before saving.")
-    bf16: Literal["auto", "on", "off"] = Field(
-        "auto", description="bf16 training (auto: on a GPU that has it)."
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 training: true / false (on / off), or auto: on a GPU that has it."
     )
     pad_token: str | None = Field(
         None,
@@ -566,6 +566,12 @@ class SftSettings(Section):
     save_steps: int = Field(
         200, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
     )
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """``on`` / ``off`` as words: YAML and ``--set`` read them as booleans, recipes may spell them out."""
+        return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
 
 
 class WordingSpec(Section):

@@ -116,7 +116,7 @@ def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     layers = model.model.layers
     bad = [i for i in keep_layers if not 0 <= i < len(layers)]
     if bad or not keep_layers or len(set(keep_layers)) != len(keep_layers):

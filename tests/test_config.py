@@ -103,3 +103,13 @@ def test_cli_set_error_exit_2():
     proc = run_cli("sample", "--set", "sample.ratio=2.5")
     assert proc.returncode == 2
     assert "sample.ratio" in proc.stderr
+
+
+def test_switches_accept_yaml_booleans_and_words():
+    """`--set sft.bf16=on` reaches the recipe as YAML's True; words and booleans mean the same."""
+    assert load_recipe(None, ["sft.bf16=on"]).sft.bf16 is True
+    assert load_recipe(None, ["sft.bf16=off"]).sft.bf16 is False
+    assert load_recipe(None, ['sft.bf16="on"']).sft.bf16 is True
+    assert load_recipe(None, []).sft.bf16 == "auto"
+    with pytest.raises(ConfigError, match="sft.bf16"):
+        load_recipe(None, ["sft.bf16=sometimes"])

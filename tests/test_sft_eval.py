@@ -331,3 +331,22 @@ def test_a_failed_served_call_gets_no_row_and_is_asked_again(tmp_path):
         second = run_eval_stage(r, progress=False)
         assert srv.stats.requests == asked + 6  # the incomplete wording was asked again
     assert sum(1 for _ in iter_jsonl(data)) == 6 and accuracy(second) == 1.0
+
+
+@pytest.mark.parametrize("lora", [None, "merged", "adapter"])
+def test_bf16_sft_completes_on_cpu_with_a_card(tmp_path, tiny_lm, lora):
+    """bf16 training on CPU ends with the model saved, reloaded in bf16 within bf16's tolerance, and a card;
+    the manifest says which dtype was compared."""
+    train, test = write_toy(tmp_path, n_train=32)
+    extra = ["sft.bf16=on", "sft.max_steps=6", "sft.learning_rate=1e-3"]
+    if lora:
+        extra += ["sft.lora_r=8", "sft.lora_alpha=16", f"sft.merge={lora == 'merged'}"]
+    r = recipe(tmp_path, tiny_lm, train, test, f"bf16-{lora}", *extra)
+    manifest = run_sft_stage(r, progress=False)
+    model_dir = r.run_dir / "sft" / "model"
+    assert manifest["status"] == "complete" and (model_dir / "README.md").is_file()
+    assert manifest["reload_dtype"] == "bfloat16"
+    assert manifest["reload_max_abs_diff"] <= manifest["reload_tolerance"] < 1
+    if lora != "adapter":
+        saved = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert saved.dtype == torch.bfloat16  # saved as trained, not widened to fp32

@@ -104,10 +104,10 @@ def run_score_bench(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compeff.loading import pick_device, pick_dtype
     from compeff.select.difficulty import DifficultyScorer, ScoreOptions
     from compeff.select.rank import CHUNK_ELEMENTS, nucleus_sizes
     from compeff.select.reference import reference_rho
-    from compeff.teachers.hf_local import pick_device, pick_dtype
 
     console = Console()
     path = bench_scorer_path(vocab)

@@ -114,22 +114,18 @@ class HFLabelScorer:
         batch_size: int = 8,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from compeff.loading import load_causal_lm, pick_device, pick_dtype
         from compeff.models import resolve_model
-        from compeff.teachers.hf_local import pick_device, pick_dtype
 
         hf_logging.disable_progress_bar()
         path = resolve_model(model)
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(adapter or path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", self.device))
-        if adapter:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, adapter)
-        self.model = lm.to(self.device).eval()
+        lm = load_causal_lm(path, pick_dtype("auto", self.device), adapter=adapter, device=self.device)
+        self.model = lm.eval()
         self.chat_template = chat_template
         if chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise EvalError(f"{model}: eval.chat_template is on but the tokenizer has no chat template")

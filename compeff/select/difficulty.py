@@ -85,17 +85,17 @@ class DifficultyScorer:
         cls, name: str, options: ScoreOptions | None = None, device: str = "auto", dtype: str = "auto"
     ) -> DifficultyScorer:
         """Load a scorer by path or hub id ('builtin:smollm2' works offline)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from compeff.loading import load_causal_lm, pick_device, pick_dtype
         from compeff.models import resolve_model
-        from compeff.teachers.hf_local import pick_device, pick_dtype
 
         hf_logging.disable_progress_bar()  # compeff shows its own progress
         path = resolve_model(name)
         dev = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev)).to(dev)
+        model = load_causal_lm(path, pick_dtype(dtype, dev), device=dev)
         return cls(model, tokenizer, options)
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from compeff.fingerprints import weights_fingerprint
+from compeff.loading import load_causal_lm, pick_device, pick_dtype
 from compeff.models import resolve_model
 from compeff.teachers.base import (
     ChatRequest,
@@ -21,26 +22,6 @@ from compeff.teachers.base import (
     TeacherUnavailable,
     hash_seeds,
 )
-
-
-def pick_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str, device: str) -> Any:
-    """'auto' -> bfloat16 on a GPU that supports it, float32 otherwise."""
-    import torch
-
-    if dtype == "auto":
-        return (
-            torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    return getattr(torch, dtype)
 
 
 class HFTeacher(Teacher):
@@ -55,7 +36,7 @@ class HFTeacher(Teacher):
         max_prompt_tokens: int | None = None,
     ):
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # compeff shows its own progress
@@ -68,7 +49,7 @@ class HFTeacher(Teacher):
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, self.device))
+            self.lm = load_causal_lm(path, pick_dtype(dtype, self.device))
         except OSError as exc:
             raise TeacherUnavailable(f"cannot load model '{model}': {exc}") from exc
         if self.tokenizer.chat_template is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from compeff.config import ConfigError, Recipe
 from compeff.data import DataError
+from compeff.loading import load_causal_lm, reload_tolerance, training_dtype
 from compeff.models import CHATML_TEMPLATE, resolve_model, student_model
 from compeff.progress import console
 from compeff.runs import Stage, read_chat_set, read_manifest, upstream_data, weights_fingerprint
@@ -176,25 +177,30 @@ def model_card(
 
 
 def reload_drift(
-    trained: Any, out_dir: Path, base: str, tokenizer: Any, pairs: list[dict[str, Any]], merged: bool
+    trained: Any,
+    out_dir: Path,
+    base: str,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    merged: bool,
+    dtype: Any,
+    load_in_4bit: bool = False,
 ) -> float:
     """Largest logit difference between the in-memory model and the one saved in ``out_dir``, on a few
-    training prompts: a saved adapter or model that does not reload the same is an error."""
+    training prompts, loaded as it was trained (same dtype, same quantisation): a saved adapter or model
+    that does not reload the same is an error. Compare with :func:`compeff.loading.reload_tolerance`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    if (out_dir / "adapter_config.json").exists() and not merged:
-        from peft import PeftModel
-
-        reloaded = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out_dir
-        )
-    else:
-        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    adapter = str(out_dir) if (out_dir / "adapter_config.json").exists() and not merged else None
+    source = base if adapter else str(out_dir)
+    reloaded = load_causal_lm(
+        source, dtype, load_in_4bit=load_in_4bit and adapter is not None, adapter=adapter
+    )
     reloaded.eval()
     trained.eval()
     device = next(trained.parameters()).device
-    reloaded.to(device)
+    if not load_in_4bit:
+        reloaded.to(device)
     worst = 0.0
     with torch.inference_mode():
         for pair in pairs:
@@ -211,7 +217,7 @@ def run_sft_stage(
     """Fine-tune the student on the retained set and save model, card, log and loss curve."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
@@ -287,7 +293,8 @@ def run_sft_stage(
                 f"{teacher_vocab}, student: {vocab_fingerprint(tokenizer)}); logit distillation across "
                 "tokenizers is out of scope"
             )
-    bf16 = s.bf16 == "on" or (s.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
+    dtype = training_dtype(s.bf16, cuda)
+    bf16 = dtype == torch.bfloat16
     config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(), "seed": recipe.run.seed}  # fmt: skip
     if gkd_teacher:
         config["teacher"] = weights_fingerprint(gkd_teacher)
@@ -301,14 +308,7 @@ def run_sft_stage(
             console.print(f"{stage_name}: already trained -> {out_dir}")
             stage.keep_previous_extra()
             return stage.close()
-        load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
-        if s.load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            load_kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-            )
-        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        model = load_causal_lm(path, dtype, load_in_4bit=s.load_in_4bit)
         peft_config = None
         if s.lora_r is not None:
             from peft import LoraConfig
@@ -365,7 +365,7 @@ def run_sft_stage(
         if s.loss == "gkd":
             from trl.experimental.gkd import GKDTrainer
 
-            teacher_model = AutoModelForCausalLM.from_pretrained(gkd_teacher, **load_kwargs)
+            teacher_model = load_causal_lm(gkd_teacher, dtype, load_in_4bit=s.load_in_4bit)
             chats = Dataset.from_list([{"messages": r["messages"]} for r in rows])
             trainer = GKDTrainer(teacher_model=teacher_model, train_dataset=chats, **common)
         elif s.loss == "kd":
@@ -401,12 +401,15 @@ def run_sft_stage(
             trained = trained.merge_and_unload()
         trained.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+        merged = s.lora_r is not None and s.merge
         drift = reload_drift(
-            trainer.model, out_dir, path, tokenizer, pairs[:4], merged=s.lora_r is not None and s.merge
+            trainer.model, out_dir, path, tokenizer, pairs[:4], merged, dtype, s.load_in_4bit
         )
-        if drift > 1e-3:
+        tolerance = reload_tolerance(dtype, s.load_in_4bit)
+        if drift > tolerance:
             raise SftCheckError(
-                f"the saved model does not reproduce the trained one (max logit difference {drift:.2e})"
+                f"the saved model does not reproduce the trained one (max logit difference {drift:.2e}, "
+                f"tolerance {tolerance:g} in {str(dtype).removeprefix('torch.')})"
             )
         (out_dir / "README.md").write_text(model_card(recipe, rows, report, final_loss), encoding="utf-8")
         png = _loss_png(history)
@@ -418,6 +421,8 @@ def run_sft_stage(
             truncated_share=report["truncated_share"],
             notes=notes,
             reload_max_abs_diff=drift,
+            reload_tolerance=tolerance,
+            reload_dtype="nf4" if s.load_in_4bit else str(dtype).removeprefix("torch."),
             loss=s.loss,
             kd_refused={k: len(v) for k, v in kd_refused.items()},
             **({"kd_samples": kd_samples, "kd_resegmented": kd_resegmented} if s.loss == "kd" else {}),
