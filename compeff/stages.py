@@ -32,7 +32,7 @@ IMPLEMENTED: dict[str, str] = {
     "cluster": "compeff.synth.cluster:run_cluster_stage",
     "tasks": "compeff.synth.tasks_stage:run_tasks_stage",
     "generate": "compeff.synth.generate:run_generate_stage",
-    "score": "compeff.select.score_stage:run_score_stage",
+    "score": "compeff.train.score_warmup:run_score_stage",
     "sample": "compeff.select.sample_stage:run_sample_stage",
     "sft": "compeff.train.sft:run_sft_stage",
     "eval": "compeff.evaluate.eval_stage:run_eval_stage",

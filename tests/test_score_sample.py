@@ -188,6 +188,9 @@ def test_cli_score_and_sample(tmp_path, tiny_lm):
 
 
 def test_scorer_warm_up_fine_tunes_the_student_first(tmp_path, tiny_lm):
+    from compeff.stages import get_stage
+
+    run_score_stage = get_stage("score")  # the stage as the CLI runs it: warm-up, then scoring
     recipe = load_recipe(
         recipe_file(tmp_path, tiny_lm, "warm"),
         ["score.warmup_samples=16", "sft.max_steps=4", "sft.max_length=256", "sft.learning_rate=1e-3"],

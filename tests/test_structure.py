@@ -72,3 +72,21 @@ def test_compeff_has_no_import_circle():
     graph = import_graph()
     assert len(graph) > 40
     assert circles(graph) == []
+
+
+LOWER_THAN_TRAINING = ("compeff.select", "compeff.evaluate", "compeff.teachers", "compeff.synth",
+                       "compeff.loading", "compeff.models", "compeff.llm_models")  # fmt: skip
+
+
+def test_layers_below_training_do_not_import_it():
+    """Data flows generate -> score -> sample -> sft: selection, evaluation, teachers and model loading
+    sit below training and never import it (model loading lives in compeff.loading)."""
+    graph = import_graph()
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith(LOWER_THAN_TRAINING)
+        for d in deps
+        if d.startswith("compeff.train")
+    )
+    assert upward == []

@@ -68,7 +68,7 @@ def run_proxy_bench(
     """Score the set, train and test the proxy; print and return the proxy's report."""
     from compeff.bench.score import bench_scorer_path
     from compeff.select.proxy import run_proxy
-    from compeff.select.score_stage import run_score_stage
+    from compeff.train.score_warmup import run_score_stage
 
     root = Path(out_dir or "runs/bench")
     run_dir = root / "proxy-bench"

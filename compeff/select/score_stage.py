@@ -16,7 +16,7 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.models import student_model
 from compeff.progress import Tracker, console
-from compeff.runs import Stage, dumps_line, iter_jsonl, read_chat_set, upstream_data, weights_fingerprint
+from compeff.runs import Stage, iter_jsonl, read_chat_set, upstream_data, weights_fingerprint
 from compeff.select.difficulty import DifficultyScorer, ScoreOptions
 from compeff.select.plots import histogram_png
 from compeff.shards import (
@@ -76,16 +76,13 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Score the distillation set (or a shard of it, or merge the shards); then the proxy if asked."""
+    """Score the distillation set (or a shard of it, or merge the shards); then the proxy if asked. With
+    ``score.warmup_samples`` the stage runs through :func:`compeff.train.score_warmup.run_score_stage`,
+    which trains the scorer first and passes it here as ``score.scorer``."""
     settings = recipe.score
-    if settings.warmup_samples:  # the shards were scored by the warmed-up scorer: the merge checks that
-        scorer = str(recipe.run_dir / "score-warmup" / "model") if settings.merge else None
-        recipe = recipe.model_copy(
-            update={
-                "score": settings.model_copy(
-                    update={"scorer": scorer or warm_up_scorer(recipe, force, progress)}
-                )
-            }
+    if settings.warmup_samples and not settings.scorer:
+        raise ValueError(
+            "score.warmup_samples: the warmed-up scorer is trained by compeff.train.score_warmup"
         )
     manifest = merge_score_shards(recipe, force) if settings.merge else _score(recipe, force, progress)
     if settings.proxy and not settings.shard:
@@ -93,26 +90,6 @@ def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
 
         manifest = {**manifest, "proxy": run_proxy(recipe, force=force, progress=progress)}
     return manifest
-
-
-def warm_up_scorer(recipe: Recipe, force: bool = False, progress: bool = True) -> str:
-    """The paper's scorer: the student fine-tuned briefly (``compeff sft`` settings) on
-    ``score.warmup_samples`` random samples of the set, kept in ``score-warmup/`` and reused."""
-    import random
-
-    from compeff.train.sft import run_sft_stage
-
-    rows = read_chat_set(score_input(recipe))
-    picks = random.Random(recipe.run.seed).sample(rows, min(recipe.score.warmup_samples, len(rows)))
-    data = recipe.run_dir / "score-warmup-data.jsonl"
-    text = "".join(dumps_line(r).decode() for r in sorted(picks, key=lambda r: str(r["id"])))
-    if not data.exists() or data.read_text(encoding="utf-8") != text:
-        data.write_text(text, encoding="utf-8")
-    sft = recipe.sft.model_copy(update={"input": str(data), "merge": True})
-    run_sft_stage(
-        recipe.model_copy(update={"sft": sft}), force=force, progress=progress, stage_name="score-warmup"
-    )
-    return str(recipe.run_dir / "score-warmup" / "model")
 
 
 def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
