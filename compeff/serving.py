@@ -3,18 +3,20 @@
 Engines: ``vllm`` (``vllm serve``; N data-parallel replicas, each on its own GPUs through
 ``CUDA_VISIBLE_DEVICES``) and ``llamacpp`` (``python -m llama_cpp.server``, CPU or GPU layers). Each
 server gets a free loopback port, its own process group and a log file in ``runs/<name>/servers/``; it
-is ready when ``/v1/models`` answers. Servers die with compeff: they are stopped when the block ends, on
-Ctrl-C and SIGTERM (the whole process group), and the kernel kills them when compeff itself is killed
+is ready when ``/v1/models`` answers (asked directly, never through ``HTTP_PROXY``, with the API key of
+``teacher.api_key_env`` when that is set). Servers die with compeff: they are stopped when the block ends,
+on Ctrl-C and SIGTERM (the whole process group), and the kernel kills them when compeff itself is killed
 (``PR_SET_PDEATHSIG``). A server that dies mid-run is restarted once on the same port (requests carry a
-seed each, so the client's retries are safe); a second death stops the stage with the log's tail.
+seed each, so the client's retries are safe, and they keep retrying for as long as the restart may take);
+a second death stops the stage with the log's tail.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +33,13 @@ from typing import Any
 
 from compeff.config import ConfigError, Recipe, ServeSettings, TeacherSettings
 from compeff.runs import StageError, atomic_write_bytes, note_servers
+from compeff.teachers.base import TeacherUnavailable
+from compeff.teachers.endpoints import managed_endpoints
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_CHARS = 2000
+VLLM_DEFAULT_MAX_LOGPROBS = 20  # `vllm serve` refuses top_logprobs above this unless --max-logprobs says more
+RESTART_MARGIN_S = 30.0  # beyond startup_timeout_s: the watchdog noticing the death, the old process ending
 
 
 class ServerFailed(StageError):
@@ -47,10 +53,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# No Python may run in the child between fork and exec: compeff has threads then (the watchdog, the
+# teacher's client, progress bars), and a preexec_fn (which set PDEATHSIG by loading libc with ctypes after
+# the fork) can deadlock on a lock another thread held at the fork (the dynamic loader's, the import lock).
+# So the new session comes from start_new_session (done in C), and PR_SET_PDEATHSIG from this launcher: the
+# child execs it first, a fresh single-threaded Python that sets the signal, gives up if compeff died before
+# that (its parent changed), then execs the server in its own place (same pid; PDEATHSIG survives exec).
+# The kernel sends the signal when the *thread* that started the child ends: the caller's, or the
+# watchdog's for a restarted server; both live as long as the servers should.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(70)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def launch_argv(argv: list[str]) -> list[str]:
+    """The command line that starts ``argv`` as a server dying with this process (Linux: through the
+    PDEATHSIG launcher; elsewhere ``argv`` itself)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
+
+
+def find_program(name: str) -> str | None:
+    """The executable a server command starts: on PATH, or beside this Python (an unactivated venv)."""
+    if os.sep in name:
+        return name if os.access(name, os.X_OK) else None
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
 def llamacpp_model_file(model: str, serve: ServeSettings) -> str:
@@ -68,9 +100,23 @@ def llamacpp_model_file(model: str, serve: ServeSettings) -> str:
     )
 
 
-def server_commands(settings: TeacherSettings) -> list[tuple[list[str], dict[str, str]]]:
+def vllm_model_path(model: str) -> str:
+    """What ``vllm serve`` loads for a teacher model name: a ``builtin:`` name's local folder (see
+    :func:`compeff.models.resolve_model`), any other name as it is."""
+    from compeff.models import resolve_model
+
+    try:
+        return resolve_model(model)
+    except (ValueError, RuntimeError) as exc:  # an unknown builtin: name, a package not installed
+        raise ConfigError(f"teacher.model: {exc}") from None
+
+
+def server_commands(
+    settings: TeacherSettings, max_logprobs: int = 0
+) -> list[tuple[list[str], dict[str, str]]]:
     """(command line, extra environment) of each server ``teacher.serve`` asks for; ports are filled in
-    later (``{port}``)."""
+    later (``{port}``). ``max_logprobs``: the most top log-probabilities a request will ask for
+    (``generate.teacher_top_logprobs``); vLLM is told to allow it when above its default of 20."""
     serve = settings.serve
     out: list[tuple[list[str], dict[str, str]]] = []
     if serve.engine == "vllm":
@@ -81,14 +127,18 @@ def server_commands(settings: TeacherSettings) -> list[tuple[list[str], dict[str
                 f"teacher.serve: {serve.replicas} replica(s) x tensor_parallel_size {tp} need "
                 f"{serve.replicas * tp} GPUs, teacher.serve.gpus lists {len(gpus)}"
             )
+        path = vllm_model_path(settings.model)
+        top_k = max(max_logprobs, settings.top_logprobs)
         for r in range(serve.replicas):
-            cmd = ["vllm", "serve", settings.model, "--host", "127.0.0.1", "--port", "{port}",
+            cmd = ["vllm", "serve", path, "--host", "127.0.0.1", "--port", "{port}",
                    "--served-model-name", settings.model, "--tensor-parallel-size", str(tp),
                    "--gpu-memory-utilization", str(serve.gpu_memory_utilization)]  # fmt: skip
             if settings.dtype != "auto":
                 cmd += ["--dtype", settings.dtype]
             if serve.max_model_len:
                 cmd += ["--max-model-len", str(serve.max_model_len)]
+            if top_k > VLLM_DEFAULT_MAX_LOGPROBS:
+                cmd += ["--max-logprobs", str(top_k)]
             own = gpus[r * tp : (r + 1) * tp]
             out.append((cmd + list(serve.extra_args), {"CUDA_VISIBLE_DEVICES": ",".join(map(str, own))}))
     elif serve.engine == "llamacpp":
@@ -112,14 +162,20 @@ def engine_version(engine: str) -> str | None:
         return None
 
 
+# the readiness probe talks to 127.0.0.1 directly: urllib would send it to $HTTP_PROXY otherwise
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 @dataclass
 class Server:
-    """One running server: its command, port, log and process."""
+    """One running server: its command, port, log and process; ``api_key`` is sent with the readiness
+    probe (a server started with an API key answers nothing without it)."""
 
     command: list[str]
     env: dict[str, str]
     port: int
     log: Path
+    api_key: str | None = None
     process: subprocess.Popen | None = None
     restarts: int = 0
     started_at: list[float] = field(default_factory=list)
@@ -134,14 +190,33 @@ class Server:
         with self.log.open("ab") as fh:
             fh.write(f"\n# compeff: {' '.join(argv)}\n".encode())
             self.process = subprocess.Popen(
-                argv,
+                launch_argv(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - setsid + PDEATHSIG need the child's side
+                start_new_session=True,  # setsid in C: no Python between fork and exec (see _LAUNCHER)
             )
         self.started_at.append(time.time())
+
+    def ready(self) -> bool:
+        """Whether ``/v1/models`` answers 200 now; ServerFailed when the server refuses the API key."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        request = urllib.request.Request(f"{self.url}/models", headers=headers)
+        try:
+            with _DIRECT.open(request, timeout=2) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                self.stop()
+                what = "a wrong API key" if self.api_key else "no API key"
+                raise ServerFailed(
+                    f"teacher server on port {self.port} answered {exc.code} to {what}: the key it wants "
+                    "goes in the environment variable named by teacher.api_key_env"
+                ) from None
+            return False
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return False
 
     def log_tail(self) -> str:
         """The last lines of the server's log, for error messages."""
@@ -164,12 +239,8 @@ class Server:
                     f"teacher server on port {self.port} exited with code {code} while starting; "
                     f"log {self.log}:\n{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError, TimeoutError):
-                pass
+            if self.ready():
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServerFailed(
@@ -197,11 +268,16 @@ class Server:
 class ServerPool:
     """The servers of one ``teacher.serve`` block, with a watchdog that restarts a dead one once."""
 
-    def __init__(self, settings: TeacherSettings, log_dir: Path):
+    def __init__(self, settings: TeacherSettings, log_dir: Path, max_logprobs: int = 0):
         self.settings = settings
         self.log_dir = log_dir
+        self.max_logprobs = max_logprobs
         self.servers: list[Server] = []
         self.failure: str | None = None
+        #: set while the main thread has the SIGUSR1 handler that turns a failure into ServerFailed there
+        #: (see _stop_on_signals); without it the signal's default action would kill the whole process
+        self.signals_installed = False
+        self._signal_lock = threading.Lock()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._main = threading.main_thread().ident
@@ -209,9 +285,16 @@ class ServerPool:
     def start(self) -> list[str]:
         """Start every server and wait until all answer; their URLs."""
         serve = self.settings.serve
+        program = "vllm" if serve.engine == "vllm" else sys.executable
+        if find_program(program) is None:  # before anything is resolved or converted for it
+            raise TeacherUnavailable(missing_engine(serve.engine, program))
+        commands = server_commands(self.settings, self.max_logprobs)
+        for cmd, _ in commands:
+            cmd[0] = find_program(cmd[0]) or cmd[0]
+        api_key = os.environ.get(self.settings.api_key_env) or None
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, (cmd, env) in enumerate(server_commands(self.settings)):
-            server = Server(cmd, env, free_port(), self.log_dir / f"{serve.engine}-{i}.log")
+        for i, (cmd, env) in enumerate(commands):
+            server = Server(cmd, env, free_port(), self.log_dir / f"{serve.engine}-{i}.log", api_key)
             self.servers.append(server)
             server.start()
         try:
@@ -269,9 +352,17 @@ class ServerPool:
         )
 
     def _interrupt_main(self) -> None:
-        if self._main is not None:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pthread_kill(self._main, signal.SIGUSR1)
+        """Raise the failure in the main thread, where its SIGUSR1 handler is installed; elsewhere the
+        failure waits in ``self.failure`` for the end of the ``serving`` block."""
+        with self._signal_lock:
+            if self.signals_installed and self._main is not None and not self._stop.is_set():
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pthread_kill(self._main, signal.SIGUSR1)
+
+    def signals(self, installed: bool) -> None:
+        """Record whether the main thread's SIGUSR1 handler is in place (only then is it signalled)."""
+        with self._signal_lock:
+            self.signals_installed = installed
 
     def stop(self) -> None:
         """Stop the watchdog and every server."""
@@ -297,11 +388,24 @@ def _stop_on_signals(pool: ServerPool) -> Iterator[None]:
         raise ServerFailed(pool.failure or "a teacher server failed")
 
     previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGUSR1, on_failure))}  # fmt: skip
+    pool.signals(True)
     try:
         yield
     finally:
+        pool.signals(False)  # first: the watchdog must not signal once the default action is back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def missing_engine(engine: str, program: str) -> str:
+    """The one line that says an engine's program is not installed here, and what to do."""
+    if engine == "vllm":
+        return (
+            f"teacher.serve.engine=vllm: vLLM is not installed here (no `{program}` command on PATH or "
+            f"beside {sys.executable}); install it with `pip install 'compeff[vllm]'` (Linux, NVIDIA GPU), or "
+            "serve the teacher yourself and point teacher.base_urls at it (teacher.serve.engine=none)"
+        )
+    return f"teacher.serve.engine={engine}: `{program}` not found on PATH or beside {sys.executable}"
 
 
 def served_teacher(settings: TeacherSettings, urls: list[str]) -> TeacherSettings:
@@ -335,12 +439,21 @@ def serving(recipe: Recipe) -> Iterator[Recipe]:
     if settings.serve.engine == "none":
         yield recipe
         return
-    pool = ServerPool(settings, recipe.run_dir / "servers")
+    pool = ServerPool(settings, recipe.run_dir / "servers", recipe.generate.teacher_top_logprobs)
+    restart_s = settings.serve.startup_timeout_s + RESTART_MARGIN_S
     with _stop_on_signals(pool):
         try:
             urls = pool.start()
             pool.publish()
-            yield recipe.model_copy(update={"teacher": served_teacher(settings, urls)})
+            with managed_endpoints(urls, restart_s):  # the client waits out a restart (bounded)
+                try:
+                    yield recipe.model_copy(update={"teacher": served_teacher(settings, urls)})
+                except Exception as exc:
+                    if pool.failure and not isinstance(exc, ServerFailed):  # it failed as its server died
+                        raise ServerFailed(pool.failure) from exc
+                    raise
+            if pool.failure:  # outside the main thread nothing interrupted the block: fail at its end
+                raise ServerFailed(pool.failure)
         finally:
             pool.stop()
             note_servers(None)

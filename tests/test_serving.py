@@ -28,7 +28,8 @@ def test_vllm_replicas_get_their_own_gpus_and_flags():
     assert flags["--tensor-parallel-size"] == "2" and flags["--dtype"] == "bfloat16"
     assert flags["--max-model-len"] == "8192" and flags["--gpu-memory-utilization"] == "0.85"
     assert cmd[-1] == "--enable-prefix-caching"
-    listed = teacher("teacher.serve.engine=vllm", "teacher.serve.replicas=2", "teacher.serve.gpus=[4,6]")
+    listed = teacher("teacher.model=org/m", "teacher.serve.engine=vllm", "teacher.serve.replicas=2",
+                     "teacher.serve.gpus=[4,6]")  # fmt: skip
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in server_commands(listed)] == ["4", "6"]
     with pytest.raises(ConfigError, match="need 4 GPUs"):
         server_commands(teacher("teacher.serve.engine=vllm", "teacher.serve.replicas=2",

@@ -60,8 +60,10 @@ def make_teacher(settings, seed: int | None = None) -> Teacher:
 
 def _make_backend(settings) -> Teacher:
     if settings.backend == "openai":
+        from compeff.teachers.endpoints import check_reachable
         from compeff.teachers.openai_api import OpenAITeacher
 
+        check_reachable(settings.base_urls)  # nothing listening: one line now, not every item failed
         return OpenAITeacher(
             model=settings.model,
             base_urls=settings.base_urls,

@@ -2,9 +2,11 @@
 
 Many requests stay in flight (asyncio, ``concurrency`` workers), each with a deadline; 429s, 5xx,
 timeouts, dropped connections and malformed bodies are retried with exponential backoff (honouring
-``Retry-After``), each attempt going to the next base URL (round-robin over replicas). Transport is
-aiohttp: on this project's benchmark httpx's pool fell to ~150 requests/s at 256 in flight while
-aiohttp sustained several thousand (see README, Results).
+``Retry-After``), each attempt going to the next base URL (round-robin over replicas). Requests to a
+server compeff runs itself keep retrying refused connections and timeouts past ``max_retries`` for as
+long as its restart may take (:func:`~compeff.teachers.endpoints.restart_window_s`), so a restart loses
+no item. Transport is aiohttp: on this project's benchmark httpx's pool fell to ~150 requests/s at 256
+in flight while aiohttp sustained several thousand (see README, Results).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from compeff.teachers.base import (
     TeacherStatusError,
     TeacherTimeout,
 )
+from compeff.teachers.endpoints import restart_window_s
 
 if TYPE_CHECKING:  # aiohttp is imported where a session is made: a parent that hands its requests
     import aiohttp  # to the client process never needs it (and saves ~0.2 s of start-up)
@@ -38,6 +41,7 @@ if TYPE_CHECKING:  # aiohttp is imported where a session is made: a parent that 
 _DONE = object()
 _JSON_HEADERS = {"Content-Type": "application/json"}
 SWITCH_INTERVAL_S = 0.0005
+OUTAGE_MIN_DELAY_S = 0.1  # retries while a server restarts are at least this far apart
 
 
 try:  # orjson parses and writes the bodies several times faster than json
@@ -152,6 +156,7 @@ class OpenAITeacher(Teacher):
         extra_body: dict[str, Any] | None = None,
         client_process: bool = True,
         response_format: str = "json_schema",
+        outage_s: float | None = None,
     ):
         super().__init__()
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -167,6 +172,9 @@ class OpenAITeacher(Teacher):
         self.backoff_max_s = backoff_max_s
         self.extra_body = extra_body or {}
         self.response_format = response_format
+        # how long a request keeps retrying while nothing answers (refused connections, timeouts) beyond
+        # max_retries: a server compeff runs may be restarting for minutes (None: ask the registry)
+        self.outage_s = restart_window_s(urls) if outage_s is None else max(0.0, float(outage_s))
         self._next_endpoint = itertools.count()
         self.client_process = client_process and os.name == "posix"
         self._client: Any = None  # the ClientProcess: started now, so it is ready by the first request
@@ -200,7 +208,8 @@ class OpenAITeacher(Teacher):
         )
 
     def _delay(self, attempt: int, error: TeacherError) -> float:
-        delay = min(self.backoff_max_s, self.backoff_s * (2 ** (attempt - 1))) * (0.5 + random.random())
+        doubling = 2 ** min(attempt - 1, 40)  # long outage windows reach hundreds of attempts
+        delay = min(self.backoff_max_s, self.backoff_s * doubling) * (0.5 + random.random())
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             delay = max(delay, min(float(retry_after), self.backoff_max_s))
@@ -223,15 +232,28 @@ class OpenAITeacher(Teacher):
         started = time.perf_counter()
         error: TeacherError | None = None
         attempt = 0
-        for attempt in range(1, self.max_retries + 2):
+        down_since: float | None = None  # first refused / timed-out attempt: the server may be restarting
+        while True:
+            attempt += 1
             url = self.endpoints[next(self._next_endpoint) % len(self.endpoints)]
             try:
                 result = await self._attempt(session, url, body)
             except TeacherError as exc:
                 error = exc
-                if not exc.retryable or attempt > self.max_retries:
+                if not exc.retryable:
                     break
-                await asyncio.sleep(self._delay(attempt, exc))
+                outage = isinstance(exc, (TeacherConnectionError, TeacherTimeout))
+                if outage and down_since is None:
+                    down_since = time.monotonic()
+                delay = self._delay(attempt, exc)
+                if attempt > self.max_retries:
+                    # past max_retries only an outage is waited out, and only within the restart window
+                    gone = time.monotonic() - down_since if down_since is not None else 0.0
+                    left = self.outage_s - gone if outage else 0.0
+                    if left <= 0:
+                        break
+                    delay = min(max(delay, OUTAGE_MIN_DELAY_S), left)
+                await asyncio.sleep(delay)
                 continue
             except Exception as exc:  # a bug or odd input must fail this request, not the whole batch
                 error = TeacherError(f"{type(exc).__name__}: {exc}")
@@ -301,6 +323,7 @@ class OpenAITeacher(Teacher):
             "backoff_s": self.backoff_s,
             "backoff_max_s": self.backoff_max_s,
             "extra_body": self.extra_body,
+            "outage_s": self.outage_s,
         }
 
     def _generate(self, requests: Iterable[ChatRequest]) -> Iterator[TeacherResult]:

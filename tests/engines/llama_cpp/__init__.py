@@ -1,0 +1,1 @@
+"""A stand-in for llama-cpp-python in the serving tests: put ``tests/engines`` on a server's PYTHONPATH."""
