@@ -6,7 +6,9 @@ most likely token ids with their log-probabilities. They travel inside the recor
 shards and ``--merge``, ``score`` and ``sample``'s retained subset. The arrays are little-endian
 ``uint32`` ids and ``float16`` log-probabilities, base64-encoded: ``6k`` bytes a token before base64
 (``8k`` after), 160 bytes a token for k = 20. ``vocab`` is a fingerprint of the tokenizer whose ids these
-are; ``sft.loss: kd`` refuses a student whose vocabulary differs.
+are; ``sft.loss: kd`` refuses a student whose vocabulary differs. A served teacher's vocabulary cannot be
+read whole: its fingerprint (``probe:...``) hashes the ids its tokenizer gives a fixed set of texts, asked
+of the server, and the student is compared by the same probe.
 
 When a stage whose records carry the field completes, :func:`write_parquet` also leaves a columnar copy
 beside ``data.jsonl``: ``top_logprobs.parquet``, one row per sample id with ``tokens`` (``list<uint32>``),
@@ -25,7 +27,30 @@ from typing import Any
 
 import numpy as np
 
+from compeff.data import DataError
+
 FIELD = "teacher_top_logprobs"
+PROBE = "probe:"  # the prefix of a fingerprint taken by probing a tokenizer (a served one)
+TOKEN_ID = "token_id:"  # vLLM's spelling of a token named by id (``return_tokens_as_token_ids``)
+
+# Texts whose token ids tell tokenizer families apart: words with and without a leading space, capitals,
+# digits, punctuation, whitespace runs, accents, CJK, emoji and code. Changing them changes every
+# served fingerprint (samples generated before then are refused by sft.loss: kd).
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space, then  two spaces and a tab\tend",
+    "Numbers: 0 7 42 1999 3.14159 1,000,000 and 2024-06-01.",
+    "I LOVED it!!! Would watch again :) #bestfilmever @friend",
+    "Accents: café, naïve, Zürich, São Paulo, Ελληνικά, русский.",
+    "中文字符和日本語のテキスト、한국어 문장.",
+    "Emoji 🙂👍🏽 and symbols © ™ € → ≥",
+    "def f(x):\n    return x ** 2  # square\n\n",
+    "negative neutral positive Negative Neutral Positive",
+)
+
+
+class VocabularyMismatch(DataError):
+    """The student's tokenizer is not the one the teacher's token ids belong to."""
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:
@@ -36,17 +61,51 @@ def vocab_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def probe_fingerprint(tokenize: Callable[[str], list[int]]) -> str:
+    """``probe:`` and a short hash of the token ids ``tokenize`` gives :data:`PROBE_TEXTS` (no special
+    tokens): how a tokenizer known only by its tokenize function (a server's) is compared with another."""
+    lines = [",".join(str(int(i)) for i in tokenize(text)) for text in PROBE_TEXTS]
+    return PROBE + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def tokenizer_probe_fingerprint(tokenizer: Any) -> str:
+    """The :func:`probe_fingerprint` of a local (transformers) tokenizer."""
+    return probe_fingerprint(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fingerprint_like(tokenizer: Any, fingerprint: str) -> str:
+    """A local tokenizer's fingerprint of the same kind as ``fingerprint`` (probe or whole vocabulary)."""
+    if fingerprint.startswith(PROBE):
+        return tokenizer_probe_fingerprint(tokenizer)
+    return vocab_fingerprint(tokenizer)
+
+
+def entry_id(entry: dict[str, Any]) -> int | None:
+    """The token id a logprob entry names itself: its ``id`` (hf, vllm, llama.cpp's server) or a token
+    spelt ``token_id:N`` (vLLM's server asked with ``return_tokens_as_token_ids``); else None."""
+    if entry.get("id") is not None:
+        return int(entry["id"])
+    token = entry.get("token")
+    if isinstance(token, str) and token.startswith(TOKEN_ID) and token[len(TOKEN_ID) :].isdigit():
+        return int(token[len(TOKEN_ID) :])
+    return None
+
+
 def token_id_lookup(tokenizer: Any) -> Callable[[dict[str, Any]], int | None]:
-    """The id of a logprob entry: its ``id`` when the backend gives one (hf), else its token text looked
-    up among the vocabulary's strings and their decoded forms (servers return decoded text)."""
+    """The id of a logprob entry: the id it carries (:func:`entry_id`), else its token text looked up
+    among the vocabulary's strings and their decoded forms (servers that return decoded text only). A
+    decoded form that several ids share (partial UTF-8 pieces all decode to U+FFFD) names none of them:
+    the entry stays unmapped rather than credited to an arbitrary token."""
     vocab = tokenizer.get_vocab()
-    decoded: dict[str, int] = {}
+    decoded: dict[str, int | None] = {}
     for token_id in sorted(vocab.values()):
-        decoded.setdefault(tokenizer.decode([token_id]), token_id)
+        text = tokenizer.decode([token_id])
+        decoded[text] = None if text in decoded else token_id
 
     def lookup(entry: dict[str, Any]) -> int | None:
-        if entry.get("id") is not None:
-            return int(entry["id"])
+        named = entry_id(entry)
+        if named is not None:
+            return named
         token = entry.get("token", "")
         if token in vocab:
             return int(vocab[token])

@@ -87,6 +87,23 @@ def test_label_words_scored_from_the_served_tokens(server, tmp_path):
         assert np.isfinite(r["scores"][r["pred"]])
 
 
+def test_the_served_tokenizer_is_fingerprinted_from_the_server(server, tmp_path):
+    """llama-cpp-python's tokenize endpoint gives the probe texts the ids SmolLM2's own tokenizer gives
+    them (the GGUF's tokenizer is the student's); a tokenizer of another family differs."""
+    from transformers import AutoTokenizer
+
+    from compeff.models import build_tiny_chat_model, resolve_model
+    from compeff.teachers.tokenize_api import served_vocabulary
+    from compeff.top_logprobs import tokenizer_probe_fingerprint
+
+    served = served_vocabulary(server, "builtin:smollm2")
+    assert served is not None and served.dialect == "llama-cpp-python"
+    local = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2"))
+    assert served.fingerprint == tokenizer_probe_fingerprint(local)
+    other = AutoTokenizer.from_pretrained(build_tiny_chat_model(tmp_path / "other"))
+    assert served.fingerprint != tokenizer_probe_fingerprint(other)
+
+
 def test_local_and_served_teacher_read_labels_alike(server, tmp_path):
     """The same 60 tweets and wording through the local model (the GGUF's weights dequantised) and the
     server (llama.cpp computing with the 4-bit blocks): the same label on >= 95% of texts, label
@@ -196,7 +213,7 @@ def test_chain_through_the_real_server_with_structured_output(server, tmp_path):
             continue
         field = r[top_logprobs.FIELD]
         assert field["k"] == 5 and field["n"] >= 1 and field["unmapped"] <= field["n"]
-        assert field["vocab"] == top_logprobs.vocab_fingerprint(tokenizer)
+        assert field["vocab"] == top_logprobs.tokenizer_probe_fingerprint(tokenizer)  # asked of the server
     pairs = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
     features, refused, _ = kd_features(tokenizer, rows, pairs, 2048)
     assert len(features) >= 10, refused

@@ -335,8 +335,9 @@ def test_merge_refuses_missing_shards(tmp_path, scripted):
 
 def test_generate_resumes_after_sigkill(tmp_path, tiny_lm):
     # with the teacher's top-3 log-probabilities kept in every record: they survive the kill with it
+    # the server tokenizes as the student does (vLLM's tokenize endpoints): its tokenizer is checked first
     keep = {"generate__teacher_top_logprobs": 3, "student__model": str(tiny_lm)}
-    with FakeServer(responder=pipeline_responder, latency_ms=40, max_seconds=300) as srv:
+    with FakeServer(responder=pipeline_responder, latency_ms=40, max_seconds=300, tokenizer=tiny_lm) as srv:
         clean = recipe_for(
             tmp_path, srv.base_url, name="clean", generate__n_samples=150, teacher__concurrency=2, **keep
         )
@@ -368,9 +369,13 @@ def test_generate_resumes_after_sigkill(tmp_path, tiny_lm):
         return seen
 
     assert rows("killed") == rows("clean")
-    for row in rows("killed").values():  # one packed entry per answer token (the server's words)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    for row in rows("killed").values():  # one packed entry per answer token, named by id by the server
         tokens, ids, logprobs = top_logprobs.unpack(row[top_logprobs.FIELD])
-        assert len(tokens) == len(row["messages"][-1]["content"].split()[:64]) and ids.shape[1] == 3
+        answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+        assert tokens.tolist() == answer and ids.shape[1] == 3 and row[top_logprobs.FIELD]["unmapped"] == 0
     # the columnar copy beside data.jsonl, rewritten when the resumed stage completed: one row per sample,
     # the same arrays, readable by pyarrow and by datasets
     import datasets

@@ -84,36 +84,22 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
 
 
 @lru_cache(maxsize=64)
-def _first_pieces_cached(
-    url: str, model: str, label_names: tuple[str, ...], api_key: str | None
-) -> dict[str, str] | None:
-    from compeff.teachers.tokenize_api import served_first_pieces
-
-    variants = [v for name in label_names for v in label_variants(name)]
-    first = served_first_pieces(url, model, variants, api_key)
-    if first is None:  # an outage is not remembered: the next call asks again
-        raise _NoPieces
-    return first
-
-
-class _NoPieces(Exception):
-    pass
-
-
 def _first_pieces(
     url: str, model: str, label_names: tuple[str, ...], api_key: str | None
 ) -> dict[str, str] | None:
-    """The server's first token of every spelling of the labels: asked once per server and label set,
-    not once per set and wording (a failed ask is not cached)."""
-    try:
-        return _first_pieces_cached(url, model, label_names, api_key)
-    except _NoPieces:
-        return None
+    """The server's first token of every spelling of the labels (None: it has no tokenize endpoint),
+    asked once per server and label set, not once per set and wording. An unreachable server raises
+    TokenizerUnreachable, which lru_cache never keeps: the next call asks again."""
+    from compeff.teachers.tokenize_api import served_first_pieces
+
+    variants = [v for name in label_names for v in label_variants(name)]
+    return served_first_pieces(url, model, variants, api_key)
 
 
 def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int] | None:
     """The served tokenizer's first token of every spelling of each label word (None, with a note, when
-    the server has no tokenize endpoint: label tokens are then matched by prefix)."""
+    the server has no tokenize endpoint: label tokens are then matched by prefix). Raises
+    TokenizerUnreachable when the server does not answer: the caller falls back for this call only."""
     t = recipe.teacher
     first = _first_pieces(str(t.base_urls[0]), t.model, tuple(label_names), os.environ.get(t.api_key_env))
     if first is None:
@@ -123,6 +109,11 @@ def served_label_tokens(recipe: Recipe, label_names: list[str]) -> dict[str, int
         )
         return None
     return label_owners(first, label_names)
+
+
+def outage_note(exc: Exception) -> None:
+    """Say that label tokens are matched by prefix this once because the tokenizer did not answer."""
+    console.print(f"[yellow]{exc}; label tokens matched by prefix this time, asked again next time[/yellow]")
 
 
 class ServedLabelScorer:
@@ -149,7 +140,13 @@ class ServedLabelScorer:
         from compeff.teaching import teacher_session
 
         params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
-        pieces = served_label_tokens(self.recipe, label_names)
+        from compeff.teachers.tokenize_api import TokenizerUnreachable
+
+        try:
+            pieces = served_label_tokens(self.recipe, label_names)
+        except TokenizerUnreachable as exc:
+            outage_note(exc)
+            pieces = None
         mark = "" if self._calls == 0 else "cf"
         self._calls += 1
         requests = [

@@ -9,8 +9,10 @@ report. ``--shard K/N`` does one part in ``generate-shard-K-of-N``; ``--merge`` 
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,6 @@ from compeff.teachers import ChatRequest, TeacherResult, sampling_params
 from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
 
 LOW_CONFIDENCE = "qc: teacher confidence below the threshold"
-LABEL_SCORING_BACKENDS = ("hf", "openai")  # the backends whose answers carry top log-probabilities
 
 
 def load_tasks(path: Path) -> list[dict[str, Any]]:
@@ -54,18 +55,60 @@ def load_tasks(path: Path) -> list[dict[str, Any]]:
     return tasks
 
 
-def logprob_capture(recipe: Recipe):
-    """A function packing an answer's top-k log-probabilities (``generate.teacher_top_logprobs``) with
-    token ids of the teacher's tokenizer (local backends) or of the student's (a server returns token
-    text, looked up in the student's vocabulary: ``sft.loss: kd`` needs that vocabulary anyway)."""
+def check_served_vocabulary(recipe: Recipe, tokenizer: Any) -> tuple[str, bool]:
+    """(fingerprint, ask for ids) for a served teacher's log-probabilities: every server's tokenizer is
+    fingerprinted from its tokenize endpoint and must be the student's (``tokenizer``), else one clear
+    refusal before any call; ids are asked for where every server takes ``return_tokens_as_token_ids``."""
+    from compeff.teachers.tokenize_api import VLLM, TokenizerUnreachable, served_vocabulary
+
+    t = recipe.teacher
+    student = top_logprobs.tokenizer_probe_fingerprint(tokenizer)
+    dialects = set()
+    for url in map(str, t.base_urls):
+        try:
+            served = served_vocabulary(url, t.model, os.environ.get(t.api_key_env))
+        except TokenizerUnreachable as exc:
+            raise DataError(
+                f"generate.teacher_top_logprobs: {exc}; try again when the server answers"
+            ) from None
+        if served is None:
+            raise top_logprobs.VocabularyMismatch(
+                f"generate.teacher_top_logprobs: {url} has no tokenize endpoint compeff knows (vLLM, "
+                "llama.cpp, llama-cpp-python), so its tokenizer cannot be checked against the student's; "
+                "serve the teacher with one of those or drop generate.teacher_top_logprobs"
+            )
+        if served.fingerprint != student:
+            raise top_logprobs.VocabularyMismatch(
+                f"generate.teacher_top_logprobs: the served teacher's tokenizer ({t.model} at {url}: "
+                f"{served.fingerprint}) is not the student's ({student_model(recipe.student)}: {student}), "
+                "so sft.loss: kd could not use its log-probabilities; use a student of the teacher's family "
+                "or drop generate.teacher_top_logprobs"
+            )
+        dialects.add(served.dialect)
+    return student, dialects == {VLLM}
+
+
+def logprob_capture(recipe: Recipe) -> tuple[Callable[[TeacherResult], dict[str, Any]], bool]:
+    """(capture, ask for ids): a function packing an answer's top-k log-probabilities
+    (``generate.teacher_top_logprobs``) with token ids, and whether served requests should ask for ids.
+
+    Local backends (hf, vllm) report the ids of the teacher's tokenizer, fingerprinted whole. A served
+    teacher's tokenizer is fingerprinted from the server and must be the student's
+    (:func:`check_served_vocabulary`); its ids come from the server where it names them (vLLM asked with
+    ``return_tokens_as_token_ids``, llama.cpp's server), else its token texts are looked up in the
+    student's tokenizer, which the fingerprint showed to be the served one."""
     from transformers import AutoTokenizer
 
     k = recipe.generate.teacher_top_logprobs
-    local = recipe.teacher.backend != "openai"
+    served = recipe.teacher.backend == "openai"
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(recipe.teacher.model if local else student_model(recipe.student))
+        resolve_model(student_model(recipe.student) if served else recipe.teacher.model)
     )
-    lookup, vocab = top_logprobs.token_id_lookup(tokenizer), top_logprobs.vocab_fingerprint(tokenizer)
+    if served:
+        vocab, ask_ids = check_served_vocabulary(recipe, tokenizer)
+    else:
+        vocab, ask_ids = top_logprobs.vocab_fingerprint(tokenizer), False
+    lookup = top_logprobs.token_id_lookup(tokenizer)
 
     def capture(result: TeacherResult) -> dict[str, Any]:
         content = (result.logprobs or [{}])[0] or {}
@@ -76,7 +119,7 @@ def logprob_capture(recipe: Recipe):
             )
         return top_logprobs.pack(entries, k, lookup, vocab)
 
-    return capture
+    return capture, ask_ids
 
 
 def _stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -162,12 +205,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         for tid, t in by_id.items()
         if settings.label_scoring and t.get("type") == "closed_classification" and t.get("labels")
     }
-    if scored and recipe.teacher.backend not in LABEL_SCORING_BACKENDS:
-        console.print(
-            f"[yellow]generate: the {recipe.teacher.backend} backend reports no log-probabilities yet: closed "
-            "tasks are answered with sampled text (QC checks the label)[/yellow]"
-        )
-        scored = set()
+    ask_ids = False  # set with the capture: a vLLM server names the captured answers' tokens by id
 
     def build(pairing) -> ChatRequest:
         return ChatRequest(
@@ -175,6 +213,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
             messages=[{"role": "user", "content": prompt(pairing)}],
             params=task_params.get(pairing.task_id, params),
             meta={"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]},
+            logprob_token_ids=ask_ids and pairing.task_id not in scored,
         )
 
     stage = Stage.open(recipe.run_dir, name, config=_stage_config(recipe), inputs=inputs, force=force)
@@ -186,8 +225,10 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                 report_rows.add_row(row)
         pending = stage.pending(plan)
         if pending:
+            capture = None
+            if settings.teacher_top_logprobs:  # checked before the teacher loads: a refusal costs nothing
+                capture, ask_ids = logprob_capture(recipe)
             with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
-                capture = logprob_capture(recipe) if settings.teacher_top_logprobs else None
                 reader = LabelReader(recipe) if scored else None
                 for tid in sorted(scored):  # label words that cannot be told apart: sampled text instead
                     assert reader is not None

@@ -50,12 +50,19 @@ class LabelReader:
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher.model))
 
     def owners(self, labels: list[str]) -> dict[Any, int] | None:
+        """Which token stands for which label (None: matched by prefix). A served tokenizer that did not
+        answer gives None for this call only: the next call asks again, nothing is kept."""
         key = tuple(labels)
         if key not in self._owners:
             if self.served:
-                from compeff.evaluate.eval_stage import served_label_tokens
+                from compeff.evaluate.eval_stage import outage_note, served_label_tokens
+                from compeff.teachers.tokenize_api import TokenizerUnreachable
 
-                self._owners[key] = served_label_tokens(self.recipe, labels)
+                try:
+                    self._owners[key] = served_label_tokens(self.recipe, labels)
+                except TokenizerUnreachable as exc:
+                    outage_note(exc)
+                    return None
             else:
                 self._owners[key] = label_owners(local_first_tokens(self._tokenizer, labels), labels)
         return self._owners[key]

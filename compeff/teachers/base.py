@@ -116,6 +116,9 @@ class ChatRequest:
     messages: list[dict[str, str]]
     params: SamplingParams = field(default_factory=SamplingParams)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ask a server to name the log-probabilities' tokens by id (vLLM: ``return_tokens_as_token_ids``);
+    #: set only for a server known to accept it. Not part of the cache key: both forms read alike.
+    logprob_token_ids: bool = False
 
 
 @dataclass

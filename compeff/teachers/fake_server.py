@@ -21,6 +21,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -44,6 +46,8 @@ class FaultPlan:
     drop: float = 0.0
     stall_seconds: float = 30.0
     seed: int = 0
+    #: the first N calls to the tokenize endpoint (served with a tokenizer) answer HTTP 500
+    tokenize_fail_first: int = 0
 
 
 def default_responder(messages: list[dict], body: dict) -> str:
@@ -56,6 +60,7 @@ def default_responder(messages: list[dict], body: dict) -> str:
 @dataclass
 class ServerStats:
     requests: int = 0
+    tokenize_calls: int = 0
     faults: Counter = field(default_factory=Counter)
     attempts_by_prompt: Counter = field(default_factory=Counter)
 
@@ -83,9 +88,17 @@ def make_app(
     faults: FaultPlan | None = None,
     responder: Responder = default_responder,
     model: str = "fake-teacher",
+    tokenizer: Any = None,
 ) -> web.Application:
-    """Build the aiohttp application (routes: /v1/chat/completions, /v1/models, /stats)."""
+    """Build the aiohttp application (routes: /v1/chat/completions, /v1/models, /stats). With a
+    ``tokenizer`` (a transformers tokenizer or its path) it also speaks vLLM's ``/tokenize`` and
+    ``/detokenize``, and an answer's log-probabilities are over that tokenizer's tokens (named
+    ``token_id:N`` when the request sets ``return_tokens_as_token_ids``), as a vLLM server's are."""
     plan = faults or FaultPlan()
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     rng = random.Random(plan.seed)
     stats = ServerStats()
     app = web.Application()
@@ -161,7 +174,7 @@ def make_app(
                                 else [{"token": tok, "logprob": -0.1 * (j % 5)}]
                             )[:k],
                         }
-                        for j, tok in enumerate(str(text).split()[:64])
+                        for j, tok in enumerate(answer_tokens(str(text), body))
                     ]
                 }
             choices.append(choice)
@@ -182,6 +195,40 @@ def make_app(
             }
         )
 
+    def answer_tokens(text: str, body: dict) -> list[str]:
+        """The answer's tokens as the log-probabilities name them: words without a tokenizer, else the
+        tokenizer's tokens as text (or ``token_id:N``)."""
+        if tokenizer is None:
+            return text.split()[:64]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if body.get("return_tokens_as_token_ids"):
+            return [f"token_id:{i}" for i in ids]
+        return [tokenizer.decode([i]) for i in ids]
+
+    async def tokenize(request: web.Request) -> web.Response:
+        stats.requests += 1
+        stats.tokenize_calls += 1
+        if stats.tokenize_calls <= plan.tokenize_fail_first:
+            stats.faults["tokenize"] += 1
+            return web.json_response({"error": {"message": "injected server error"}}, status=500)
+        try:
+            body = await request.json()
+            text = body["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return web.json_response({"error": {"message": "bad request body"}}, status=400)
+        special = bool(body.get("add_special_tokens", True))
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": 2048})
+
+    async def detokenize(request: web.Request) -> web.Response:
+        stats.requests += 1
+        try:
+            body = await request.json()
+            ids = [int(i) for i in body["tokens"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return web.json_response({"error": {"message": "bad request body"}}, status=400)
+        return web.json_response({"prompt": tokenizer.decode(ids)})
+
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
 
@@ -191,6 +238,9 @@ def make_app(
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", get_stats)
+    if tokenizer is not None:
+        app.router.add_post("/tokenize", tokenize)
+        app.router.add_post("/detokenize", detokenize)
     return app
 
 
@@ -204,10 +254,11 @@ class FakeServer:
         responder: Responder = default_responder,
         host: str = "127.0.0.1",
         max_seconds: float = 600.0,
+        tokenizer: Any = None,
     ):
         if host not in LOOPBACK:
             raise ValueError(f"fake server binds to loopback only, not {host}")
-        self.app = make_app(latency_ms, faults, responder)
+        self.app = make_app(latency_ms, faults, responder, tokenizer=tokenizer)
         self.host = host
         self.max_seconds = max_seconds
         self.port: int | None = None

@@ -96,6 +96,8 @@ def _request_body(model: str, request: ChatRequest, style: str = "json_schema") 
         body["logprobs"] = True
         if p.top_logprobs:
             body["top_logprobs"] = p.top_logprobs
+        if request.logprob_token_ids:  # tokens come back as "token_id:N": no text to look up
+            body["return_tokens_as_token_ids"] = True
     if p.json_schema:
         body["response_format"] = response_format(p.json_schema, style)
     return body

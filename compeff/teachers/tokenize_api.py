@@ -4,7 +4,12 @@ Label-word scoring over HTTP reads the top log-probabilities of the answer's fir
 of those tokens stand for which label, compeff asks the server how its tokenizer starts each label word.
 Three dialects are known: llama-cpp-python (``/extras/tokenize``, ``/extras/detokenize``), vLLM
 (``/tokenize``, ``/detokenize`` with the model name) and llama.cpp's own server (``/tokenize``,
-``/detokenize`` with ``content``). A server with none of them (e.g. api.openai.com) gets ``None``.
+``/detokenize`` with ``content``). A server with none of them (e.g. api.openai.com) gets ``None``; a server
+that cannot be reached (refused, timed out, 5xx) raises :class:`TokenizerUnreachable`, so callers never
+remember an outage as "no endpoint".
+
+The same endpoints fingerprint the served tokenizer (:func:`served_vocabulary`): the ids it gives a fixed
+set of texts, compared with the student's tokenizer doing the same before its ids are trusted for KD.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from compeff.top_logprobs import probe_fingerprint
 
 
 def _post(url: str, body: dict[str, Any], api_key: str | None, timeout: float) -> dict[str, Any]:
@@ -28,7 +36,13 @@ def _post(url: str, body: dict[str, Any], api_key: str | None, timeout: float) -
     return answer
 
 
-Dialect = tuple[Callable[[str], list[int]], Callable[[list[int]], str]]
+Dialect = tuple[str, Callable[[str], list[int]], Callable[[list[int]], str]]
+VLLM = "vllm"  # the dialect whose chat completions accept return_tokens_as_token_ids
+
+
+class TokenizerUnreachable(ConnectionError):
+    """The server did not answer its tokenize endpoints (refused, timed out or a server error): an
+    outage to ask about again later, not a server without such endpoints."""
 
 
 def _dialects(root: str, model: str, api_key: str | None, timeout: float) -> list[Dialect]:
@@ -36,21 +50,57 @@ def _dialects(root: str, model: str, api_key: str | None, timeout: float) -> lis
         return _post(root + path, body, api_key, timeout)
 
     return [
-        (  # llama-cpp-python's server
+        (
+            "llama-cpp-python",
             lambda text: post("/extras/tokenize", {"input": text, "model": model})["tokens"],
             lambda ids: post("/extras/detokenize", {"tokens": ids, "model": model})["text"],
         ),
-        (  # vLLM
+        (
+            VLLM,
             lambda text: post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})[
                 "tokens"
             ],
             lambda ids: post("/detokenize", {"model": model, "tokens": ids})["prompt"],
         ),
-        (  # llama.cpp's own server
+        (
+            "llama.cpp",
             lambda text: post("/tokenize", {"content": text})["tokens"],
             lambda ids: post("/detokenize", {"tokens": ids})["content"],
         ),
     ]
+
+
+def _is_outage(exc: Exception) -> bool:
+    """A failure that says nothing about which endpoints the server has: no connection, a timeout, a
+    server error or a rate limit (a 4xx other than 408 / 429, or an odd answer, means "not this dialect")."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code in (408, 429)
+    return isinstance(exc, OSError)  # URLError (refused, DNS), socket timeouts, resets
+
+
+def _root(base_url: str) -> str:
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+_ASK_ERRORS = (urllib.error.URLError, OSError, ValueError, KeyError, TypeError)
+
+
+def _first_dialect(
+    base_url: str, model: str, api_key: str | None, timeout: float, ask: Callable[[Dialect], Any]
+) -> tuple[str, Any] | None:
+    """(name, answer) of the first dialect ``ask`` succeeds with; None when the server has none of them;
+    TokenizerUnreachable when none succeeded and at least one failed by an outage."""
+    outage: Exception | None = None
+    for dialect in _dialects(_root(base_url), model, api_key, timeout):
+        try:
+            return dialect[0], ask(dialect)
+        except _ASK_ERRORS as exc:
+            if _is_outage(exc):
+                outage = exc
+    if outage is not None:
+        raise TokenizerUnreachable(f"{base_url}: its tokenize endpoint did not answer ({outage})")
+    return None
 
 
 def first_piece(
@@ -69,12 +119,46 @@ def served_first_pieces(
     base_url: str, model: str, texts: list[str], api_key: str | None = None, timeout: float = 10.0
 ) -> dict[str, str] | None:
     """For each text, the first token the served model's tokenizer gives it, as text; None when the
-    server offers no tokenize endpoint compeff knows."""
-    root = base_url.rstrip("/")
-    root = root[: -len("/v1")] if root.endswith("/v1") else root
-    for tokenize, detokenize in _dialects(root, model, api_key, timeout):
+    server offers no tokenize endpoint compeff knows (TokenizerUnreachable when it does not answer)."""
+
+    def ask(dialect: Dialect) -> dict[str, str]:
+        _, tokenize, detokenize = dialect
+        return {text: first_piece(tokenize, detokenize, text) for text in texts}
+
+    found = _first_dialect(base_url, model, api_key, timeout, ask)
+    return None if found is None else found[1]
+
+
+@dataclass(frozen=True)
+class ServedVocabulary:
+    """What a server says about its tokenizer: the dialect it speaks and its probe fingerprint."""
+
+    url: str
+    dialect: str
+    fingerprint: str
+
+
+def served_vocabulary(
+    base_url: str, model: str, api_key: str | None = None, timeout: float = 10.0
+) -> ServedVocabulary | None:
+    """The served tokenizer's :func:`~compeff.top_logprobs.probe_fingerprint`, from the ids its
+    tokenize endpoint gives the probe texts (a leading BOS the server adds to every text, as the ids
+    of the empty text show, is left out); None when the server has no tokenize endpoint compeff knows."""
+
+    def ask(dialect: Dialect) -> str:
+        tokenize = dialect[1]
         try:
-            return {text: first_piece(tokenize, detokenize, text) for text in texts}
-        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+            prefix = [int(i) for i in tokenize("")]
+        except urllib.error.HTTPError as exc:
+            if _is_outage(exc):
+                raise
+            prefix = []  # a server that refuses an empty text adds nothing to it either
+
+        def own_ids(text: str) -> list[int]:
+            ids = [int(i) for i in tokenize(text)]
+            return ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
+
+        return probe_fingerprint(own_ids)
+
+    found = _first_dialect(base_url, model, api_key, timeout, ask)
+    return None if found is None else ServedVocabulary(base_url, found[0], found[1])

@@ -12,6 +12,33 @@ from compeff.models import resolve_model
 from compeff.teachers.base import ChatRequest, SamplingParams, Teacher, TeacherResult, TeacherUnavailable
 
 
+def completion_logprobs(completion: Any, k: int) -> dict[str, Any]:
+    """One vLLM ``CompletionOutput``'s log-probabilities in the layout every backend gives
+    (``{"content": [{"token", "id", "logprob", "top_logprobs": [{"token", "id", "logprob"}]}]}``:
+    OpenAI's, with token ids), one entry per generated token.
+
+    vLLM gives, per generated token, a dict token id -> ``Logprob(logprob, rank, decoded_token)`` with the
+    k most likely tokens and the sampled one (k + 1 entries when the sampled token is not among them): the
+    alternatives are the k most likely, the sampled token's own log-probability is read from the dict."""
+    content = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
+        position = position or {}
+        ranked = sorted(position.items(), key=lambda kv: (-kv[1].logprob, kv[1].rank or 0))[:k]
+        chosen = position.get(token_id)
+        content.append(
+            {
+                "token": (chosen.decoded_token or "") if chosen is not None else "",
+                "id": int(token_id),
+                "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
+                "top_logprobs": [
+                    {"token": lp.decoded_token or "", "id": int(i), "logprob": float(lp.logprob)}
+                    for i, lp in ranked
+                ],
+            }
+        )
+    return {"content": content}
+
+
 class VLLMTeacher(Teacher):
     """Teacher run by vLLM's offline engine; requests with equal sampling params go in one ``chat`` call."""
 
@@ -94,6 +121,9 @@ class VLLMTeacher(Teacher):
                         ok=True,
                         texts=[c.text for c in out.outputs],
                         finish_reasons=[c.finish_reason for c in out.outputs],
+                        logprobs=[completion_logprobs(c, r.params.top_logprobs) for c in out.outputs]
+                        if r.params.logprobs
+                        else None,
                         usage={
                             "prompt_tokens": len(out.prompt_token_ids or []),
                             "completion_tokens": sum(len(c.token_ids) for c in out.outputs),

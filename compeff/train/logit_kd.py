@@ -22,13 +22,10 @@ import numpy as np
 
 from compeff import top_logprobs
 from compeff.data import DataError
+from compeff.top_logprobs import VocabularyMismatch
 from compeff.train.chat_tokens import chat_text, chat_token_ids
 
 LABEL_FIELD = "label_probs"  # a closed task's teacher distribution over its labels (generate)
-
-
-class VocabularyMismatch(DataError):
-    """The student's tokenizer is not the one the teacher's token ids belong to."""
 
 
 def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
@@ -41,15 +38,17 @@ def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
             f"sft.loss: kd needs the teacher's log-probabilities in the samples ({top_logprobs.FIELD}); "
             "set generate.teacher_top_logprobs (e.g. 20) and generate again"
         )
-    student = top_logprobs.vocab_fingerprint(tokenizer)
-    if set(found) != {student}:
+    # a served teacher's vocabulary is known by a probe of its tokenizer (probe:...): the student is
+    # probed alike; a local teacher's by its whole vocabulary
+    student = {fp: top_logprobs.fingerprint_like(tokenizer, fp) for fp in found}
+    if any(student[fp] != fp for fp in found):
         raise VocabularyMismatch(
             f"sft.loss: kd needs a student with the teacher's vocabulary: the samples' token ids come from "
-            f"vocabulary {', '.join(sorted(found))}, the student's is {student}. Logit distillation across "
-            "tokenizers (ULD, MinED alignment) is out of scope; use sft.loss: sft or a student of the "
-            "teacher's family"
+            f"vocabulary {', '.join(sorted(found))}, the student's is "
+            f"{', '.join(sorted(set(student.values())))}. Logit distillation across tokenizers (ULD, MinED "
+            "alignment) is out of scope; use sft.loss: sft or a student of the teacher's family"
         )
-    return student
+    return top_logprobs.vocab_fingerprint(tokenizer)
 
 
 def answer_ids(tokenizer: Any, pair: dict[str, Any], tokens: list[int]) -> tuple[list[int], int, str] | None:
