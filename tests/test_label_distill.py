@@ -72,8 +72,8 @@ def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
     for j, v in zip(ids[0].tolist(), lps[0].tolist(), strict=True):
         if math.isfinite(v):
             logits[0, 0, j] = v  # the student equals the teacher there: KL 0
-    kl = kd_term(logits, ids[:, None], lps[:, None], 1.0)
-    assert kl.item() == pytest.approx(0.0, abs=1e-5)
+    kl, informed = kd_term(logits, ids[:, None], lps[:, None], 1.0)
+    assert informed.item() == 1 and kl.item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_seed_tasks_and_their_wordings(tmp_path):

@@ -29,4 +29,8 @@ def test_training_dtype_and_reload_tolerance_follow_the_setting():
     assert training_dtype(True, cuda=False) == torch.bfloat16
     assert training_dtype(False, cuda=True) == torch.float32
     assert training_dtype("auto", cuda=False) == torch.float32
-    assert reload_tolerance(torch.float32) < reload_tolerance(torch.bfloat16) < reload_tolerance(torch.bfloat16, True)
+    assert (
+        reload_tolerance(torch.float32)
+        < reload_tolerance(torch.bfloat16)
+        < reload_tolerance(torch.bfloat16, True)
+    )

@@ -86,8 +86,8 @@ def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
-        loss, mean_kl = distill_loss(
-            out.logits, out.loss, batch["teacher_ids"], batch["teacher_logprobs"], 0.5, 2.0
+        loss, kl = distill_loss(
+            out.logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], 0.5, 2.0
         )
     # by hand, position by position: logits at t predict token t + 1
     logits = out.logits.numpy()
@@ -102,18 +102,21 @@ def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
             q = np.exp(logits[b, t - 1] / 2.0 - np.logaddexp.reduce(logits[b, t - 1] / 2.0))
             terms.append(float((p * (np.log(p) - np.log(q[batch["teacher_ids"][b, t].numpy()]))).sum()))
     assert len(terms) == sum(len(top_logprobs.unpack(r[top_logprobs.FIELD])[0]) for r in rows)
-    assert mean_kl.item() == pytest.approx(np.mean(terms), rel=1e-4)
-    assert loss.item() == pytest.approx(out.loss.item() + 0.5 * 4.0 * np.mean(terms), rel=1e-4)
+    answer_tokens = int((batch["labels"] != -100).sum())  # the KL is divided as the CE is
+    assert kl.item() == pytest.approx(np.sum(terms) / answer_tokens, rel=1e-4)
+    assert loss.item() == pytest.approx(out.loss.item() + 0.5 * 4.0 * np.sum(terms) / answer_tokens, rel=1e-4)
     # the teacher is this very model: on its top-k the renormalised teacher is the student restricted
     # there, so the sparse KL is -log(the student's mass on those k tokens)
-    _, same = distill_loss(out.logits, out.loss, batch["teacher_ids"], batch["teacher_logprobs"], 1.0, 1.0)
+    _, same = distill_loss(
+        out.logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], 1.0, 1.0
+    )
     masses = []
     for b in range(3):
         for t in range(1, logits.shape[1]):
             lp = batch["teacher_logprobs"][b, t].numpy()
             if np.isfinite(lp).any():
                 masses.append(-math.log(np.exp(lp).sum()))
-    assert same.item() == pytest.approx(np.mean(masses), abs=2e-3)
+    assert same.item() == pytest.approx(np.sum(masses) / answer_tokens, abs=2e-3)
 
 
 def test_kd_training_runs_and_refuses_what_does_not_line_up(tiny_lm, tmp_path):

@@ -30,7 +30,6 @@ def answer_forward(
 ) -> tuple[Any, Any, Any]:
     """(cross-entropy on the answer tokens, logits at the kept columns [batch, columns, vocab], the kept
     columns). The head runs only on those columns; padding and prompt columns never reach it."""
-    import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"]
@@ -46,10 +45,17 @@ def answer_forward(
     total = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    if isinstance(count, torch.Tensor):
-        count = count.to(total.device)
-    return total / count, logits, columns
+    return total / answer_token_count(targets, num_items_in_batch).to(total.device), logits, columns
+
+
+def answer_token_count(targets: Any, num_items_in_batch: Any = None) -> Any:
+    """What a summed loss is divided by: the answer tokens of the whole accumulated batch, of every rank
+    (``num_items_in_batch``, as transformers counts them), or of this batch when that is not known."""
+    import torch
+
+    if num_items_in_batch is None:
+        return (targets != -100).sum()
+    return torch.as_tensor(num_items_in_batch)
 
 
 def answer_only_trainer_class():

@@ -213,23 +213,35 @@ def collate(pad_id: int):
     return collate_batch
 
 
-def kd_term(logits: Any, teacher_ids: Any, teacher_logprobs: Any, temperature: float) -> Any:
-    """Mean sparse KL over the positions with teacher information, logits and arrays already aligned
-    (the logits at a position predict the token whose teacher arrays sit beside them)."""
+def kd_term(logits: Any, teacher_ids: Any, teacher_logprobs: Any, temperature: float) -> tuple[Any, Any]:
+    """(summed sparse KL over the positions with teacher information, their count), logits and arrays
+    already aligned (the logits at a position predict the token whose teacher arrays sit beside them)."""
     from compeff.train.kd_losses import sparse_topk_kl
 
     kl = sparse_topk_kl(logits, teacher_ids, teacher_logprobs, temperature)
     has = teacher_logprobs.isfinite().any(-1)
-    return (kl * has).sum() / has.sum().clamp(min=1)
+    return (kl * has).sum(), has.sum()
 
 
 def distill_loss(
-    logits: Any, ce: Any, teacher_ids: Any, teacher_logprobs: Any, alpha: float, temperature: float
-) -> tuple[Any, Any]:
-    """(CE + alpha * T^2 * mean KL over the positions with teacher information, that mean KL). Logits at
-    position t predict token t + 1, so the teacher's arrays (stored at the predicted token) shift by one."""
-    mean_kl = kd_term(logits[:, :-1], teacher_ids[:, 1:], teacher_logprobs[:, 1:], temperature)
-    return ce + alpha * temperature**2 * mean_kl, mean_kl
+    logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any, alpha: float, temperature: float,
+    num_items_in_batch: Any = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """(CE + alpha * T^2 * KL, the KL), both summed over the batch and divided by its answer-token count
+    (``num_items_in_batch`` under gradient accumulation and DDP, as transformers divides the CE), so the
+    KL keeps its weight whatever the accumulation steps or ranks. Logits at position t predict token
+    t + 1, so labels and the teacher's arrays (stored at the predicted token) shift by one."""
+    import torch.nn.functional as F
+
+    from compeff.train.answer_head import answer_token_count
+
+    targets = labels[:, 1:]
+    count = answer_token_count(targets, num_items_in_batch).to(logits.device)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum") / count
+    kl_sum, _ = kd_term(logits[:, :-1], teacher_ids[:, 1:], teacher_logprobs[:, 1:], temperature)
+    kl = kl_sum / count
+    return ce + alpha * temperature**2 * kl, kl
 
 
 def student_forward(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
@@ -240,37 +252,45 @@ def student_forward(model: Any, inputs: dict[str, Any], num_items_in_batch: Any 
 
 
 def kd_trainer_class():
-    """TRL's SFTTrainer with the distillation term added to its loss."""
+    """TRL's SFTTrainer with the distillation term added to its loss (``kd_alpha``, ``kd_temperature``
+    are keyword arguments of the trainer)."""
     from trl import SFTTrainer
 
     class TopKDistillTrainer(SFTTrainer):
-        kd_alpha = 1.0
-        kd_temperature = 1.0
+        def __init__(self, *args: Any, kd_alpha: float = 1.0, kd_temperature: float = 1.0, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from compeff.train.answer_head import across_devices, answer_forward, log_answer_metrics
+            from compeff.train.answer_head import (
+                across_devices,
+                answer_forward,
+                answer_token_count,
+                log_answer_metrics,
+            )
 
             teacher_ids = inputs.pop("teacher_ids")
             teacher_logprobs = inputs.pop("teacher_logprobs")
             # one forward pass, the output layer only at answer positions: the answer tokens'
-            # cross-entropy and the logits the KL reads
+            # cross-entropy (summed, divided by the answer tokens of the accumulated batch of every rank)
+            # and the logits the KL reads
             ce, logits, columns = answer_forward(model, inputs, num_items_in_batch)
             log_answer_metrics(self, model, inputs, logits, columns)
-            mean_kl = kd_term(
+            kl_sum, informed = kd_term(
                 logits, teacher_ids[:, columns + 1], teacher_logprobs[:, columns + 1], self.kd_temperature
             )
-            # CE is already a share of the whole accumulated batch (num_items_in_batch); the KL is a mean
-            # over this micro-batch, so under gradient accumulation it is divided by the micro-batch count
-            accumulated = (
-                getattr(self, "current_gradient_accumulation_steps", 1)
-                if num_items_in_batch is not None
-                else 1
+            # the KL is divided as the CE is: a micro-batch's share of the accumulated batch, so a step
+            # with accumulation equals one batch of the same samples, and DDP's averaging is undone by
+            # across_devices as for the CE
+            count = answer_token_count(inputs["labels"][:, columns + 1], num_items_in_batch).to(ce.device)
+            kl = kl_sum / count
+            loss = (ce + self.kd_alpha * self.kd_temperature**2 * kl) * across_devices(
+                self, num_items_in_batch
             )
-            loss = ce * across_devices(self, num_items_in_batch)
-            loss = loss + self.kd_alpha * self.kd_temperature**2 * mean_kl / max(1, accumulated)
             mode = "train" if model.training else "eval"
-            if hasattr(self, "_metrics"):
-                self._metrics[mode].setdefault("kd_kl", []).append(float(mean_kl.detach()))
+            if hasattr(self, "_metrics"):  # logged as the mean KL per position with teacher information
+                mean_kl = float(kl_sum.detach()) / max(1, int(informed))
+                self._metrics[mode].setdefault("kd_kl", []).append(mean_kl)
             return (loss, {"logits": logits}) if return_outputs else loss
 
     return TopKDistillTrainer

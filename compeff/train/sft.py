@@ -374,9 +374,9 @@ def run_sft_stage(
             args.remove_unused_columns = False
             args.dataset_kwargs = {"skip_prepare_dataset": True}
             args.packing = args.padding_free = False  # rows come packed by pack_features when sft.packing
-            trainer_class = kd_trainer_class()
-            trainer_class.kd_alpha, trainer_class.kd_temperature = s.kd_alpha, s.kd_temperature
-            trainer = trainer_class(
+            trainer = kd_trainer_class()(
+                kd_alpha=s.kd_alpha,
+                kd_temperature=s.kd_temperature,
                 train_dataset=Dataset.from_list(kd_rows),
                 data_collator=collate(tokenizer.pad_token_id),
                 **common,
