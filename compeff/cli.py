@@ -407,6 +407,40 @@ def bench_sft(
     guarded(run)
 
 
+@bench_app.command("kd-memory")
+def bench_kd_memory(
+    model: str = typer.Option(
+        "builtin:smollm2", "--model", help="Student whose tokenizer spells the samples."
+    ),
+    samples: int = typer.Option(10_000, "--samples", min=1, help="Synthetic distillation samples."),
+    prompt_tokens: int = typer.Option(
+        100, "--prompt-tokens", min=1, help="About this many prompt tokens each."
+    ),
+    answer_tokens: int = typer.Option(
+        500, "--answer-tokens", min=1, help="About this many answer tokens each."
+    ),
+    top_k: int = typer.Option(20, "--top-k", min=1, help="Teacher log-probabilities per answer token."),
+    layout: list[str] = typer.Option(
+        ["answer-only arrays", "full-length lists"], "--layout", help="Row layouts to measure (repeatable)."
+    ),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for kd_memory_bench.json."),
+) -> None:
+    """Peak memory of sft.loss: kd's teacher arrays: today's answer-only numpy rows against the full-length
+    Python lists of before, on the same synthetic samples."""
+    from compeff.bench.kd_memory import LAYOUTS, run_kd_memory_bench
+    from compeff.config import ConfigError
+
+    def run() -> object:
+        bad = sorted(set(layout) - set(LAYOUTS))
+        if bad:
+            raise ConfigError(
+                f"bench kd-memory: unknown --layout {', '.join(bad)} (known: {', '.join(LAYOUTS)})"
+            )
+        return run_kd_memory_bench(model, samples, prompt_tokens, answer_tokens, top_k, tuple(layout), out)
+
+    guarded(run)
+
+
 @bench_app.command("labels")
 def bench_labels(
     teacher: str = typer.Option("builtin:smollm2", "--teacher", help="Teacher model (local)."),

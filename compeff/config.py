@@ -544,7 +544,8 @@ class SftSettings(Section):
         "all-linear", description="Modules LoRA adapts ('all-linear' or a list of module names)."
     )
     load_in_4bit: bool = Field(
-        False, description="QLoRA: load the student in 4 bits (CUDA and bitsandbytes only)."
+        False,
+        description="QLoRA: load the student in 4 bits (NF4, bitsandbytes: pip install 'compeff[qlora]').",
     )
     merge: bool = Field(False, description="Fold the LoRA adapter into the model before saving.")
     bf16: bool | Literal["auto"] = Field(

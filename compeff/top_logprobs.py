@@ -144,6 +144,15 @@ def pack(
             "logprobs": _b64(logprobs), "unmapped": unmapped}  # fmt: skip
 
 
+def pack_arrays(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab: str) -> dict[str, Any]:
+    """The packed field of arrays already in token ids: sampled tokens [n], top-k ids and log-probabilities
+    [n, k] (stored as uint32 and float16, as :func:`pack` stores them)."""
+    n, k = ids.shape
+    return {"k": k, "n": n, "vocab": vocab, "tokens": _b64(np.asarray(tokens, dtype="<u4")),
+            "ids": _b64(np.asarray(ids, dtype="<u4")), "logprobs": _b64(np.asarray(logprobs, dtype="<f2")),
+            "unmapped": 0}  # fmt: skip
+
+
 def unpack(field: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sampled token ids [n], top-k ids [n, k], top-k log-probabilities [n, k] as float32; -inf where
     an alternative is missing)."""

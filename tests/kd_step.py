@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig
 
-from compeff.train.logit_kd import collate, kd_trainer_class
+from compeff.train.logit_kd import collate, kd_trainer_class, row_index, teacher_feature
 
 K = 4
 
@@ -28,14 +27,10 @@ def features(vocab: int) -> list[dict]:
     rows = []
     for i, (prompt, answer) in enumerate([(9, 5), (12, 2), (7, 6), (10, 3)]):
         ids = torch.randint(5, vocab, (prompt + answer,), generator=gen).tolist()
-        t_ids = [[0] * K for _ in ids]
-        t_lp = [[float("-inf")] * K for _ in ids]
-        informed = [prompt] if i == 1 else range(prompt, prompt + answer - 1)
-        for t in informed:
-            t_ids[t] = torch.randperm(vocab, generator=gen)[:K].tolist()
-            t_lp[t] = torch.log_softmax(torch.randn(K, generator=gen), 0).tolist()
-        rows.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * answer,
-                     "teacher_ids": t_ids, "teacher_logprobs": t_lp})  # fmt: skip
+        informed = [prompt] if i == 1 else list(range(prompt, prompt + answer - 1))
+        t_ids = [torch.randperm(vocab, generator=gen)[:K].tolist() for _ in informed]
+        t_lp = [torch.log_softmax(torch.randn(K, generator=gen), 0).tolist() for _ in informed]
+        rows.append(teacher_feature(ids, prompt, informed, t_ids, t_lp))
     return rows
 
 
@@ -59,10 +54,10 @@ def step(model_path: str, out: Path, batch: int, accumulation: int) -> None:
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
         logging_steps=1, seed=0, disable_tqdm=True, ddp_find_unused_parameters=False, bf16=False,
     )  # fmt: skip
+    rows = features(model.config.vocab_size)
     trainer = kd_trainer_class()(
         model=model, args=args, processing_class=tokenizer, kd_alpha=0.7, kd_temperature=2.0,
-        train_dataset=Dataset.from_list(features(model.config.vocab_size)),
-        data_collator=collate(tokenizer.pad_token_id),
+        train_dataset=row_index(rows), data_collator=collate(tokenizer.pad_token_id, rows),
         callbacks=[SaveGradients(out / f"{batch}x{accumulation}-{os.environ.get('WORLD_SIZE', '1')}.pt")],
     )  # fmt: skip
     trainer.train()

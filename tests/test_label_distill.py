@@ -18,7 +18,7 @@ from compeff.runs import iter_jsonl
 from compeff.synth.instructions import pairing_prompts, plan_pairings, wording_index
 from compeff.synth.seed_tasks import SEED_TASKS, fill, load_seed_file, seed_task_rows
 from compeff.train.answer_head import answer_forward
-from compeff.train.logit_kd import collate, kd_features, kd_term
+from compeff.train.logit_kd import collate, kd_features, kd_term, teacher_feature
 
 
 def test_answer_only_head_gives_the_models_own_loss_and_gradients(tiny_lm):
@@ -28,8 +28,7 @@ def test_answer_only_head_gives_the_models_own_loss_and_gradients(tiny_lm):
     for prompt, answer in (("a long prompt about a slow film " * 3, "negative"), ("fun", "a positive one")):
         full = tok(prompt + answer)["input_ids"]
         start = len(tok(prompt)["input_ids"])
-        rows.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
-                     "teacher_ids": [[0]] * len(full), "teacher_logprobs": [[-math.inf]] * len(full)})  # fmt: skip
+        rows.append(teacher_feature(full, start, [], [], []))
     batch = collate(tok.pad_token_id)(rows)
     batch.pop("teacher_ids"), batch.pop("teacher_logprobs")
     reference = model(**batch)  # the model's own loss over the full logits
@@ -53,7 +52,7 @@ def label_sample(tok, user: str, probs: dict[str, float]) -> tuple[dict, list[in
     features, refused, _ = kd_features(tok, [row], [pair], max_length=128)
     assert not refused
     f = features[0]
-    return f, [t for t, lp in enumerate(f["teacher_logprobs"]) if np.isfinite(lp).any()]
+    return f, f["teacher_pos"].tolist()
 
 
 def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
@@ -61,8 +60,8 @@ def test_label_kd_puts_the_distribution_at_the_first_answer_token(tiny_lm):
     f, informed = label_sample(tok, "Label it: fine film", {"negative": 0.2, "neutral": 0.1, "positive": 0.7})
     start = f["completion_mask"].index(1)
     assert informed == [start]  # only the answer's first token carries the teacher's distribution
-    assert f["input_ids"][start] in f["teacher_ids"][start]  # the answer's own first token is among them
-    mass = sum(math.exp(v) for v in f["teacher_logprobs"][start] if np.isfinite(v))
+    assert f["input_ids"][start] in f["teacher_ids"][0]  # the answer's own first token is among them
+    mass = sum(math.exp(v) for v in f["teacher_logprobs"][0] if np.isfinite(v))
     assert mass == pytest.approx(1.0)
     # the KL term at that token against a student whose distribution we set by hand
     batch = collate(tok.pad_token_id)([f])

@@ -177,6 +177,13 @@ def test_gkd_trains_on_policy_with_a_local_teacher_and_refuses_another_vocabular
     tok.save_pretrained(other)
     with pytest.raises(VocabularyMismatch, match="teacher's vocabulary"):
         run_sft_stage(load_recipe(None, [*base, "run.name=gkd2", f"student.model={other}"]), progress=False)
+    wider = tmp_path / "wider-head"  # the same tokenizer, an output layer padded to a wider width
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.resize_token_embeddings(model.config.vocab_size + 64)
+    model.save_pretrained(wider)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(wider)
+    with pytest.raises(VocabularyMismatch, match="vocab_size"):
+        run_sft_stage(load_recipe(None, [*base, "run.name=gkd3", f"student.model={wider}"]), progress=False)
 
 
 def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
@@ -216,7 +223,10 @@ def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
                 logits[row, a:b], alone[tuple(p["input_ids"][a:b])], atol=1e-4, rtol=1e-4
             )
             original = next(f for f in features if f["input_ids"] == p["input_ids"][a:b])
-            assert p["teacher_ids"][a:b] == original["teacher_ids"]
+            here = (p["teacher_pos"] >= a) & (p["teacher_pos"] < b)
+            assert (p["teacher_pos"][here] - a).tolist() == original["teacher_pos"].tolist()
+            assert (p["teacher_ids"][here] == original["teacher_ids"]).all()
+            assert (p["teacher_logprobs"][here] == original["teacher_logprobs"]).all()
     # trained with packing: fewer, fuller rows than samples
     data = tmp_path / "set.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -249,7 +259,8 @@ def test_an_answer_the_tokenizer_would_split_otherwise_trains_on_the_teachers_to
     assert not refused and resegmented == 1
     start = features[0]["completion_mask"].index(1)
     assert features[0]["input_ids"][start : start + len(teacher)] == teacher
-    assert features[0]["teacher_ids"][start + 3] == top[3].tolist()
+    assert features[0]["teacher_pos"][3] == start + 3
+    assert features[0]["teacher_ids"][3].tolist() == top[3].tolist()
     assert tokenizer.decode(features[0]["input_ids"]) == tokenizer.apply_chat_template(
         messages, tokenize=False
     )

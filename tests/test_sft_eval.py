@@ -4,6 +4,7 @@ logits computed directly; the served-model path over a loopback server."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -350,3 +351,20 @@ def test_bf16_sft_completes_on_cpu_with_a_card(tmp_path, tiny_lm, lora):
     if lora != "adapter":
         saved = AutoModelForCausalLM.from_pretrained(model_dir)
         assert saved.dtype == torch.bfloat16  # saved as trained, not widened to fp32
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="QLoRA needs bitsandbytes (pip install 'compeff[qlora]'; its CPU backend runs NF4 here)",
+)
+@pytest.mark.parametrize("merge", [False, True])
+def test_qlora_sft_completes_on_cpu(tmp_path, tiny_lm, merge):
+    """NF4 base + LoRA on bitsandbytes' CPU backend: trains, saves, reloads in NF4 within its tolerance."""
+    train, test = write_toy(tmp_path, n_train=32)
+    extra = ["sft.load_in_4bit=true", "sft.lora_r=8", "sft.lora_alpha=16", "sft.max_steps=4",
+             "sft.learning_rate=1e-3", f"sft.merge={merge}"]  # fmt: skip
+    r = recipe(tmp_path, tiny_lm, train, test, f"qlora-{merge}", *extra)
+    manifest = run_sft_stage(r, progress=False)
+    assert manifest["status"] == "complete" and (r.run_dir / "sft" / "model" / "README.md").is_file()
+    assert manifest["reload_dtype"] == "nf4"
+    assert manifest["reload_max_abs_diff"] <= manifest["reload_tolerance"]

@@ -89,7 +89,15 @@ def sparse_topk_kl(
     The direction is forward (teacher || student), as in classic KD: the student is pulled to cover every
     token the teacher finds likely, and only the teacher's side is known beyond its top-k, which is what
     a sum over the teacher's support needs (the reverse direction would need the teacher's probability of
-    every token the student likes)."""
+    every token the student likes).
+
+    Mass outside the top-k: the student is not renormalised over the k ids, so the teacher's renormalised
+    target (no mass elsewhere) also pulls the student's mass outside the top-k towards zero. That is the
+    intent for closed tasks (the target is the label set; any other first token is a wrong answer) and a
+    small pull for free text at k = 20, where the captured top-k holds most of the teacher's mass. A
+    student renormalised over the k ids would learn only the order inside them, nothing against tokens the
+    teacher never considered. (A tail bucket, 1 - the top-k mass as one more class, would keep the
+    teacher's tail at T = 1; it is not used here.)"""
     valid = torch.isfinite(teacher_logprobs)
     scaled = torch.where(
         valid, teacher_logprobs.float() / temperature, torch.full_like(teacher_logprobs.float(), -torch.inf)

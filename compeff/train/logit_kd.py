@@ -106,20 +106,31 @@ def kd_features(
         if len(full) <= start:
             refused["answer cut away"].append(str(row["id"]))
             continue
-        k = ids.shape[1]
-        t_ids = np.zeros((len(full), k), dtype=np.int64)
-        t_lp = np.full((len(full), k), -np.inf, dtype=np.float32)
         n = min(len(tokens), len(full) - start)
-        t_ids[start : start + n], t_lp[start : start + n] = ids[:n], logprobs[:n]
-        features.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
-                         "teacher_ids": t_ids.tolist(), "teacher_logprobs": t_lp.tolist()})  # fmt: skip
-    width = max((len(f["teacher_ids"][0]) for f in features), default=0)
-    for f in features:  # one k for the batch tensors: narrower rows padded with no-information entries
-        pad = width - len(f["teacher_ids"][0])
-        if pad:
-            f["teacher_ids"] = [ids + [0] * pad for ids in f["teacher_ids"]]
-            f["teacher_logprobs"] = [lp + [float("-inf")] * pad for lp in f["teacher_logprobs"]]
+        features.append(teacher_feature(full, start, np.arange(start, start + n), ids[:n], logprobs[:n]))
     return features, {k: v for k, v in refused.items() if v}, resegmented
+
+
+def teacher_feature(
+    input_ids: list[int], start: int, positions: Any, ids: Any, logprobs: Any
+) -> dict[str, Any]:
+    """A kd training row: token ids, the answer mask from ``start``, and the teacher's top-k only where the
+    teacher said something (``teacher_pos``: those positions; ``teacher_ids`` int32 and
+    ``teacher_logprobs`` float32, one row per position). No array covers the prompt and no Python list
+    holds a log-probability (``compeff bench kd-memory``: 10k samples of 500 answer tokens at k = 20 add
+    1.1 GB at peak, where full-length lists took 2.3 GB per 1k samples)."""
+    n, empty = len(positions), np.zeros((0, 1), dtype=np.float32)
+    return {
+        "input_ids": input_ids,
+        "completion_mask": [0] * start + [1] * (len(input_ids) - start),
+        "teacher_pos": np.asarray(positions, dtype=np.int32),
+        "teacher_ids": np.asarray(ids, dtype=np.int32).reshape(len(positions), -1)
+        if n
+        else empty.astype(np.int32),
+        "teacher_logprobs": np.asarray(logprobs, dtype=np.float32).reshape(len(positions), -1)
+        if n
+        else empty,
+    }
 
 
 def label_feature(
@@ -152,39 +163,76 @@ def label_feature(
     for label, p in probs.items():
         if len(spelt[label]) > at and p > 0:
             mass[spelt[label][at]] = mass.get(spelt[label][at], 0.0) + float(p)
-    k = max(1, len(mass))
-    t_ids = [[0] * k for _ in full]
-    t_lp = [[float("-inf")] * k for _ in full]
-    t_ids[at] = list(mass) + [0] * (k - len(mass))
-    t_lp[at] = [float(np.log(v)) for v in mass.values()] + [float("-inf")] * (k - len(mass))
-    return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start),
-            "teacher_ids": t_ids, "teacher_logprobs": t_lp}  # fmt: skip
+    if not mass:  # no probability on any label: cross-entropy only
+        return teacher_feature(full, start, [], [], [])
+    logprobs = np.log(np.fromiter(mass.values(), dtype=np.float64, count=len(mass)))
+    return teacher_feature(full, start, [at], [list(mass)], [logprobs])
 
 
 def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     """``sft.packing`` for kd: TRL's best-fit-decreasing packer (``trl.pack_dataset``, as plain SFT packs)
-    places samples into rows of at most ``max_length`` tokens, every array packed alike; ``position_ids``
-    restart at 0 for each sample so attention stays inside it (transformers builds the block-diagonal mask
-    from them). A sample never spans two rows; the teacher's arrays stay at their tokens."""
+    decides which samples share a row of at most ``max_length`` tokens; the rows are then joined here,
+    the teacher's positions shifted by where each sample starts. ``position_ids`` restart at 0 for each
+    sample so attention stays inside it (transformers builds the block-diagonal mask from them). A sample
+    never spans two rows; the teacher's arrays stay at their tokens and never pass through Arrow."""
     from datasets import Dataset
     from trl import pack_dataset
 
+    # only which sample each token belongs to goes through the packer
+    index = Dataset.from_dict(
+        {
+            "input_ids": [f["input_ids"] for f in features],
+            "sample": [[i] * len(f["input_ids"]) for i, f in enumerate(features)],
+        }
+    )
     packed = []
-    for row in pack_dataset(Dataset.from_list(features), max_length, strategy="bfd"):
-        lengths = row.pop("seq_lengths")
-        packed.append(row | {"position_ids": [p for n in lengths for p in range(n)]})
+    for row in pack_dataset(index, max_length, strategy="bfd"):
+        order, cursor = [], 0
+        for n in row["seq_lengths"]:
+            order.append(row["sample"][cursor])
+            cursor += n
+        parts = [features[i] for i in order]
+        offsets = np.cumsum([0] + [len(f["input_ids"]) for f in parts[:-1]])
+        packed.append(
+            {
+                "input_ids": [t for f in parts for t in f["input_ids"]],
+                "completion_mask": [m for f in parts for m in f["completion_mask"]],
+                "position_ids": [p for f in parts for p in range(len(f["input_ids"]))],
+                "teacher_pos": np.concatenate([f["teacher_pos"] + o for f, o in zip(parts, offsets)]),
+                "teacher_ids": _stack([f["teacher_ids"] for f in parts], 0),
+                "teacher_logprobs": _stack([f["teacher_logprobs"] for f in parts], -np.inf),
+            }
+        )
     return packed
 
 
-def collate(pad_id: int):
-    """A collator padding ids, labels (answer tokens only) and the teacher's arrays to the batch width.
-    Packed rows (with ``position_ids``) get no attention mask: the positions mark where each sample
-    starts, and the padding at a row's end is a sequence of its own."""
+def _stack(arrays: list[Any], fill: float) -> Any:
+    """Rows of several samples' teacher arrays, narrower ones widened with no-information entries."""
+    k = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=fill) for a in arrays])
+
+
+def row_index(features: list[dict[str, Any]]) -> Any:
+    """The training dataset TRL's trainer requires, holding only each row's index: the rows themselves
+    (numpy teacher arrays) stay in memory as they are and are looked up by :func:`collate`."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"row": list(range(len(features)))})
+
+
+def collate(pad_id: int, features: list[dict[str, Any]] | None = None):
+    """A collator padding ids and labels (answer tokens only) to the batch width and spreading the
+    teacher's arrays to ``[batch, width, k]`` tensors (no-information entries where the teacher said
+    nothing). Given ``features``, the batch holds indices into them (:func:`row_index`). Packed rows
+    (with ``position_ids``) get no attention mask: the positions mark where each sample starts, and the
+    padding at a row's end is a sequence of its own."""
     import torch
 
     def collate_batch(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if features is not None:
+            batch = [features[b["row"]] for b in batch]
         width = max(len(b["input_ids"]) for b in batch)
-        k = len(batch[0]["teacher_ids"][0])
+        k = max(np.shape(b["teacher_ids"])[1] for b in batch)
         packed = "position_ids" in batch[0]
         out = {
             "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
@@ -206,8 +254,10 @@ def collate(pad_id: int):
             else:
                 out["attention_mask"][i, :n] = 1
             out["labels"][i, :n] = torch.where(torch.tensor(b["completion_mask"]) == 1, ids, -100)
-            out["teacher_ids"][i, :n] = torch.tensor(b["teacher_ids"])
-            out["teacher_logprobs"][i, :n] = torch.tensor(b["teacher_logprobs"])
+            pos = torch.as_tensor(np.asarray(b["teacher_pos"], dtype=np.int64))
+            t_ids, t_lp = np.asarray(b["teacher_ids"]), np.asarray(b["teacher_logprobs"], dtype=np.float32)
+            out["teacher_ids"][i, pos, : t_ids.shape[1]] = torch.as_tensor(t_ids.astype(np.int64))
+            out["teacher_logprobs"][i, pos, : t_lp.shape[1]] = torch.as_tensor(t_lp)
         return out
 
     return collate_batch

@@ -12,6 +12,7 @@ killed run resume.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -217,7 +218,7 @@ def run_sft_stage(
     """Fine-tune the student on the retained set and save model, card, log and loss curve."""
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoConfig, AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
@@ -231,8 +232,8 @@ def run_sft_stage(
         raise DataError(f"{source}: no sample to train on")
     path = resolve_model(student_model(recipe.student))
     cuda = torch.cuda.is_available()
-    if s.load_in_4bit and not cuda:
-        raise ConfigError("sft.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and bitsandbytes")
+    if s.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("sft.load_in_4bit: 4-bit QLoRA needs bitsandbytes (pip install 'compeff[qlora]')")
     if s.load_in_4bit and s.lora_r is None:
         raise ConfigError("sft.load_in_4bit: set sft.lora_r too (4-bit weights are trained through LoRA)")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -292,6 +293,15 @@ def run_sft_stage(
                 f"sft.loss: gkd needs a student with the teacher's vocabulary ({recipe.teacher.model}: "
                 f"{teacher_vocab}, student: {vocab_fingerprint(tokenizer)}); logit distillation across "
                 "tokenizers is out of scope"
+            )
+        # one tokenizer, yet output layers of other widths (Qwen2.5 7B pads to 152,064, 0.5B to 151,936):
+        # GKD compares the two logit vectors position by position and needs them the same width
+        widths = {name: AutoConfig.from_pretrained(p).vocab_size for name, p in (("teacher", gkd_teacher), ("student", path))}  # fmt: skip
+        if widths["teacher"] != widths["student"]:
+            raise VocabularyMismatch(
+                f"sft.loss: gkd needs output layers of one width: config.vocab_size is {widths['teacher']} "
+                f"for the teacher ({recipe.teacher.model}) and {widths['student']} for the student; use "
+                "sft.loss: kd (top-k ids, any width) or resize one model's embeddings to the other's"
             )
     dtype = training_dtype(s.bf16, cuda)
     bf16 = dtype == torch.bfloat16
@@ -369,7 +379,7 @@ def run_sft_stage(
             chats = Dataset.from_list([{"messages": r["messages"]} for r in rows])
             trainer = GKDTrainer(teacher_model=teacher_model, train_dataset=chats, **common)
         elif s.loss == "kd":
-            from compeff.train.logit_kd import collate, kd_trainer_class
+            from compeff.train.logit_kd import collate, kd_trainer_class, row_index
 
             args.remove_unused_columns = False
             args.dataset_kwargs = {"skip_prepare_dataset": True}
@@ -377,8 +387,8 @@ def run_sft_stage(
             trainer = kd_trainer_class()(
                 kd_alpha=s.kd_alpha,
                 kd_temperature=s.kd_temperature,
-                train_dataset=Dataset.from_list(kd_rows),
-                data_collator=collate(tokenizer.pad_token_id),
+                train_dataset=row_index(kd_rows),  # the rows' numpy arrays never pass through Arrow
+                data_collator=collate(tokenizer.pad_token_id, kd_rows),
                 **common,
             )
         else:
