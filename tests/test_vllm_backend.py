@@ -60,8 +60,9 @@ class ScriptedLLM:
 
     classes: dict = {}
 
-    def __init__(self, model: str, **engine_kwargs):
+    def __init__(self, model: str, max_logprobs: int = 20, **engine_kwargs):
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.max_logprobs = max_logprobs  # vLLM's engine argument and its default
 
     def first_id(self, word: str) -> int:
         return self.tokenizer(word, add_special_tokens=False)["input_ids"][0]
@@ -84,6 +85,8 @@ class ScriptedLLM:
         outputs = []
         for n, (_messages, params) in enumerate(zip(conversations, sampling_params)):
             k = params.logprobs or 0
+            if k > self.max_logprobs:  # as vLLM refuses a request above the engine's max_logprobs
+                raise ValueError(f"Requested sample logprobs of {k}, which is greater than max allowed: 20")
             if params.max_tokens == 1:
                 ids = [self.first_id(LABELS[0])]
                 make = self.classes["Logprob"]
@@ -150,6 +153,11 @@ def test_vllm_answers_carry_their_top_logprobs_with_token_ids(vllm_engine, tiny_
     sampled token left out where it is not among them), in the layout the other backends give."""
     settings = load_recipe(None, ["teacher.backend=vllm", f"teacher.model={tiny_lm}"]).teacher
     teacher = make_teacher(settings)
+    wide = SamplingParams(temperature=0.0, max_tokens=16, logprobs=True, top_logprobs=64)
+    (result,) = list(  # the engine is started for the recipe's widest top-k (128), not vLLM's default 20
+        teacher.generate([ChatRequest(id="w", messages=[{"role": "user", "content": "hi"}], params=wide)])
+    )
+    assert result.ok and len(result.logprobs[0]["content"][0]["top_logprobs"]) == 64
     params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=True, top_logprobs=3)
     (result,) = list(
         teacher.generate([ChatRequest(id="a", messages=[{"role": "user", "content": "hi"}], params=params)])

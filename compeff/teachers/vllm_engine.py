@@ -11,6 +11,8 @@ from compeff.fingerprints import weights_fingerprint
 from compeff.models import resolve_model
 from compeff.teachers.base import ChatRequest, SamplingParams, Teacher, TeacherResult, TeacherUnavailable
 
+MAX_TOP_LOGPROBS = 128  # generate.teacher_top_logprobs' upper bound
+
 
 def completion_logprobs(completion: Any, k: int) -> dict[str, Any]:
     """One vLLM ``CompletionOutput``'s log-probabilities in the layout every backend gives
@@ -63,6 +65,9 @@ class VLLMTeacher(Teacher):
         self._identity = weights_fingerprint(resolve_model(model))
         self.batch_size = batch_size
         self.flush_every = batch_size
+        # vLLM refuses requests for more log-probabilities than the engine's max_logprobs (20 unless told):
+        # start it for the widest generate.teacher_top_logprobs a recipe allows
+        engine_kwargs.setdefault("max_logprobs", MAX_TOP_LOGPROBS)
         self.llm = vllm.LLM(
             model=resolve_model(model),
             tensor_parallel_size=tensor_parallel_size,
