@@ -404,6 +404,13 @@ class GenerateSettings(Section):
         "teacher's label distribution over this many wordings of the task (the sample's own first), at one "
         "extra one-token call per extra wording. 1: off.",
     )
+    calibrate: bool = Field(
+        False,
+        description="Contextual calibration of closed-task label distributions: each prompt template is also "
+        "asked with content-free texts (N/A, empty, [MASK]) and the teacher's distribution is divided by "
+        "the mean content-free one (the teacher's label prior taken out), at three one-token calls per "
+        "template. Needs label_scoring.",
+    )
     min_confidence: float = Field(
         0.0,
         ge=0,

@@ -213,7 +213,7 @@ def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
         results[name] = {r["id"]: r for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")}
     others: dict[str, list[dict[str, float]]] = {}
     for r in iter_jsonl(tmp_path / "runs" / "ens" / "generate" / "ensemble" / "data.jsonl"):
-        others.setdefault(r["sample_id"], []).append(r["label_probs"])
+        others.setdefault(r["group"], []).append(r["label_probs"])
     assert set(results["ens"]) == set(results["plain"]) and len(others) == 8
     for sid, sample in results["ens"].items():
         own = results["plain"][sid]["label_probs"]
@@ -224,6 +224,53 @@ def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
         assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
 
 
+def test_calibration_divides_by_each_templates_content_free_answers(tmp_path, label_teacher):
+    """generate.calibrate: every prompt template is asked the three content-free inputs once (in
+    generate/calibration/), and each sample's distribution is its uncalibrated one (the run without
+    calibration) divided by its template's mean content-free distribution, renormalised."""
+    from compeff.evaluate.classification import CONTENT_FREE
+    from compeff.synth.generate import run_generate_stage
+    from compeff.synth.instructions import wording_index
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"u{i}", "text": f"a {['dull', 'great'][i % 2]} film {i}"}) + "\n"
+                             for i in range(10)))  # fmt: skip
+    base = [f"run.dir={tmp_path / 'runs'}", f"teacher.model={label_teacher}", "teacher.cache=null",
+            f"data.user_texts=[{texts}]", "generate.n_samples=10", "tasks.seed_tasks=[polarity, polarity3]"]  # fmt: skip
+    rows = seed_task_rows(["polarity", "polarity3"])
+    by_task = {r["id"]: r for r in rows}
+    results = {}
+    for name, extra in (("plain", []), ("cal", ["generate.calibrate=true"])):
+        recipe = load_recipe(None, [*base, f"run.name={name}", *extra])
+        (recipe.run_dir / "tasks").mkdir(parents=True)
+        (recipe.run_dir / "tasks" / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_generate_stage(recipe, progress=False)
+        results[name] = {r["id"]: r for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")}
+    free: dict[str, list[dict[str, float]]] = {}
+    for r in iter_jsonl(tmp_path / "runs" / "cal" / "generate" / "calibration" / "data.jsonl"):
+        free.setdefault(r["template"], []).append(r["label_probs"])
+    used = {(s["task_id"], wording_index(sid, len(by_task[s["task_id"]]["wordings"])))
+            for sid, s in results["plain"].items()}  # fmt: skip
+    assert len(free) == len(used) and all(len(v) == len(CONTENT_FREE) for v in free.values())
+    for sid, sample in results["cal"].items():
+        raw = results["plain"][sid]["label_probs"]
+        labels = list(raw)
+        matches = []
+        for answers in free.values():  # the sample's own template is the one whose arithmetic holds
+            if len(answers[0]) != len(labels):
+                continue
+            prior = np.mean([[a[label] for label in labels] for a in answers], axis=0)
+            expected = np.array([raw[label] for label in labels]) / np.maximum(prior, 1e-3)
+            expected /= expected.sum()
+            matches.append(
+                np.allclose([sample["label_probs"][label] for label in labels], expected, atol=2e-6)
+            )
+        assert any(matches) and sample["calibrated"] is True
+        assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
+    assert sum(abs(results["cal"][s]["label_probs"][k] - v) for s in results["plain"]
+               for k, v in results["plain"][s]["label_probs"].items()) > 0.01  # fmt: skip
+
+
 def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, label_teacher):
     from compeff.bench.labels import THRESHOLDS, run_labels_bench
 
@@ -231,6 +278,7 @@ def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, l
     for spec, n_words in (("imdb:train", 3), ("tweeteval_sentiment:validation", 3)):
         r = results[spec]
         assert len(r["wordings"]) == n_words and 0 <= r["ensemble"] <= 1
+        assert len(r["calibrated_wordings"]) == n_words and 0 <= r["calibrated_ensemble"] <= 1
         kept = [r["confidence_ensemble"][f"{t:g}"]["kept"] for t in THRESHOLDS]
         assert kept == sorted(kept, reverse=True)  # a higher threshold keeps fewer
     assert json.loads((tmp_path / "labels_bench.json").read_text()) == results

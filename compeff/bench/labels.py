@@ -4,8 +4,9 @@ prompt ensemble buy.
 The teacher answers the seed polarity tasks (2-way on IMDb train reviews, 3-way on TweetEval validation
 tweets: splits no evaluation uses) in each of the task's wordings, read as label distributions by the
 ruler's arithmetic; the labels are compared with the sets' true labels: per wording, the ensemble (the mean distribution over the wordings,
-``generate.label_ensemble``), and above confidence thresholds (``generate.min_confidence``: the share of
-samples kept and how often their label is right).
+``generate.label_ensemble``), after contextual calibration (each wording's distribution divided by its
+mean on content-free inputs, ``generate.calibrate``), and above confidence thresholds
+(``generate.min_confidence``: the share of samples kept and how often their label is right).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compeff.data import DataError
-from compeff.evaluate.classification import HFLabelScorer, cut, label_distribution
+from compeff.evaluate.classification import CONTENT_FREE, HFLabelScorer, calibrate, cut, label_distribution
 from compeff.evaluate.eval_stage import load_eval_set
 from compeff.synth.seed_tasks import SEED_TASKS, fill
 
@@ -61,18 +62,29 @@ def run_labels_bench(
         if [x.lower() for x in task["labels"]] != [x.lower() for x in data.label_names]:
             raise DataError(f"{spec}: labels {data.label_names} differ from {task_name}'s {task['labels']}")
         truth = np.array(data.labels)
-        per_wording = []
+        per_wording, calibrated = [], []
         for wording in task["wordings"]:
             turns = [fill(wording, task["labels"], cut(t, max_chars)) for t in data.texts]
             per_wording.append(label_distribution(scorer.label_log_mass(turns, task["labels"])))
-        mean = np.mean(per_wording, axis=0)
+            free = [fill(wording, task["labels"], t) for t in CONTENT_FREE]
+            calibrated.append(
+                calibrate(per_wording[-1], label_distribution(scorer.label_log_mass(free, task["labels"])))
+            )
+        mean, mean_cal = np.mean(per_wording, axis=0), np.mean(calibrated, axis=0)
         results[spec] = {
             "task": task_name,
             "n": len(truth),
             "wordings": [float((p.argmax(1) == truth).mean()) for p in per_wording],
             "ensemble": float((mean.argmax(1) == truth).mean()),
+            "calibrated_wordings": [float((p.argmax(1) == truth).mean()) for p in calibrated],
+            "calibrated_ensemble": float((mean_cal.argmax(1) == truth).mean()),
+            "label_shares": [np.bincount(p.argmax(1), minlength=p.shape[1]).tolist() for p in per_wording],
+            "calibrated_label_shares": [
+                np.bincount(p.argmax(1), minlength=p.shape[1]).tolist() for p in calibrated
+            ],
             "confidence_single": confidence_table(per_wording[0], truth),
             "confidence_ensemble": confidence_table(mean, truth),
+            "confidence_calibrated": confidence_table(calibrated[0], truth),
         }
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -92,13 +104,20 @@ def print_table(results: dict[str, Any], teacher: str) -> None:
     ):
         table.add_column(col, justify="left" if col.startswith("set") else "right")
     for spec, r in results.items():
-        for kind in ("single", "ensemble"):
+        for kind in ("single", "ensemble", "calibrated"):
             cells = []
             for t in THRESHOLDS:
                 c = r[f"confidence_{kind}"][f"{t:g}"]
                 acc = "-" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}"
                 cells.append(f"{100 * c['kept']:.0f} / {acc}")
             first = f"{spec} ({r['task']}, {r['n']})" if kind == "single" else f"  {kind}"
-            words = " / ".join(f"{100 * w:.1f}" for w in r["wordings"]) if kind == "single" else ""
-            table.add_row(first, words, f"{100 * r['ensemble']:.1f}" if kind == "single" else "", *cells)
+            key = {
+                "single": ("wordings", "ensemble"),
+                "calibrated": ("calibrated_wordings", "calibrated_ensemble"),
+            }
+            words, ens = "", ""
+            if kind in key:
+                words = " / ".join(f"{100 * w:.1f}" for w in r[key[kind][0]])
+                ens = f"{100 * r[key[kind][1]]:.1f}"
+            table.add_row(first, words, ens, *cells)
     Console().print(table)

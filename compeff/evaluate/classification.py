@@ -274,6 +274,19 @@ def label_distribution(log_mass: np.ndarray) -> np.ndarray:
     return np.where(total > 0, e / np.where(total > 0, total, 1.0), 1.0 / x.shape[1])
 
 
+CONTENT_FREE = ("N/A", "", "[MASK]")  # the content-free inputs of contextual calibration (Zhao et al. 2021)
+CF_FLOOR = 1e-3  # smallest content-free probability a label is divided by
+
+
+def calibrate(probs: np.ndarray, content_free: np.ndarray) -> np.ndarray:
+    """Contextual calibration: each label's probability divided by its mean probability on the
+    content-free inputs of the same prompt (floored at ``CF_FLOOR``: a label those inputs never gave is
+    not divided by zero), renormalised over the labels. ``probs`` [n, L], ``content_free`` [m, L]."""
+    p_cf = np.atleast_2d(content_free).mean(axis=0)
+    p = np.atleast_2d(probs) / np.maximum(p_cf, CF_FLOOR)
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def served_label_scores(
     top_logprobs: list[dict[str, Any]], label_names: Sequence[str], pieces: dict[str, int] | None = None
 ) -> np.ndarray:

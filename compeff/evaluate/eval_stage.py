@@ -20,6 +20,7 @@ import numpy as np
 from compeff.config import Recipe
 from compeff.data import DataError, dataset_name, load_labelled
 from compeff.evaluate.classification import (
+    CONTENT_FREE,
     HFLabelScorer,
     LabelledSet,
     label_owners,
@@ -28,7 +29,7 @@ from compeff.evaluate.classification import (
     stratified_subset,
     summarise,
 )
-from compeff.evaluate.ruler import CONTENT_FREE, WordingRun, reference_preds, run_wording, summarise_runs
+from compeff.evaluate.ruler import WordingRun, reference_preds, run_wording, summarise_runs
 from compeff.evaluate.wordings import Wording, resolve_wordings
 from compeff.models import student_model
 from compeff.progress import Tracker, console

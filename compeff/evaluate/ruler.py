@@ -19,7 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from compeff.evaluate.classification import (
+    CONTENT_FREE,
     LabelledSet,
+    calibrate,
     classification_metrics,
     cut,
     draw_demos,
@@ -27,9 +29,6 @@ from compeff.evaluate.classification import (
     label_shares,
 )
 from compeff.evaluate.wordings import Wording
-
-CONTENT_FREE = ("N/A", "", "[MASK]")
-CF_FLOOR = 1e-3  # smallest content-free probability a label is divided by
 
 
 class LabelScorer(Protocol):
@@ -67,8 +66,7 @@ class WordingRun:
         floored at ``CF_FLOOR`` rather than divided by zero."""
         if self.content_free is None:
             return None
-        p_cf = label_distribution(self.content_free).mean(axis=0)
-        p = label_distribution(self.log_mass) / np.maximum(p_cf, CF_FLOOR)
+        p = calibrate(label_distribution(self.log_mass), label_distribution(self.content_free))
         return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
 
 

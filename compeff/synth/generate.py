@@ -34,10 +34,16 @@ from compeff.synth.instructions import (
     plan_pairings,
     qc_reason,
     task_definition,
-    wording_index,
 )
 from compeff.synth.label_answers import LabelReader, label_params
-from compeff.synth.seed_tasks import fill
+from compeff.synth.label_calls import (
+    TEXT_SLOT,
+    answer_label_requests,
+    calibrated,
+    calibration_requests,
+    ensemble_requests,
+    template_key,
+)
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
@@ -208,11 +214,14 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
     ask_ids = False  # set with the capture: a vLLM server names the captured answers' tokens by id
 
     def build(pairing) -> ChatRequest:
+        meta = {"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]}
+        if settings.calibrate and pairing.task_id in scored:  # which content-free answers calibrate it
+            meta["template"] = template_key(prompt(pairing, TEXT_SLOT))
         return ChatRequest(
             id=pairing.id,
             messages=[{"role": "user", "content": prompt(pairing)}],
             params=task_params.get(pairing.task_id, params),
-            meta={"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]},
+            meta=meta,
             logprob_token_ids=ask_ids and pairing.task_id not in scored,
         )
 
@@ -239,25 +248,50 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         )
                         scored.discard(tid)
                 task_params.update(dict.fromkeys(scored, label_params()))
-                ensembled = (
-                    answer_ensemble(stage, teacher, cache, reader, ensemble_requests(pending, by_id, texts, settings, scored), _stage_config(recipe), progress)
-                    if reader is not None and settings.label_ensemble > 1
-                    else {}
-                )  # fmt: skip
+                config = _stage_config(recipe)
+                extra = ensemble_requests(pending, by_id, texts, settings, scored) if reader and settings.label_ensemble > 1 else []  # fmt: skip
+                ensembled = answer_label_requests(stage, "ensemble", teacher, cache, reader, extra, config, progress)  # fmt: skip
+                content_free: dict[str, list[dict[str, Any]]] = {}
+                if reader is not None and settings.calibrate:
+                    templates = {}
+                    for p in pending:
+                        if p.task_id in scored:
+                            template = prompt(p, TEXT_SLOT)
+                            templates[template_key(template)] = (template, by_id[p.task_id]["labels"])
+                    for r in extra:  # the ensemble's wordings are calibrated each by its own template
+                        templates[r.meta["template"]] = (r.meta["template_text"], r.meta["labels"])
+                    asked = calibration_requests(templates)
+                    content_free = answer_label_requests(stage, "calibration", teacher, cache, reader, asked, config, progress)  # fmt: skip
+
+                def reading(probs: dict[str, float], template: str | None) -> dict[str, float]:
+                    """A distribution as the student learns it: calibrated by its template when asked."""
+                    if not settings.calibrate or template is None:
+                        return probs
+                    out = calibrated(probs, content_free.get(template, []))
+                    if out is None:
+                        raise AnswerRejected(
+                            "calibration: the teacher answered no content-free question of this prompt"
+                        )
+                    return out
 
                 def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
                     label_fields: dict[str, Any] = {}
                     answer = result.text
                     if reader is not None and task["id"] in scored:
-                        probs = reader.read(result, task["labels"])
-                        others = ensembled.get(request.id, [])
+                        probs = reading(reader.read(result, task["labels"]), request.meta.get("template"))
+                        others = [
+                            reading(row["label_probs"], row.get("template"))
+                            for row in ensembled.get(request.id, [])
+                        ]
                         if others:  # the prompt ensemble: the mean distribution over the wordings asked
                             probs = {
                                 label: round(sum(d[label] for d in [probs, *others]) / (1 + len(others)), 6)
                                 for label in probs
                             }
                             label_fields["label_wordings"] = 1 + len(others)
+                        if settings.calibrate:
+                            label_fields["calibrated"] = True
                         answer = max(probs, key=probs.__getitem__)
                         confidence = probs[answer]
                         if confidence < settings.min_confidence:
@@ -306,65 +340,6 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         )
     assert stage.manifest is not None
     return stage.manifest
-
-
-def ensemble_requests(
-    pending: list[Any],
-    by_id: dict[str, dict[str, Any]],
-    texts: list[dict[str, Any]],
-    settings: Any,
-    scored: set[str],
-) -> list[ChatRequest]:
-    """For each pending closed sample of a task with several wordings, the other wordings of its task
-    (up to ``generate.label_ensemble`` in all, the sample's own first), asked of the same text."""
-    out = []
-    for p in pending:
-        task = by_id[p.task_id]
-        words = task.get("wordings") or []
-        if p.task_id not in scored or len(words) < 2:
-            continue
-        first = wording_index(p.id, len(words))
-        text = texts[p.text_index]["text"][: settings.max_chars]
-        for step in range(1, min(settings.label_ensemble, len(words))):
-            j = (first + step) % len(words)
-            out.append(
-                ChatRequest(
-                    id=f"{p.id}~w{j}",
-                    messages=[{"role": "user", "content": fill(words[j], task["labels"], text)}],
-                    params=label_params(),
-                    meta={"sample_id": p.id, "task_id": p.task_id, "labels": task["labels"]},
-                )
-            )
-    return out
-
-
-def answer_ensemble(
-    stage: Stage,
-    teacher: Any,
-    cache: Any,
-    reader: LabelReader,
-    requests: list[ChatRequest],
-    config: dict[str, Any],
-    progress: bool,
-) -> dict[str, list[dict[str, float]]]:
-    """The prompt ensemble's extra label distributions, answered in ``generate/ensemble/`` (resumable like
-    any stage) before the samples themselves; sample id -> distributions."""
-    if not requests:
-        return {}
-
-    def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
-        return {"id": request.id, "sample_id": request.meta["sample_id"],
-                "label_probs": reader.read(result, request.meta["labels"])}  # fmt: skip
-
-    sub = Stage.open(stage.folder, "ensemble", config=config, inputs={})
-    with sub:
-        pending = sub.pending(requests)
-        if pending:
-            answer_requests(sub, teacher, pending, to_record, cache=cache, progress=progress)
-    out: dict[str, list[dict[str, float]]] = {}
-    for row in iter_jsonl(sub.data_path):
-        out.setdefault(row["sample_id"], []).append(row["label_probs"])
-    return out
 
 
 def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:

@@ -125,14 +125,16 @@ def render_instruction(
 
 def pairing_prompts(
     tasks: dict[str, dict[str, Any]], texts: list[dict[str, Any]], max_chars: int | None = None
-) -> Callable[[Pairing], str]:
+) -> Callable[..., str]:
     """A function from a planned pairing to its user message (each task's head rendered once), so the
     generate stage, its difficulty proxy and the benchmark all build the very same prompt."""
     heads = {task_id: instruction_head(task) for task_id, task in tasks.items()}
 
-    def prompt(pairing: Pairing) -> str:
+    def prompt(pairing: Pairing, text: str | None = None) -> str:
+        """The pairing's user message; ``text`` in place of its user text (content-free calibration)."""
         task = tasks[pairing.task_id]
-        text = texts[pairing.text_index]["text"][:max_chars]
+        if text is None:
+            text = texts[pairing.text_index]["text"][:max_chars]
         if task.get("wordings"):
             return fill(
                 task["wordings"][wording_index(pairing.id, len(task["wordings"]))], task["labels"], text

@@ -1,0 +1,129 @@
+"""The extra one-token label calls ``generate`` makes for closed tasks, beside each sample's own.
+
+- **Prompt ensemble** (``generate.label_ensemble``): the same text in other wordings of its task; the
+  sample's distribution is the mean over the wordings asked.
+- **Contextual calibration** (``generate.calibrate``, Zhao et al. 2021): each prompt template (the prompt
+  with its text taken out) asked with the content-free inputs of the ruler (``N/A``, an empty text,
+  ``[MASK]``); a distribution is divided by its template's mean content-free distribution and
+  renormalised (:func:`compeff.evaluate.classification.calibrate`, the ruler's own arithmetic). A small
+  teacher that answers one label for nearly every text (SmolLM2-135M: "positive") has that prior taken
+  out; the cost is three calls per template, not per sample.
+
+Both are answered in sub-stages of the generate folder (``generate/ensemble/``, ``generate/calibration/``),
+resumable like any stage, before the samples themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from compeff.evaluate.classification import CONTENT_FREE, calibrate
+from compeff.runs import Stage, iter_jsonl
+from compeff.synth.instructions import wording_index
+from compeff.synth.label_answers import LabelReader, label_params
+from compeff.synth.seed_tasks import fill
+from compeff.teachers import ChatRequest, TeacherResult
+from compeff.teaching import answer_requests
+
+TEXT_SLOT = "\x00text\x00"  # stands for the user text in a prompt template
+
+
+def template_key(template: str) -> str:
+    """A prompt template's short stable name (the prompt with :data:`TEXT_SLOT` for its text)."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+
+
+def ensemble_requests(
+    pending: list[Any],
+    by_id: dict[str, dict[str, Any]],
+    texts: list[dict[str, Any]],
+    settings: Any,
+    scored: set[str],
+) -> list[ChatRequest]:
+    """For each pending closed sample of a task with several wordings, the other wordings of its task
+    (up to ``generate.label_ensemble`` in all, the sample's own first), asked of the same text."""
+    out = []
+    for p in pending:
+        task = by_id[p.task_id]
+        words = task.get("wordings") or []
+        if p.task_id not in scored or len(words) < 2:
+            continue
+        first = wording_index(p.id, len(words))
+        text = texts[p.text_index]["text"][: settings.max_chars]
+        for step in range(1, min(settings.label_ensemble, len(words))):
+            j = (first + step) % len(words)
+            template = fill(words[j], task["labels"], TEXT_SLOT)
+            out.append(
+                ChatRequest(
+                    id=f"{p.id}~w{j}",
+                    messages=[{"role": "user", "content": template.replace(TEXT_SLOT, text)}],
+                    params=label_params(),
+                    meta={
+                        "group": p.id,
+                        "labels": task["labels"],
+                        "template": template_key(template),
+                        "template_text": template,
+                    },  # fmt: skip
+                )
+            )
+    return out
+
+
+def calibration_requests(templates: dict[str, tuple[str, list[str]]]) -> list[ChatRequest]:
+    """The content-free questions of every template (key -> (template, labels)), one per input."""
+    return [
+        ChatRequest(
+            id=f"cf-{key}-{j}",
+            messages=[{"role": "user", "content": template.replace(TEXT_SLOT, free)}],
+            params=label_params(),
+            meta={"group": key, "labels": labels, "template": key},
+        )
+        for key, (template, labels) in sorted(templates.items())
+        for j, free in enumerate(CONTENT_FREE)
+    ]
+
+
+def answer_label_requests(
+    stage: Stage,
+    sub_name: str,
+    teacher: Any,
+    cache: Any,
+    reader: LabelReader,
+    requests: list[ChatRequest],
+    config: dict[str, Any],
+    progress: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Answer label questions in the sub-stage ``generate/<sub_name>/`` (resumable, each asked once);
+    group -> its answers, each ``{"template", "label_probs"}``."""
+    if not requests:
+        return {}
+
+    def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+        return {"id": request.id, "group": request.meta["group"], "template": request.meta["template"],
+                "label_probs": reader.read(result, request.meta["labels"])}  # fmt: skip
+
+    sub = Stage.open(stage.folder, sub_name, config=config, inputs={})
+    with sub:
+        pending = sub.pending(requests)
+        if pending:
+            answer_requests(sub, teacher, pending, to_record, cache=cache, progress=progress)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in iter_jsonl(sub.data_path):
+        out.setdefault(row.get("group", row.get("sample_id")), []).append(
+            row
+        )  # sample_id: before calibration
+    return out
+
+
+def calibrated(probs: dict[str, float], content_free: list[dict[str, Any]]) -> dict[str, float] | None:
+    """A label distribution divided by its template's mean content-free distribution, renormalised;
+    None when none of the template's content-free questions was answered."""
+    if not content_free:
+        return None
+    labels = list(probs)
+    free = np.array([[row["label_probs"][label] for label in labels] for row in content_free])
+    out = calibrate(np.array([[probs[label] for label in labels]]), free)[0]
+    return {label: round(float(p), 6) for label, p in zip(labels, out)}
