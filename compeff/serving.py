@@ -34,7 +34,7 @@ from typing import Any
 from compeff.config import ConfigError, Recipe, ServeSettings, TeacherSettings
 from compeff.runs import StageError, atomic_write_bytes, note_servers
 from compeff.teachers.base import TeacherUnavailable
-from compeff.teachers.endpoints import managed_endpoints
+from compeff.teachers.endpoints import DIRECT, managed_endpoints
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_CHARS = 2000
@@ -162,10 +162,6 @@ def engine_version(engine: str) -> str | None:
         return None
 
 
-# the readiness probe talks to 127.0.0.1 directly: urllib would send it to $HTTP_PROXY otherwise
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 @dataclass
 class Server:
     """One running server: its command, port, log and process; ``api_key`` is sent with the readiness
@@ -204,7 +200,7 @@ class Server:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         request = urllib.request.Request(f"{self.url}/models", headers=headers)
         try:
-            with _DIRECT.open(request, timeout=2) as resp:
+            with DIRECT.open(request, timeout=2) as resp:  # not via $HTTP_PROXY
                 return resp.status == 200
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):

@@ -272,6 +272,35 @@ def test_an_answer_the_tokenizer_would_split_otherwise_trains_on_the_teachers_to
     assert refused == {"answer tokens differ": ["s"]}
 
 
+def test_ids_beyond_the_students_vocabulary_are_refused_before_training(tiny_lm):
+    """A server named ids the student's tokenizer does not have (a top-k id == len(tokenizer), or a
+    sampled one): the sample is refused with its reason, instead of a gather failing mid-training."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    answer = "a great film"
+    tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "how was it?"}, {"role": "assistant", "content": answer}]
+    pair = {"prompt": messages[:1], "completion": messages[1:]}
+
+    def row(name, sampled, top):
+        lps = np.log(np.full(top.shape, 1.0 / K))
+        field = top_logprobs.pack_arrays(
+            np.array(sampled), top, lps, top_logprobs.vocab_fingerprint(tokenizer)
+        )
+        return {"id": name, "messages": messages, top_logprobs.FIELD: field}
+
+    top = np.tile(np.arange(K), (len(tokens), 1))
+    wide = top.copy()
+    wide[1, 2] = len(tokenizer)  # one past the last id
+    rows = [
+        row("ok", tokens, top),
+        row("wide", tokens, wide),
+        row("sampled", [*tokens[:-1], len(tokenizer)], top),
+    ]
+    features, refused, _ = kd_features(tokenizer, rows, [pair] * 3, 256)
+    assert len(features) == 1 and features[0]["teacher_ids"].max() < len(tokenizer)
+    assert refused == {"token ids beyond the student's vocabulary": ["wide", "sampled"]}
+
+
 def test_kd_with_packing_and_lora_under_torchrun(tiny_lm, tmp_path):
     """As plain SFT: two ranks (torchrun, gloo on CPU) train kd with packed rows and a LoRA adapter; only
     rank 0 writes the stage, which records the world size and the samples trained on."""

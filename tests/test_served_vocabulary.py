@@ -149,3 +149,66 @@ def test_label_reader_asks_again_after_a_tokenizer_outage(tiny_lm):
         asked = srv.stats.requests
         assert _first_pieces(srv.base_url, "m", tuple(labels), None) is None
         assert srv.stats.requests == asked
+
+
+def test_llama_servers_own_dialect_is_not_taken_for_vllms(tmp_path, tiny_lm):
+    """llama.cpp's own server (llama-server) answers vLLM's /tokenize body, which has no ``content``,
+    with 200 ``{"tokens": []}``: empty ids for a non-empty text mean "not this dialect", so the served
+    tokenizer is fingerprinted in llama.cpp's dialect, matches the student's, and generate keeps the ids
+    the entries carry without asking for vLLM's return_tokens_as_token_ids."""
+    from compeff.synth.generate import run_generate_stage
+    from compeff.teachers.tokenize_api import served_first_pieces, served_vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    bodies = []
+
+    def responder(messages, body):
+        bodies.append(body)
+        return ANSWER
+
+    with FakeServer(tokenizer=tiny_lm, tokenize_dialect="llama.cpp", responder=responder) as srv:
+        served = served_vocabulary(srv.base_url, "teacher")
+        assert served is not None and served.dialect == "llama.cpp"
+        assert served.fingerprint == top_logprobs.tokenizer_probe_fingerprint(tokenizer)
+        assert served_first_pieces(srv.base_url, "teacher", ["negative"]) == {
+            "negative": tokenizer.decode(tokenizer("negative", add_special_tokens=False)["input_ids"][:1])
+        }
+        recipe = load_recipe(write_recipe(tmp_path, srv.base_url, tiny_lm))
+        run_generate_stage(recipe, progress=False)
+    rows = list(iter_jsonl(recipe.run_dir / "generate" / "data.jsonl"))
+    assert len(rows) == 6 and len(bodies) == 6
+    assert not any(b.get("return_tokens_as_token_ids") for b in bodies)
+    ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    for row in rows:
+        field = row[top_logprobs.FIELD]
+        assert field["vocab"] == served.fingerprint
+        assert field["unmapped"] == 0 and top_logprobs.unpack(field)[0].tolist() == ids
+
+
+def test_tokenize_endpoints_are_asked_directly_not_through_http_proxy(tiny_lm, monkeypatch):
+    """$HTTP_PROXY names a dead port: urllib's default opener would send even 127.0.0.1 there (and the
+    outage would refuse the teacher); compeff's calls to the server's tokenize endpoints go direct."""
+    import socket
+    import urllib.request
+
+    from compeff.teachers.tokenize_api import served_first_pieces, served_vocabulary
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    urllib.request.install_opener(None)  # urlopen's opener reads the proxies once: make it read these
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    try:
+        with FakeServer(tokenizer=tiny_lm) as srv:
+            served = served_vocabulary(srv.base_url, "teacher")
+            pieces = served_first_pieces(srv.base_url, "teacher", ["positive"])
+            asked = srv.stats.tokenize_calls
+    finally:
+        urllib.request.install_opener(None)
+    assert served is not None and served.dialect == "vllm" and asked > 0
+    assert served.fingerprint == top_logprobs.tokenizer_probe_fingerprint(tokenizer)
+    assert pieces is not None and set(pieces) == {"positive"}

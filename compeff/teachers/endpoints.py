@@ -15,12 +15,18 @@ import contextlib
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from compeff.teachers.base import TeacherUnavailable
 
 REACH_TIMEOUT_S = 5.0
+
+#: urllib's opener without proxies, for compeff's own HTTP calls to teacher servers (readiness probes,
+#: tokenize endpoints): urllib's default opener sends even 127.0.0.1 to ``$HTTP_PROXY``
+#: (``proxy_bypass('127.0.0.1')`` is False), and the chat client (aiohttp) never uses a proxy either.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 _MANAGED: dict[str, float] = {}  # base URL of a server compeff runs -> seconds a restart may take
 

@@ -30,6 +30,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 Responder = Callable[[list[dict], dict], str]
 
+#: tokenize dialects the fake server can speak (with a tokenizer): vLLM's, and llama.cpp's own server's
+TOKENIZE_DIALECTS = ("vllm", "llama.cpp")
+
 
 @dataclass
 class FaultPlan:
@@ -89,11 +92,20 @@ def make_app(
     responder: Responder = default_responder,
     model: str = "fake-teacher",
     tokenizer: Any = None,
+    tokenize_dialect: str = "vllm",
 ) -> web.Application:
     """Build the aiohttp application (routes: /v1/chat/completions, /v1/models, /stats). With a
     ``tokenizer`` (a transformers tokenizer or its path) it also speaks vLLM's ``/tokenize`` and
     ``/detokenize``, and an answer's log-probabilities are over that tokenizer's tokens (named
-    ``token_id:N`` when the request sets ``return_tokens_as_token_ids``), as a vLLM server's are."""
+    ``token_id:N`` when the request sets ``return_tokens_as_token_ids``), as a vLLM server's are.
+
+    ``tokenize_dialect="llama.cpp"`` speaks llama.cpp's own server (``llama-server``, its
+    ``handle_tokenize`` / ``handle_detokenize``) instead: ``/tokenize`` reads ``content`` (special tokens
+    only with ``add_special``) and answers 200 ``{"tokens": []}`` to a body without it, ``/detokenize``
+    answers ``{"content": ...}``, and log-probability entries carry their token's ``id``."""
+    if tokenize_dialect not in TOKENIZE_DIALECTS:
+        raise ValueError(f"tokenize_dialect: one of {TOKENIZE_DIALECTS}, not {tokenize_dialect!r}")
+    llamacpp = tokenize_dialect == "llama.cpp"
     plan = faults or FaultPlan()
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
@@ -163,20 +175,14 @@ def make_app(
             choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             if body.get("logprobs"):
                 k = int(body.get("top_logprobs") or 0)
-                choice["logprobs"] = {
-                    "content": [
-                        {
-                            "token": tok,
-                            "logprob": -0.1 * (j % 5),
-                            "top_logprobs": (
-                                first_tops
-                                if j == 0 and first_tops
-                                else [{"token": tok, "logprob": -0.1 * (j % 5)}]
-                            )[:k],
-                        }
-                        for j, tok in enumerate(answer_tokens(str(text), body))
-                    ]
-                }
+                entries = []
+                for j, (tok, tok_id) in enumerate(answer_tokens(str(text), body)):
+                    entry = {"token": tok, "logprob": -0.1 * (j % 5)}
+                    if llamacpp and tok_id is not None:
+                        entry = {"id": tok_id, **entry}
+                    tops = first_tops if j == 0 and first_tops else [dict(entry)]
+                    entries.append({**entry, "top_logprobs": tops[:k]})
+                choice["logprobs"] = {"content": entries}
             choices.append(choice)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = sum(len(str(c["message"]["content"]).split()) for c in choices)
@@ -195,15 +201,15 @@ def make_app(
             }
         )
 
-    def answer_tokens(text: str, body: dict) -> list[str]:
-        """The answer's tokens as the log-probabilities name them: words without a tokenizer, else the
-        tokenizer's tokens as text (or ``token_id:N``)."""
+    def answer_tokens(text: str, body: dict) -> list[tuple[str, int | None]]:
+        """The answer's tokens as the log-probabilities name them, with their ids: words (no id) without
+        a tokenizer, else the tokenizer's tokens as text (or ``token_id:N``)."""
         if tokenizer is None:
-            return text.split()[:64]
+            return [(word, None) for word in text.split()[:64]]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if body.get("return_tokens_as_token_ids"):
-            return [f"token_id:{i}" for i in ids]
-        return [tokenizer.decode([i]) for i in ids]
+        if body.get("return_tokens_as_token_ids") and not llamacpp:
+            return [(f"token_id:{i}", i) for i in ids]
+        return [(tokenizer.decode([i]), i) for i in ids]
 
     async def tokenize(request: web.Request) -> web.Response:
         stats.requests += 1
@@ -211,6 +217,15 @@ def make_app(
         if stats.tokenize_calls <= plan.tokenize_fail_first:
             stats.faults["tokenize"] += 1
             return web.json_response({"error": {"message": "injected server error"}}, status=500)
+        if llamacpp:
+            try:
+                body = await request.json()
+            except json.JSONDecodeError:
+                return web.json_response({"error": {"message": "bad request body"}}, status=400)
+            if not isinstance(body, dict) or "content" not in body:
+                return web.json_response({"tokens": []})  # llama-server: no content, no tokens, still 200
+            ids = tokenizer(str(body["content"]), add_special_tokens=bool(body.get("add_special", False)))
+            return web.json_response({"tokens": ids["input_ids"]})
         try:
             body = await request.json()
             text = body["prompt"]
@@ -224,10 +239,10 @@ def make_app(
         stats.requests += 1
         try:
             body = await request.json()
-            ids = [int(i) for i in body["tokens"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            ids = [int(i) for i in body.get("tokens", [])] if llamacpp else [int(i) for i in body["tokens"]]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             return web.json_response({"error": {"message": "bad request body"}}, status=400)
-        return web.json_response({"prompt": tokenizer.decode(ids)})
+        return web.json_response({"content" if llamacpp else "prompt": tokenizer.decode(ids)})
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
@@ -255,10 +270,13 @@ class FakeServer:
         host: str = "127.0.0.1",
         max_seconds: float = 600.0,
         tokenizer: Any = None,
+        tokenize_dialect: str = "vllm",
     ):
         if host not in LOOPBACK:
             raise ValueError(f"fake server binds to loopback only, not {host}")
-        self.app = make_app(latency_ms, faults, responder, tokenizer=tokenizer)
+        self.app = make_app(
+            latency_ms, faults, responder, tokenizer=tokenizer, tokenize_dialect=tokenize_dialect
+        )
         self.host = host
         self.max_seconds = max_seconds
         self.port: int | None = None

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from compeff.teachers.endpoints import DIRECT
 from compeff.top_logprobs import probe_fingerprint
 
 
@@ -29,7 +30,7 @@ def _post(url: str, body: dict[str, Any], api_key: str | None, timeout: float) -
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - the recipe's own server
+    with DIRECT.open(request, timeout=timeout) as resp:  # the recipe's own server, never via $HTTP_PROXY
         answer = json.loads(resp.read(1 << 20))
     if not isinstance(answer, dict):
         raise ValueError("not a JSON object")
@@ -45,6 +46,18 @@ class TokenizerUnreachable(ConnectionError):
     outage to ask about again later, not a server without such endpoints."""
 
 
+def _tokens(answer: dict[str, Any], text: str) -> list[int]:
+    """The ids of a tokenize answer; ValueError (not this dialect) when a non-empty text got none:
+    llama.cpp's own server answers 200 ``{"tokens": []}`` to a body without its ``content`` (vLLM's
+    dialect asked of it), and every server gives a non-empty text at least one token."""
+    ids = answer["tokens"]
+    if not isinstance(ids, list):
+        raise TypeError(f"tokens is not a list: {type(ids).__name__}")
+    if text and not ids:
+        raise ValueError("no tokens for a non-empty text: the server did not read this dialect's body")
+    return [int(i) for i in ids]
+
+
 def _dialects(root: str, model: str, api_key: str | None, timeout: float) -> list[Dialect]:
     def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
         return _post(root + path, body, api_key, timeout)
@@ -52,19 +65,19 @@ def _dialects(root: str, model: str, api_key: str | None, timeout: float) -> lis
     return [
         (
             "llama-cpp-python",
-            lambda text: post("/extras/tokenize", {"input": text, "model": model})["tokens"],
+            lambda text: _tokens(post("/extras/tokenize", {"input": text, "model": model}), text),
             lambda ids: post("/extras/detokenize", {"tokens": ids, "model": model})["text"],
         ),
         (
             VLLM,
-            lambda text: post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})[
-                "tokens"
-            ],
+            lambda text: _tokens(
+                post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}), text
+            ),
             lambda ids: post("/detokenize", {"model": model, "tokens": ids})["prompt"],
         ),
         (
             "llama.cpp",
-            lambda text: post("/tokenize", {"content": text})["tokens"],
+            lambda text: _tokens(post("/tokenize", {"content": text}), text),
             lambda ids: post("/detokenize", {"tokens": ids})["content"],
         ),
     ]

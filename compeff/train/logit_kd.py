@@ -26,6 +26,7 @@ from compeff.top_logprobs import VocabularyMismatch
 from compeff.train.chat_tokens import chat_text, chat_token_ids
 
 LABEL_FIELD = "label_probs"  # a closed task's teacher distribution over its labels (generate)
+OUT_OF_VOCABULARY = "token ids beyond the student's vocabulary"  # kd_features' refusal of such a sample
 
 
 def check_vocabulary(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
@@ -80,8 +81,12 @@ def kd_features(
 ) -> tuple[list[dict[str, Any]], dict[str, list[str]], int]:
     """Token ids, answer mask and the teacher's top-k arrays, aligned to the input positions, for every
     sample that lines up (see :func:`answer_ids`); the ids of the refused ones by reason; and how many
-    were trained on the teacher's own segmentation."""
+    were trained on the teacher's own segmentation. Ids a server named (vLLM's ``token_id:N``,
+    llama.cpp's ``id``) at or beyond ``len(tokenizer)`` refuse their sample here, not in a gather while
+    training."""
     features, refused = [], {"no log-probabilities": [], "answer tokens differ": [], "answer cut away": []}
+    refused[OUT_OF_VOCABULARY] = []
+    bound = len(tokenizer)  # ids the student's tokenizer has (its embedding may be padded wider)
     resegmented = 0
     for row, pair in zip(rows, pairs, strict=True):
         field = row.get(top_logprobs.FIELD)
@@ -96,6 +101,9 @@ def kd_features(
             refused["no log-probabilities"].append(str(row["id"]))
             continue
         tokens, ids, logprobs = top_logprobs.unpack(field)
+        if (tokens.size and tokens.max() >= bound) or (ids.size and ids.max() >= bound):
+            refused[OUT_OF_VOCABULARY].append(str(row["id"]))
+            continue
         lined_up = answer_ids(tokenizer, pair, tokens.tolist())
         if lined_up is None:
             refused["answer tokens differ"].append(str(row["id"]))
