@@ -555,8 +555,8 @@ class SftSettings(Section):
         description="QLoRA: load the student in 4 bits (NF4, bitsandbytes: pip install 'compeff[qlora]').",
     )
     merge: bool = Field(False, description="Fold the LoRA adapter into the model before saving.")
-    bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 training: true / false (on / off), or auto: on a GPU that has it."
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 training: on, off (true / false), or auto: on a GPU that has it."
     )
     pad_token: str | None = Field(
         None,
@@ -578,8 +578,8 @@ class SftSettings(Section):
     @field_validator("bf16", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
-        """``on`` / ``off`` as words: YAML and ``--set`` read them as booleans, recipes may spell them out."""
-        return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
+        """YAML and ``--set`` read ``on`` / ``off`` as booleans: true and false mean the same."""
+        return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
 
 class WordingSpec(Section):

@@ -3,6 +3,7 @@ pruned student in its source's dtype."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -26,11 +27,14 @@ def test_pruned_student_keeps_the_source_dtype(tmp_path, tiny_lm):
 
 
 def test_training_dtype_and_reload_tolerance_follow_the_setting():
-    assert training_dtype(True, cuda=False) == torch.bfloat16
-    assert training_dtype(False, cuda=True) == torch.float32
+    assert training_dtype("on", cuda=False) == torch.bfloat16
+    assert training_dtype("off", cuda=True) == torch.float32
     assert training_dtype("auto", cuda=False) == torch.float32
+    assert reload_tolerance(torch.float32) == 1e-3 and reload_tolerance(
+        torch.float32, scale=1e3
+    ) == pytest.approx(1e-2)
     assert (
-        reload_tolerance(torch.float32)
-        < reload_tolerance(torch.bfloat16)
-        < reload_tolerance(torch.bfloat16, True)
+        reload_tolerance(torch.bfloat16, scale=0.1) == 1e-2
+        and reload_tolerance(torch.bfloat16, scale=32.0) == 0.5
     )
+    assert reload_tolerance(torch.float32, load_in_4bit=True) == reload_tolerance(torch.bfloat16)

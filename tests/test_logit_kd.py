@@ -16,7 +16,7 @@ from compeff.config import load_recipe
 from compeff.teachers import ChatRequest, SamplingParams
 from compeff.teachers.hf_local import HFTeacher
 from compeff.train.kd_losses import sparse_topk_kl
-from compeff.train.logit_kd import VocabularyMismatch, collate, distill_loss, kd_features
+from compeff.train.logit_kd import VocabularyMismatch, collate, kd_features
 
 K = 4
 
@@ -74,7 +74,25 @@ def test_capture_packs_the_teachers_own_distribution(tiny_lm):
         assert np.allclose(top_v.numpy(), lps, atol=2e-3)  # float16
 
 
-def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
+def kd_loss_of_the_trainer(model, tok, features, alpha, temperature, tmp_path):
+    """compeff's KD trainer (TRL's SFTTrainer underneath) asked for its loss on one batch of all features,
+    and the mean KL per position with teacher information it logs."""
+    from trl import SFTConfig
+
+    from compeff.train.logit_kd import kd_trainer_class, row_index
+
+    args = SFTConfig(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True, bf16=False,
+                     remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False)  # fmt: skip
+    trainer = kd_trainer_class()(model=model, args=args, processing_class=tok, kd_alpha=alpha,
+                                 kd_temperature=temperature, train_dataset=row_index(features),
+                                 data_collator=collate(tok.pad_token_id, features))  # fmt: skip
+    batch = collate(tok.pad_token_id)(features)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+    return loss.item(), trainer._metrics["eval"]["kd_kl"][-1]
+
+
+def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm, tmp_path):
     rows = captured_samples(tiny_lm, ["the film was great", "boring plot", "music and actors"])
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
@@ -86,9 +104,7 @@ def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
-        loss, kl = distill_loss(
-            out.logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], 0.5, 2.0
-        )
+    loss, mean_kl = kd_loss_of_the_trainer(model, tok, features, 0.5, 2.0, tmp_path)
     # by hand, position by position: logits at t predict token t + 1
     logits = out.logits.numpy()
     terms = []
@@ -103,20 +119,18 @@ def test_kd_loss_in_the_trainer_equals_the_hand_computation(tiny_lm):
             terms.append(float((p * (np.log(p) - np.log(q[batch["teacher_ids"][b, t].numpy()]))).sum()))
     assert len(terms) == sum(len(top_logprobs.unpack(r[top_logprobs.FIELD])[0]) for r in rows)
     answer_tokens = int((batch["labels"] != -100).sum())  # the KL is divided as the CE is
-    assert kl.item() == pytest.approx(np.sum(terms) / answer_tokens, rel=1e-4)
-    assert loss.item() == pytest.approx(out.loss.item() + 0.5 * 4.0 * np.sum(terms) / answer_tokens, rel=1e-4)
+    assert mean_kl == pytest.approx(np.mean(terms), rel=1e-4)
+    assert loss == pytest.approx(out.loss.item() + 0.5 * 4.0 * np.sum(terms) / answer_tokens, rel=1e-4)
     # the teacher is this very model: on its top-k the renormalised teacher is the student restricted
     # there, so the sparse KL is -log(the student's mass on those k tokens)
-    _, same = distill_loss(
-        out.logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], 1.0, 1.0
-    )
+    loss, _ = kd_loss_of_the_trainer(model, tok, features, 1.0, 1.0, tmp_path)
     masses = []
     for b in range(3):
         for t in range(1, logits.shape[1]):
             lp = batch["teacher_logprobs"][b, t].numpy()
             if np.isfinite(lp).any():
                 masses.append(-math.log(np.exp(lp).sum()))
-    assert same.item() == pytest.approx(np.sum(masses) / answer_tokens, abs=2e-3)
+    assert loss - out.loss.item() == pytest.approx(np.sum(masses) / answer_tokens, abs=2e-3)
 
 
 def test_kd_training_runs_and_refuses_what_does_not_line_up(tiny_lm, tmp_path):
@@ -189,7 +203,7 @@ def test_gkd_trains_on_policy_with_a_local_teacher_and_refuses_another_vocabular
 def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
     """sft.packing with kd: each sample's logits in a packed row equal its logits alone (no attention
     across samples), the teacher's arrays stay at their tokens, and the trainer runs on packed rows."""
-    from compeff.train.logit_kd import pack_features, student_forward
+    from compeff.train.logit_kd import pack_features
     from compeff.train.sft import run_sft_stage
 
     rows = captured_samples(
@@ -212,7 +226,7 @@ def test_packed_rows_keep_samples_apart_and_train(tiny_lm, tmp_path):
     assert "attention_mask" not in batch
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
     with torch.no_grad():
-        logits = student_forward(model, inputs).logits  # the trainer's own forward pass
+        logits = model(**inputs, use_cache=False).logits  # no KV cache: the packed rows' own mask
         alone = {
             tuple(f["input_ids"]): model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features
         }

@@ -54,8 +54,8 @@ def answer_token_count(targets: Any, num_items_in_batch: Any = None) -> Any:
     import torch
 
     if num_items_in_batch is None:
-        return (targets != -100).sum()
-    return torch.as_tensor(num_items_in_batch)
+        return (targets != -100).sum().clamp(min=1)
+    return torch.as_tensor(num_items_in_batch).clamp(min=1)
 
 
 def answer_only_trainer_class():

@@ -281,34 +281,6 @@ def kd_term(logits: Any, teacher_ids: Any, teacher_logprobs: Any, temperature: f
     return (kl * has).sum(), has.sum()
 
 
-def distill_loss(
-    logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any, alpha: float, temperature: float,
-    num_items_in_batch: Any = None,
-) -> tuple[Any, Any]:  # fmt: skip
-    """(CE + alpha * T^2 * KL, the KL), both summed over the batch and divided by its answer-token count
-    (``num_items_in_batch`` under gradient accumulation and DDP, as transformers divides the CE), so the
-    KL keeps its weight whatever the accumulation steps or ranks. Logits at position t predict token
-    t + 1, so labels and the teacher's arrays (stored at the predicted token) shift by one."""
-    import torch.nn.functional as F
-
-    from compeff.train.answer_head import answer_token_count
-
-    targets = labels[:, 1:]
-    count = answer_token_count(targets, num_items_in_batch).to(logits.device)
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum") / count
-    kl_sum, _ = kd_term(logits[:, :-1], teacher_ids[:, 1:], teacher_logprobs[:, 1:], temperature)
-    kl = kl_sum / count
-    return ce + alpha * temperature**2 * kl, kl
-
-
-def student_forward(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-    """The student's forward pass on a collated batch (logits and the answer tokens' cross-entropy).
-    No KV cache: with one, transformers would not build the packed rows' block-diagonal mask."""
-    extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-    return model(**inputs, use_cache=False, **extra)
-
-
 def kd_trainer_class():
     """TRL's SFTTrainer with the distillation term added to its loss (``kd_alpha``, ``kd_temperature``
     are keyword arguments of the trainer)."""

@@ -186,10 +186,11 @@ def reload_drift(
     merged: bool,
     dtype: Any,
     load_in_4bit: bool = False,
-) -> float:
-    """Largest logit difference between the in-memory model and the one saved in ``out_dir``, on a few
-    training prompts, loaded as it was trained (same dtype, same quantisation): a saved adapter or model
-    that does not reload the same is an error. Compare with :func:`compeff.loading.reload_tolerance`."""
+) -> tuple[float, float]:
+    """(largest logit difference between the in-memory model and the one saved in ``out_dir``, largest
+    absolute logit) on a few training prompts, the copy loaded as it was trained (same dtype, same
+    quantisation): a saved adapter or model that does not reload the same is an error. Compare with
+    :func:`compeff.loading.reload_tolerance`."""
     import torch
 
     adapter = str(out_dir) if (out_dir / "adapter_config.json").exists() and not merged else None
@@ -202,14 +203,15 @@ def reload_drift(
     device = next(trained.parameters()).device
     if not load_in_4bit:
         reloaded.to(device)
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     with torch.inference_mode():
         for pair in pairs:
             ids = torch.tensor([chat_token_ids(tokenizer, pair["prompt"], True)], device=device)
             a = trained(input_ids=ids).logits.float()
             b = reloaded(input_ids=ids).logits.float()
             worst = max(worst, float((a - b).abs().max()))
-    return worst
+            scale = max(scale, float(a.abs().max()))
+    return worst, scale
 
 
 def run_sft_stage(
@@ -412,10 +414,10 @@ def run_sft_stage(
         trained.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         merged = s.lora_r is not None and s.merge
-        drift = reload_drift(
+        drift, scale = reload_drift(
             trainer.model, out_dir, path, tokenizer, pairs[:4], merged, dtype, s.load_in_4bit
         )
-        tolerance = reload_tolerance(dtype, s.load_in_4bit)
+        tolerance = reload_tolerance(dtype, s.load_in_4bit, scale)
         if drift > tolerance:
             raise SftCheckError(
                 f"the saved model does not reproduce the trained one (max logit difference {drift:.2e}, "
@@ -432,6 +434,7 @@ def run_sft_stage(
             notes=notes,
             reload_max_abs_diff=drift,
             reload_tolerance=tolerance,
+            reload_logit_scale=scale,
             reload_dtype="nf4" if s.load_in_4bit else str(dtype).removeprefix("torch."),
             loss=s.loss,
             kd_refused={k: len(v) for k, v in kd_refused.items()},
