@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from compeff.config import Recipe
+from compeff.config import ConfigError, Recipe
 from compeff.models import student_model
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, iter_jsonl, read_chat_set, upstream_data, weights_fingerprint
@@ -81,8 +81,9 @@ def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
     which trains the scorer first and passes it here as ``score.scorer``."""
     settings = recipe.score
     if settings.warmup_samples and not settings.scorer:
-        raise ValueError(
-            "score.warmup_samples: the warmed-up scorer is trained by compeff.train.score_warmup"
+        raise ConfigError(
+            "score.warmup_samples: run the score stage as `compeff score` (compeff.train.score_warmup "
+            "trains the warmed-up scorer first)"
         )
     manifest = merge_score_shards(recipe, force) if settings.merge else _score(recipe, force, progress)
     if settings.proxy and not settings.shard:
