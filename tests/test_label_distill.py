@@ -279,6 +279,7 @@ def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, l
         r = results[spec]
         assert len(r["wordings"]) == n_words and 0 <= r["ensemble"] <= 1
         assert len(r["calibrated_wordings"]) == n_words and 0 <= r["calibrated_ensemble"] <= 1
+        assert len(r["batch_calibrated_wordings"]) == n_words
         kept = [r["confidence_ensemble"][f"{t:g}"]["kept"] for t in THRESHOLDS]
         assert kept == sorted(kept, reverse=True)  # a higher threshold keeps fewer
     assert json.loads((tmp_path / "labels_bench.json").read_text()) == results

@@ -5,7 +5,8 @@ The teacher answers the seed polarity tasks (2-way on IMDb train reviews, 3-way 
 tweets: splits no evaluation uses) in each of the task's wordings, read as label distributions by the
 ruler's arithmetic; the labels are compared with the sets' true labels: per wording, the ensemble (the mean distribution over the wordings,
 ``generate.label_ensemble``), after contextual calibration (each wording's distribution divided by its
-mean on content-free inputs, ``generate.calibrate``), and above confidence thresholds
+mean on content-free inputs, ``generate.calibrate``) and after batch calibration (divided by its mean over
+the set's own texts: no content-free input, but the texts' label balance is assumed), and above confidence thresholds
 (``generate.min_confidence``: the share of samples kept and how often their label is right).
 """
 
@@ -70,6 +71,8 @@ def run_labels_bench(
             calibrated.append(
                 calibrate(per_wording[-1], label_distribution(scorer.label_log_mass(free, task["labels"])))
             )
+        # batch calibration: each wording's mean distribution over the texts themselves as the prior
+        batch = [calibrate(p, p) for p in per_wording]
         mean, mean_cal = np.mean(per_wording, axis=0), np.mean(calibrated, axis=0)
         results[spec] = {
             "task": task_name,
@@ -78,6 +81,8 @@ def run_labels_bench(
             "ensemble": float((mean.argmax(1) == truth).mean()),
             "calibrated_wordings": [float((p.argmax(1) == truth).mean()) for p in calibrated],
             "calibrated_ensemble": float((mean_cal.argmax(1) == truth).mean()),
+            "batch_calibrated_wordings": [float((p.argmax(1) == truth).mean()) for p in batch],
+            "batch_calibrated_ensemble": float((np.mean(batch, axis=0).argmax(1) == truth).mean()),
             "label_shares": [np.bincount(p.argmax(1), minlength=p.shape[1]).tolist() for p in per_wording],
             "calibrated_label_shares": [
                 np.bincount(p.argmax(1), minlength=p.shape[1]).tolist() for p in calibrated
@@ -85,6 +90,10 @@ def run_labels_bench(
             "confidence_single": confidence_table(per_wording[0], truth),
             "confidence_ensemble": confidence_table(mean, truth),
             "confidence_calibrated": confidence_table(calibrated[0], truth),
+            "confidence_batch_calibrated": confidence_table(batch[0], truth),
+            "batch_calibrated_label_shares": [
+                np.bincount(p.argmax(1), minlength=p.shape[1]).tolist() for p in batch
+            ],
         }
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -104,7 +113,7 @@ def print_table(results: dict[str, Any], teacher: str) -> None:
     ):
         table.add_column(col, justify="left" if col.startswith("set") else "right")
     for spec, r in results.items():
-        for kind in ("single", "ensemble", "calibrated"):
+        for kind in ("single", "ensemble", "calibrated", "batch_calibrated"):
             cells = []
             for t in THRESHOLDS:
                 c = r[f"confidence_{kind}"][f"{t:g}"]
@@ -114,6 +123,7 @@ def print_table(results: dict[str, Any], teacher: str) -> None:
             key = {
                 "single": ("wordings", "ensemble"),
                 "calibrated": ("calibrated_wordings", "calibrated_ensemble"),
+                "batch_calibrated": ("batch_calibrated_wordings", "batch_calibrated_ensemble"),
             }
             words, ens = "", ""
             if kind in key:
