@@ -99,3 +99,22 @@ def kill_after_lines(cmd: list[str], data: Path, min_lines: int, wait_s: float =
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     return data.read_text().count("\n") if data.exists() else 0
+
+
+@pytest.fixture
+def dead_proxy(monkeypatch):
+    """$HTTP_PROXY names a loopback port where nothing listens (no $NO_PROXY): a request that goes through
+    the proxy fails. urllib's default opener reads the proxies once, so it is reset before and after."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, url)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    urllib.request.install_opener(None)
+    yield url
+    urllib.request.install_opener(None)

@@ -193,24 +193,31 @@ def test_label_soft_targets_sit_where_the_label_words_part(tiny_lm):
     assert at > f["completion_mask"].index(1)  # past the template's own tokens
 
 
-def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
-    """generate.label_ensemble: 3: each closed sample's distribution is the mean of its own wording's (the
-    run without the ensemble) and the other wordings' (kept in generate/ensemble/, resumable)."""
+def seed_task_runs(tmp_path, teacher, n: int, variants: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
+    """generate on the two polarity seed tasks over n short texts, once per variant (run name -> extra
+    overrides), in one run folder; run name -> sample id -> record."""
     from compeff.synth.generate import run_generate_stage
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"id": f"u{i}", "text": f"a {['dull', 'great'][i % 2]} film {i}"}) + "\n"
-                             for i in range(8)))  # fmt: skip
-    base = [f"run.dir={tmp_path / 'runs'}", f"teacher.model={label_teacher}", "teacher.cache=null",
-            f"data.user_texts=[{texts}]", "generate.n_samples=8", "tasks.seed_tasks=[polarity, polarity3]"]  # fmt: skip
+                             for i in range(n)))  # fmt: skip
+    base = [f"run.dir={tmp_path / 'runs'}", f"teacher.model={teacher}", "teacher.cache=null",
+            f"data.user_texts=[{texts}]", f"generate.n_samples={n}", "tasks.seed_tasks=[polarity, polarity3]"]  # fmt: skip
     rows = seed_task_rows(["polarity", "polarity3"])
     results = {}
-    for name, extra in (("plain", []), ("ens", ["generate.label_ensemble=3"])):
+    for name, extra in variants.items():
         recipe = load_recipe(None, [*base, f"run.name={name}", *extra])
         (recipe.run_dir / "tasks").mkdir(parents=True)
         (recipe.run_dir / "tasks" / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         run_generate_stage(recipe, progress=False)
         results[name] = {r["id"]: r for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")}
+    return results
+
+
+def test_prompt_ensemble_averages_the_wordings(tmp_path, label_teacher):
+    """generate.label_ensemble: 3: each closed sample's distribution is the mean of its own wording's (the
+    run without the ensemble) and the other wordings' (kept in generate/ensemble/, resumable)."""
+    results = seed_task_runs(tmp_path, label_teacher, 8, {"plain": [], "ens": ["generate.label_ensemble=3"]})
     others: dict[str, list[dict[str, float]]] = {}
     for r in iter_jsonl(tmp_path / "runs" / "ens" / "generate" / "ensemble" / "data.jsonl"):
         others.setdefault(r["group"], []).append(r["label_probs"])
@@ -229,23 +236,10 @@ def test_calibration_divides_by_each_templates_content_free_answers(tmp_path, la
     generate/calibration/), and each sample's distribution is its uncalibrated one (the run without
     calibration) divided by its template's mean content-free distribution, renormalised."""
     from compeff.evaluate.classification import CONTENT_FREE
-    from compeff.synth.generate import run_generate_stage
     from compeff.synth.instructions import wording_index
 
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"id": f"u{i}", "text": f"a {['dull', 'great'][i % 2]} film {i}"}) + "\n"
-                             for i in range(10)))  # fmt: skip
-    base = [f"run.dir={tmp_path / 'runs'}", f"teacher.model={label_teacher}", "teacher.cache=null",
-            f"data.user_texts=[{texts}]", "generate.n_samples=10", "tasks.seed_tasks=[polarity, polarity3]"]  # fmt: skip
-    rows = seed_task_rows(["polarity", "polarity3"])
-    by_task = {r["id"]: r for r in rows}
-    results = {}
-    for name, extra in (("plain", []), ("cal", ["generate.calibrate=true"])):
-        recipe = load_recipe(None, [*base, f"run.name={name}", *extra])
-        (recipe.run_dir / "tasks").mkdir(parents=True)
-        (recipe.run_dir / "tasks" / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run_generate_stage(recipe, progress=False)
-        results[name] = {r["id"]: r for r in iter_jsonl(recipe.run_dir / "generate" / "data.jsonl")}
+    by_task = {r["id"]: r for r in seed_task_rows(["polarity", "polarity3"])}
+    results = seed_task_runs(tmp_path, label_teacher, 10, {"plain": [], "cal": ["generate.calibrate=true"]})
     free: dict[str, list[dict[str, float]]] = {}
     for r in iter_jsonl(tmp_path / "runs" / "cal" / "generate" / "calibration" / "data.jsonl"):
         free.setdefault(r["template"], []).append(r["label_probs"])

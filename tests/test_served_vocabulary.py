@@ -185,30 +185,16 @@ def test_llama_servers_own_dialect_is_not_taken_for_vllms(tmp_path, tiny_lm):
         assert field["unmapped"] == 0 and top_logprobs.unpack(field)[0].tolist() == ids
 
 
-def test_tokenize_endpoints_are_asked_directly_not_through_http_proxy(tiny_lm, monkeypatch):
+def test_tokenize_endpoints_are_asked_directly_not_through_http_proxy(tiny_lm, dead_proxy):
     """$HTTP_PROXY names a dead port: urllib's default opener would send even 127.0.0.1 there (and the
     outage would refuse the teacher); compeff's calls to the server's tokenize endpoints go direct."""
-    import socket
-    import urllib.request
-
     from compeff.teachers.tokenize_api import served_first_pieces, served_vocabulary
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead_proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for name in ("http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(name, dead_proxy)
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    urllib.request.install_opener(None)  # urlopen's opener reads the proxies once: make it read these
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    try:
-        with FakeServer(tokenizer=tiny_lm) as srv:
-            served = served_vocabulary(srv.base_url, "teacher")
-            pieces = served_first_pieces(srv.base_url, "teacher", ["positive"])
-            asked = srv.stats.tokenize_calls
-    finally:
-        urllib.request.install_opener(None)
+    with FakeServer(tokenizer=tiny_lm) as srv:
+        served = served_vocabulary(srv.base_url, "teacher")
+        pieces = served_first_pieces(srv.base_url, "teacher", ["positive"])
+        asked = srv.stats.tokenize_calls
     assert served is not None and served.dialect == "vllm" and asked > 0
     assert served.fingerprint == top_logprobs.tokenizer_probe_fingerprint(tokenizer)
     assert pieces is not None and set(pieces) == {"positive"}
