@@ -411,6 +411,14 @@ class GenerateSettings(Section):
         "the mean content-free one (the teacher's label prior taken out), at three one-token calls per "
         "template. Needs label_scoring.",
     )
+
+    @field_validator("calibrate")
+    @classmethod
+    def _calibrate_needs_label_scoring(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("label_scoring", True):
+            raise ValueError("calibrates label distributions: set generate.label_scoring: true too")
+        return value
+
     min_confidence: float = Field(
         0.0,
         ge=0,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compeff.config import load_recipe
+from compeff.config import ConfigError, load_recipe
 from compeff.evaluate.classification import HFLabelScorer, label_distribution
 from compeff.runs import iter_jsonl
 from compeff.synth.instructions import pairing_prompts, plan_pairings, wording_index
@@ -237,6 +237,7 @@ def test_calibration_divides_by_each_templates_content_free_answers(tmp_path, la
     calibration) divided by its template's mean content-free distribution, renormalised."""
     from compeff.evaluate.classification import CONTENT_FREE
     from compeff.synth.instructions import wording_index
+    from compeff.synth.label_calls import TEXT_SLOT, template_key
 
     by_task = {r["id"]: r for r in seed_task_rows(["polarity", "polarity3"])}
     results = seed_task_runs(tmp_path, label_teacher, 10, {"plain": [], "cal": ["generate.calibrate=true"]})
@@ -249,20 +250,23 @@ def test_calibration_divides_by_each_templates_content_free_answers(tmp_path, la
     for sid, sample in results["cal"].items():
         raw = results["plain"][sid]["label_probs"]
         labels = list(raw)
-        matches = []
-        for answers in free.values():  # the sample's own template is the one whose arithmetic holds
-            if len(answers[0]) != len(labels):
-                continue
-            prior = np.mean([[a[label] for label in labels] for a in answers], axis=0)
-            expected = np.array([raw[label] for label in labels]) / np.maximum(prior, 1e-3)
-            expected /= expected.sum()
-            matches.append(
-                np.allclose([sample["label_probs"][label] for label in labels], expected, atol=2e-6)
-            )
-        assert any(matches) and sample["calibrated"] is True
+        task = by_task[sample["task_id"]]
+        # the sample's own template: its wording with the text taken out
+        own = template_key(
+            fill(task["wordings"][wording_index(sid, len(task["wordings"]))], labels, TEXT_SLOT)
+        )
+        prior = np.mean([[a[label] for label in labels] for a in free[own]], axis=0)
+        expected = np.array([raw[label] for label in labels]) / np.maximum(prior, 1e-3)
+        expected /= expected.sum()
+        assert [sample["label_probs"][label] for label in labels] == pytest.approx(
+            expected.tolist(), abs=2e-6
+        )
+        assert sample["calibrated"] is True
         assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
     assert sum(abs(results["cal"][s]["label_probs"][k] - v) for s in results["plain"]
                for k, v in results["plain"][s]["label_probs"].items()) > 0.01  # fmt: skip
+    with pytest.raises(ConfigError, match="label_scoring"):
+        load_recipe(None, ["generate.calibrate=true", "generate.label_scoring=false"])
 
 
 def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, label_teacher):

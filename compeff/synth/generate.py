@@ -270,7 +270,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     out = calibrated(probs, content_free.get(template, []))
                     if out is None:
                         raise AnswerRejected(
-                            "calibration: the teacher answered no content-free question of this prompt"
+                            f"calibration: the content-free questions of template {template} are not all "
+                            "answered (generate/calibration/failures.jsonl); a later run asks them again"
                         )
                     return out
 

@@ -7,7 +7,9 @@
   ``[MASK]``); a distribution is divided by its template's mean content-free distribution and
   renormalised (:func:`compeff.evaluate.classification.calibrate`, the ruler's own arithmetic). A small
   teacher that answers one label for nearly every text (SmolLM2-135M: "positive") has that prior taken
-  out; the cost is three calls per template, not per sample.
+  out. The cost is three calls per template: a seed task has a template per wording; a teacher task's
+  template includes the sample's demonstrations, so with several demos drawn per sample it can come to
+  three calls per sample.
 
 Both are answered in sub-stages of the generate folder (``generate/ensemble/``, ``generate/calibration/``),
 resumable like any stage, before the samples themselves.
@@ -107,21 +109,21 @@ def answer_label_requests(
 
     sub = Stage.open(stage.folder, sub_name, config=config, inputs={})
     with sub:
-        pending = sub.pending(requests)
+        # whatever the samples still pending need and has no answer yet, failed before or never asked,
+        # even in a sub-stage that finished: it is asked only while its parent stage is not complete
+        pending = [r for r in requests if r.id not in sub.done_ids]
         if pending:
             answer_requests(sub, teacher, pending, to_record, cache=cache, progress=progress)
     out: dict[str, list[dict[str, Any]]] = {}
     for row in iter_jsonl(sub.data_path):
-        out.setdefault(row.get("group", row.get("sample_id")), []).append(
-            row
-        )  # sample_id: before calibration
+        out.setdefault(row["group"], []).append(row)
     return out
 
 
 def calibrated(probs: dict[str, float], content_free: list[dict[str, Any]]) -> dict[str, float] | None:
     """A label distribution divided by its template's mean content-free distribution, renormalised;
-    None when none of the template's content-free questions was answered."""
-    if not content_free:
+    None unless every content-free question of the template was answered (as the ruler requires)."""
+    if len(content_free) < len(CONTENT_FREE):
         return None
     labels = list(probs)
     free = np.array([[row["label_probs"][label] for label in labels] for row in content_free])
