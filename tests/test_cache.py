@@ -24,11 +24,20 @@ def test_concurrent_processes_and_threads(tmp_path):
     procs = [mp.get_context("spawn").Process(target=_writer, args=(path, k * 100)) for k in range(3)]
     for p in procs:
         p.start()
-    threads = [threading.Thread(target=_writer, args=(path, 1000 + k * 200)) for k in range(2)]
+    errors: list[BaseException] = []
+
+    def thread_writer(start: int) -> None:
+        try:
+            _writer(path, start)
+        except BaseException as exc:  # a thread's failure would otherwise only be printed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread_writer, args=(1000 + k * 200,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0

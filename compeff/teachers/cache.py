@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,19 +55,29 @@ class TeacherCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=60.0, check_same_thread=False, isolation_level=None
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=60000")
-            self._conn.execute(_SCHEMA)
-            self._conn.execute("SELECT key, value FROM answers LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
-            raise CacheError(
-                f"teacher.cache {self.path}: not a usable SQLite cache ({exc}); move it away or set teacher.cache"
-            ) from None
+        # several processes opening a new cache at once: switching it to WAL can answer "locked" at once,
+        # without waiting in the busy handler, so the opening is tried again for up to a minute
+        deadline = time.monotonic() + 60.0
+        while True:
+            conn = None
+            try:
+                conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(_SCHEMA)
+                conn.execute("SELECT key, value FROM answers LIMIT 1").fetchall()
+                self._conn = conn
+                break
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise CacheError(
+                    f"teacher.cache {self.path}: not a usable SQLite cache ({exc}); move it away or set teacher.cache"
+                ) from None
         self.hits = 0
         self.misses = 0
 
