@@ -212,11 +212,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         if settings.label_scoring and t.get("type") == "closed_classification" and t.get("labels")
     }
     ask_ids = False  # set with the capture: a vLLM server names the captured answers' tokens by id
+    template_of: dict[str, str] = {}  # sample id -> its prompt template's key (generate.calibrate)
 
     def build(pairing) -> ChatRequest:
         meta = {"task_id": pairing.task_id, "text_id": texts[pairing.text_index]["id"]}
-        if settings.calibrate and pairing.task_id in scored:  # which content-free answers calibrate it
-            meta["template"] = template_key(prompt(pairing, TEXT_SLOT))
+        if pairing.id in template_of:  # which content-free answers calibrate it
+            meta["template"] = template_of[pairing.id]
         return ChatRequest(
             id=pairing.id,
             messages=[{"role": "user", "content": prompt(pairing)}],
@@ -257,7 +258,8 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     for p in pending:
                         if p.task_id in scored:
                             template = prompt(p, TEXT_SLOT)
-                            templates[template_key(template)] = (template, by_id[p.task_id]["labels"])
+                            template_of[p.id] = template_key(template)
+                            templates[template_of[p.id]] = (template, by_id[p.task_id]["labels"])
                     for r in extra:  # the ensemble's wordings are calibrated each by its own template
                         templates[r.meta["template"]] = (r.meta["template_text"], r.meta["labels"])
                     asked = calibration_requests(templates)
