@@ -174,6 +174,10 @@ TEACHER_FLAGS = (
 )
 
 
+#: the stages whose per-item work can run on Ray (``--executor ray``)
+EXECUTOR_STAGES = ("teach", "generate", "score")
+
+
 def stage_command(name: str, help_text: str, sections: list[str], teacher: bool = False) -> None:
     """Register ``compeff NAME`` with flags for the named recipe sections (and key teacher flags)."""
     params = common_options()
@@ -184,6 +188,21 @@ def stage_command(name: str, help_text: str, sections: list[str], teacher: bool 
             "teacher", Recipe.model_fields["teacher"].annotation, prefix="teacher_"
         )
         params += [p for p in teacher_params if p[0].split("__", 1)[1] in TEACHER_FLAGS]
+    if name in EXECUTOR_STAGES:
+        option = typer.Option(
+            None,
+            "--executor",
+            help="local (this process) or ray (Ray Data actors on ray.address; pip install 'compeff[ray]'). "
+            "Recipe key: run.executor.",
+            show_default=False,
+        )
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params.append(
+            (
+                "run__executor",
+                inspect.Parameter("run__executor", kw, default=option, annotation=Optional[str]),
+            )
+        )
 
     def command(**kwargs: Any) -> None:
         def body() -> None:

@@ -107,6 +107,43 @@ class RunSettings(Section):
         default_factory=list,
         description="Stages that `compeff run` executes, in order (empty: every implemented stage).",
     )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where the stages whose cost grows with the data (generate, score, teach) do their "
+        "work: local (this process) or ray (Ray Data actor pools on the cluster named by ray.address; "
+        "needs pip install 'compeff[ray]'). This process still writes every record.",
+    )
+
+
+class RaySettings(Section):
+    """How ``run.executor: ray`` uses a Ray cluster (docs/scaling.md)."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join: 'auto' (the one `ray start` made on this node), 'ray://host:10001' "
+        "or 'host:6379'; null: $RAY_ADDRESS if set, else a local Ray for this command.",
+    )
+    actors: int = Field(
+        2, ge=1, le=4096, description="Actors in the pool: teacher clients or vLLM replicas, or scorers."
+    )
+    cpus_per_actor: float = Field(1.0, ge=0, le=1024, description="CPUs Ray reserves for each actor.")
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0,
+        le=64,
+        description="GPUs Ray reserves for each actor (1 per vLLM replica or scorer; "
+        "teacher.tensor_parallel_size for a tensor-parallel vLLM group).",
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Requests or samples per Ray batch: what a lost worker re-does, and the unit results "
+        "come back in.",
+    )
+    local_cpus: int | None = Field(
+        None, ge=1, le=4096, description="CPUs of the local Ray started when no cluster is named (null: all)."
+    )
 
 
 # ------------------------------------------------------------------------------------------ teacher
@@ -810,6 +847,7 @@ class Recipe(Section):
     """A whole recipe: every section has defaults, so an empty file is a valid (offline) recipe."""
 
     run: RunSettings = Field(default_factory=RunSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     student: StudentSettings = Field(default_factory=StudentSettings)

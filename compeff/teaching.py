@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from compeff.config import Recipe, TeacherSettings
+from compeff.config import RaySettings, Recipe, TeacherSettings
 from compeff.data import DataError, check_text
 from compeff.fingerprints import weights_fingerprint
 from compeff.progress import Tracker
@@ -40,13 +40,24 @@ def open_cache(settings: TeacherSettings) -> TeacherCache | None:
     return TeacherCache(settings.cache) if settings.cache else None
 
 
+def ray_executor(recipe: Recipe) -> RaySettings | None:
+    """The recipe's Ray settings when its stages run on Ray (``run.executor: ray``), else None."""
+    return recipe.ray if recipe.run.executor == "ray" else None
+
+
 @contextmanager
 def teacher_session(
-    settings: TeacherSettings, seed: int | None = None
+    settings: TeacherSettings, seed: int | None = None, ray: RaySettings | None = None
 ) -> Iterator[tuple[Teacher, TeacherCache | None]]:
     """The recipe's teacher and request cache, closed when the block ends; ``seed`` (the run seed) seeds
-    every sampled request by its id (see :meth:`Teacher.seeded`)."""
-    teacher = make_teacher(settings, seed=seed)
+    every sampled request by its id (see :meth:`Teacher.seeded`). With ``ray`` the teacher's backend runs
+    on a pool of Ray actors (:mod:`compeff.teachers.ray_teacher`); the cache stays in this process."""
+    if ray is not None:
+        from compeff.teachers.ray_teacher import RayTeacher
+
+        teacher: Teacher = RayTeacher(settings, ray, seed=seed)
+    else:
+        teacher = make_teacher(settings, seed=seed)
     cache = open_cache(settings)
     try:
         yield teacher, cache
@@ -206,7 +217,7 @@ def run_teach_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
 
 
 def _answer_teach_requests(recipe: Recipe, stage: Stage, requests: list[ChatRequest], progress: bool) -> None:
-    with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
+    with teacher_session(recipe.teacher, seed=recipe.run.seed, ray=ray_executor(recipe)) as (teacher, cache):
 
         def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
             return {

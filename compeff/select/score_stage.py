@@ -8,6 +8,7 @@ and ``summary.md`` / ``summary.json``. ``--shard K/N`` scores a part; ``--merge`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from compeff.config import ConfigError, Recipe
 from compeff.models import student_model
 from compeff.progress import Tracker, console
 from compeff.runs import Stage, iter_jsonl, read_chat_set, upstream_data, weights_fingerprint
-from compeff.select.difficulty import DifficultyScorer, ScoreOptions
+from compeff.select.difficulty import DifficultyScorer, Scored, ScoreOptions
 from compeff.select.plots import histogram_png
 from compeff.shards import (
     check_shards_match,
@@ -108,9 +109,6 @@ def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
     with stage:
         pending = stage.pending(rows, key=lambda r: r["id"])
         if pending:
-            scorer = DifficultyScorer.load(
-                scorer_name(recipe), score_options(recipe), settings.device, settings.dtype
-            )
             by_id = {str(r["id"]): r for r in pending}
             with Tracker(
                 f"score ({len(rows)} samples)",
@@ -118,7 +116,7 @@ def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
                 enabled=progress,
                 done=len(rows) - len(pending),
             ) as tracker:
-                for batch in scorer.score((str(r["id"]), r["messages"]) for r in pending):
+                for batch in score_batches(recipe, [(str(r["id"]), r["messages"]) for r in pending]):
                     ok = [
                         {**by_id[s.id], "difficulty": s.difficulty, "score_info": s.info}
                         for s in batch
@@ -131,6 +129,38 @@ def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
         write_score_summary(stage, len(rows))
     assert stage.manifest is not None
     return stage.manifest
+
+
+def scorer_worker(
+    name: str, options: ScoreOptions, device: str, dtype: str
+) -> Callable[[list[tuple[str, list[dict[str, Any]]]]], list[Scored]]:
+    """The scorer, loaded once (in a Ray actor), scoring a batch of (id, messages) pairs."""
+    scorer = DifficultyScorer.load(name, options, device, dtype)
+
+    def score(samples: list[tuple[str, list[dict[str, Any]]]]) -> list[Scored]:
+        return [s for batch in scorer.score(samples) for s in batch]
+
+    return score
+
+
+def score_batches(recipe: Recipe, samples: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[list[Scored]]:
+    """Scored batches of (id, messages) pairs: in this process, or on a pool of Ray actors that each load
+    the scorer once (``run.executor: ray``); either way this process writes them."""
+    s = recipe.score
+    if recipe.run.executor == "ray":
+        from compeff.ray_exec import map_on_actors
+
+        kwargs = {
+            "name": scorer_name(recipe),
+            "options": score_options(recipe),
+            "device": s.device,
+            "dtype": s.dtype,
+        }
+        yield from map_on_actors(samples, scorer_worker, kwargs, recipe.ray)
+        return
+    yield from DifficultyScorer.load(scorer_name(recipe), score_options(recipe), s.device, s.dtype).score(
+        samples
+    )
 
 
 def merge_score_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:

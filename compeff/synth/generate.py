@@ -47,7 +47,13 @@ from compeff.synth.label_calls import (
 from compeff.synth.tasks import match_label
 from compeff.synth.tasks_stage import TASKS_FILE
 from compeff.teachers import ChatRequest, TeacherResult, sampling_params
-from compeff.teaching import AnswerRejected, answer_requests, teacher_identity, teacher_session
+from compeff.teaching import (
+    AnswerRejected,
+    answer_requests,
+    ray_executor,
+    teacher_identity,
+    teacher_session,
+)
 
 LOW_CONFIDENCE = "qc: teacher confidence below the threshold"
 
@@ -238,7 +244,7 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
             capture = None
             if settings.teacher_top_logprobs:  # checked before the teacher loads: a refusal costs nothing
                 capture, ask_ids = logprob_capture(recipe)
-            with teacher_session(recipe.teacher, seed=recipe.run.seed) as (teacher, cache):
+            with teacher_session(recipe.teacher, recipe.run.seed, ray_executor(recipe)) as (teacher, cache):
                 reader = LabelReader(recipe) if scored else None
                 for tid in sorted(scored):  # label words that cannot be told apart: sampled text instead
                     assert reader is not None
