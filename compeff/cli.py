@@ -350,13 +350,30 @@ def bench_generate(
     latency_ms: float = typer.Option(50.0, "--latency-ms", help="Server latency per request."),
     out: Path | None = typer.Option(None, "--out", help="Write generate_bench.json here."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the median is reported."),
+    executor: list[str] = typer.Option(
+        ["local"],
+        "--executor",
+        help="local, ray: ray adds the stage on a local Ray beside local (repeatable).",
+    ),
+    ray_actors: int = typer.Option(2, "--ray-actors", help="Actors of the Ray row."),
+    ray_batch_size: int = typer.Option(64, "--ray-batch-size", help="Requests per Ray batch."),
 ) -> None:
-    """samples/s of the generate stage vs the raw client, against a loopback server."""
+    """samples/s of the generate stage vs the raw client, against a loopback server (and on Ray)."""
     from compeff.bench.generate import run_generate_bench
 
+    unknown = sorted(set(executor) - {"local", "ray"})
+    if unknown:
+        raise fail(f"--executor: local or ray, not {', '.join(unknown)}")
     guarded(
         lambda: run_generate_bench(
-            n_samples=n_samples, concurrency=concurrency, latency_ms=latency_ms, out_dir=out, rounds=rounds
+            n_samples=n_samples,
+            concurrency=concurrency,
+            latency_ms=latency_ms,
+            out_dir=out,
+            rounds=rounds,
+            executors=tuple(executor),
+            ray_actors=ray_actors,
+            ray_batch_size=ray_batch_size,
         )
     )
 

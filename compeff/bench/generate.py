@@ -57,9 +57,15 @@ def run_generate_bench(
     latency_ms: float = 50.0,
     out_dir: Path | None = None,
     rounds: int = 3,
+    executors: tuple[str, ...] = ("local",),
+    ray_actors: int = 2,
+    ray_batch_size: int = 64,
 ) -> dict:
-    """Raw client vs the generate stage (cache off, cache on) on the same requests; prints a table."""
+    """Raw client vs the generate stage (cache off, cache on) on the same requests; prints a table. With
+    ``"ray"`` in ``executors`` the stage also runs on a local Ray (``ray_actors`` actors sharing the same
+    number of requests in flight), and the table says what Ray adds per request."""
     console = Console()
+    ray_start_s = None
     sources = ["tweeteval_sentiment:validation"]
     proc, url = start_server(latency_ms, script="pipeline")
     rows = []
@@ -96,13 +102,26 @@ def run_generate_bench(
                 measured.setdefault("raw client (OpenAITeacher.generate)", []).append(
                     (done, time.perf_counter() - start)
                 )
-                for label, cache in (
-                    ("generate stage, cache off", None),
-                    ("generate stage, cache on", f"{tmp}/cache-{round_}.sqlite"),
-                ):
-                    name = f"bench-{round_}-{'on' if cache else 'off'}"
+                variants = [
+                    ("generate stage, cache off", None, []),
+                    ("generate stage, cache on", f"{tmp}/cache-{round_}.sqlite", []),
+                ]
+                if "ray" in executors:
+                    if ray_start_s is None:  # Ray's own start-up, once: not part of any round
+                        ray_start_s = start_local_ray()
+                    per_actor = -(-concurrency // ray_actors)  # the same requests in flight in all
+                    ray_set = ["run.executor=ray", f"ray.actors={ray_actors}", f"ray.batch_size={ray_batch_size}",
+                               "ray.cpus_per_actor=0.5", f"teacher.concurrency={per_actor}"]  # fmt: skip
+                    quarter = [f"generate.n_samples={max(1, n_samples // 4)}"]
+                    variants += [
+                        (f"generate stage on Ray, {ray_actors} actors, cache off", None, ray_set),
+                        (f"{QUARTER} generate stage, cache off", None, quarter),
+                        (f"{QUARTER} generate stage on Ray, cache off", None, [*ray_set, *quarter]),
+                    ]
+                for label, cache, more in variants:
+                    name = f"bench-{round_}-{len(more)}-{'on' if cache else 'off'}"
                     run = load_recipe(
-                        None, [*overrides[:-1], f"teacher.cache={cache or 'null'}", f"run.name={name}"]
+                        None, [*overrides[:-1], f"teacher.cache={cache or 'null'}", f"run.name={name}", *more]
                     )
                     (Path(tmp) / "runs" / name).mkdir(parents=True)
                     (Path(tmp) / "runs" / name / "tasks").symlink_to(tasks_dir)
@@ -129,6 +148,7 @@ def run_generate_bench(
     for row in rows:
         row["samples_per_s"] = round(row["samples_per_s"], 1)
         row["vs_raw"] = round(row["samples_per_s"] / rows[0]["samples_per_s"], 3)
+    costs = fixed_and_marginal(rows)
     table = Table(
         title=f"generate at {latency_ms:g} ms server latency, concurrency {concurrency} (median of {rounds} rounds)"
     )
@@ -143,7 +163,18 @@ def run_generate_bench(
             ", ".join(f"{r:,.0f}" for r in row["all"]),
         )
     console.print(table)
+    if costs:
+        local, on_ray = costs["local"], costs["ray"]
+        console.print(
+            f"per request: local {local['ms_per_request']:.2f} ms, Ray {on_ray['ms_per_request']:.2f} ms "
+            f"(Ray adds {on_ray['ms_per_request'] - local['ms_per_request']:.2f} ms); fixed per stage run: "
+            f"local {local['fixed_s']:.1f} s, Ray {on_ray['fixed_s']:.1f} s (its actors start); "
+            f"starting a local Ray: {ray_start_s:.1f} s once per command"
+        )
     report = {
+        "executors": list(executors),
+        "costs": costs,
+        "ray_start_s": round(ray_start_s, 2) if ray_start_s is not None else None,
         "n_samples": n_samples,
         "concurrency": concurrency,
         "latency_ms": latency_ms,
@@ -154,3 +185,42 @@ def run_generate_bench(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "generate_bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def start_local_ray() -> float:
+    """Start a local Ray on loopback addresses for the bench; the seconds it took."""
+    import os
+
+    from compeff.config import RaySettings
+    from compeff.ray_exec import connect
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray address on 127.0.0.1
+    start = time.perf_counter()
+    connect(RaySettings())
+    return time.perf_counter() - start
+
+
+QUARTER = "1/4:"  # rows of the stage at a quarter of the samples, for the fixed and per-request costs
+
+
+def fixed_and_marginal(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per executor (local, ray; cache off): the seconds a stage run costs whatever its size (start-up)
+    and the milliseconds each request adds, from the runs at the full and at a quarter of the size."""
+    by_what = {r["what"]: r for r in rows}
+    out = {}
+    for key, full, quarter in (
+        ("local", "generate stage, cache off", f"{QUARTER} generate stage, cache off"),
+        ("ray", next((w for w in by_what if w.startswith("generate stage on Ray")), ""),
+         f"{QUARTER} generate stage on Ray, cache off"),
+    ):  # fmt: skip
+        if full not in by_what or quarter not in by_what:
+            return {}
+        n_full, n_quarter = by_what[full]["samples"], by_what[quarter]["samples"]
+        t_full = n_full / by_what[full]["samples_per_s"]
+        t_quarter = n_quarter / by_what[quarter]["samples_per_s"]
+        per_request = (t_full - t_quarter) / max(1, n_full - n_quarter)
+        out[key] = {
+            "ms_per_request": round(per_request * 1e3, 3),
+            "fixed_s": round(max(0.0, t_full - per_request * n_full), 2),
+        }
+    return out
