@@ -18,6 +18,7 @@ from typing import Any
 
 from compeff.config import RaySettings
 from compeff.data import DataError
+from compeff.progress import console
 
 #: the Ray minor version compeff is tested with (``compeff[ray]`` pins it)
 TESTED_RAY = "2.60"
@@ -44,6 +45,8 @@ def connect(settings: RaySettings) -> Any:
     command; an unreachable cluster is one line (exit 2). Ray Data's own progress bars are turned off:
     the stage shows compeff's."""
     ray = import_ray()
+    if not ray.__version__.startswith(TESTED_RAY + "."):
+        console.print(f"[yellow]ray {ray.__version__}: compeff is tested with Ray {TESTED_RAY}.x[/yellow]")
     if not ray.is_initialized():
         address = settings.address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}

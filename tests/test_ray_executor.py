@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -23,15 +24,35 @@ from compeff.synth.tasks_stage import run_tasks_stage
 from compeff.teachers.fake_server import FakeServer, FaultPlan, _prompt_key
 from compeff.teachers.scripted import pipeline_responder
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
-
 N_SAMPLES = 200
+
+
+def test_compeff_imports_no_ray_and_asks_for_it_in_one_line(tmp_path):
+    # importing every command costs nothing without Ray
+    code = "import sys, compeff.cli, compeff.synth.generate, compeff.select.score_stage; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    # a recipe asking for Ray where it is not installed: one line, exit 2 (Ray hidden from this process)
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    hide = (
+        "import sys; sys.modules['ray'] = None; from compeff.cli import main; sys.argv[0] = 'compeff'; main()"
+    )
+    args = ["teach", "--input", "in.jsonl", "--executor", "ray", "--set", "teacher.backend=openai",
+            "--set", "teacher.base_urls=[http://127.0.0.1:9/v1]"]  # fmt: skip
+    with FakeServer(max_seconds=60) as srv:
+        args[-1] = f"teacher.base_urls=[{srv.base_url}]"
+        out = subprocess.run([sys.executable, "-c", hide, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "compeff[ray]" in lines[0] and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")
 def ray_address():
     """A Ray cluster of 2 CPUs on loopback addresses only, for this module; its address for drivers."""
+    pytest.importorskip("ray.data")
+    import ray
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray address on 127.0.0.1
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
