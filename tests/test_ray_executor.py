@@ -174,3 +174,35 @@ def test_score_on_ray_gives_the_local_scores(tmp_path, tiny_lm, ray_address):
         assert onray[sample_id].keys() == difficulty.keys()
         for metric, value in difficulty.items():
             assert onray[sample_id][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (sample_id, metric)
+
+
+def test_teach_on_ray_with_a_local_model_answers_as_locally(tmp_path, tiny_lm, ray_address):
+    # greedy answers from an in-process model on each actor (sampled hf answers depend on the batches the
+    # backend draws them in, one generator a batch: see docs/scaling.md)
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"say something about {i}"}) + "\n" for i in range(12))
+    )
+    common = [
+        "teach.input=in.jsonl", "teacher.backend=hf", f"teacher.model={tiny_lm}", "teacher.temperature=0",
+        "teacher.max_tokens=8", "teacher.device=cpu", f"run.dir={tmp_path / 'runs'}", "teacher.cache=null",
+    ]  # fmt: skip
+    from compeff.teaching import run_teach_stage
+
+    ray_set = ["run.executor=ray", f"ray.address={ray_address}", "ray.actors=1", "ray.batch_size=4"]
+    run_teach_stage(load_recipe(None, [*common, "run.name=local"]), progress=False)
+    manifest = run_teach_stage(load_recipe(None, [*common, "run.name=onray", *ray_set]), progress=False)
+    assert manifest["status"] == "complete" and manifest["counts"]["ok"] == 12
+
+    def answers(name):
+        rows = iter_jsonl(tmp_path / "runs" / name / "teach" / "data.jsonl")
+        return {r["id"]: (r["response"], r["teacher"], r["finish_reason"]) for r in rows}
+
+    assert answers("onray") == answers("local")
+    # the driver names the model and keys the cache as the backend in the actors does
+    from compeff.teachers.hf_local import HFTeacher
+    from compeff.teachers.ray_teacher import RayTeacher
+
+    recipe = load_recipe(None, [*common, *ray_set])
+    local_teacher = HFTeacher(str(tiny_lm), device="cpu")
+    on_ray = RayTeacher(recipe.teacher, recipe.ray)
+    assert (on_ray.model, on_ray.cache_identity) == (local_teacher.model, local_teacher.cache_identity)
