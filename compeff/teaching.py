@@ -120,7 +120,7 @@ def answer_requests(
         rejected.clear()
         last_flush = time.monotonic()
 
-    with Tracker(stage.name, total=asked + skipped, done=skipped, enabled=progress) as tracker:
+    def answer_all(tracker: Tracker) -> None:
         for result in teacher.generate(todo, cache=cache):
             request = by_id[result.id]
             if result.ok:
@@ -149,7 +149,13 @@ def answer_requests(
                 tracker.advance(failed=1)
             if len(ok_buf) + len(fail_buf) >= flush_every or time.monotonic() - last_flush > flush_seconds:
                 flush()
-        flush()
+
+    with Tracker(stage.name, total=asked + skipped, done=skipped, enabled=progress) as tracker:
+        try:
+            answer_all(tracker)
+        finally:  # whatever came back is written, even when the teacher stops the stage
+            flush()
+            stage.extra["executor"] = teacher.executor_info()
     return counts
 
 

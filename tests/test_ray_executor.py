@@ -118,6 +118,10 @@ def test_generate_on_ray_survives_faults_and_a_killed_driver(tmp_path, ray_addre
         for i, r in written.items():  # no written sample was asked again
             assert srv.stats.attempts_by_prompt[_prompt_key(r["messages"][:-1])] == asked_before[i], i
         requests_after = srv.stats.requests
+        # the answers came from Ray actors (processes of the cluster, not this one's nor the driver's)
+        executor = read_manifest(folder)["executor"]
+        assert executor["kind"] == "ray" and executor["batches"] > 0
+        assert executor["actor_pids"] and os.getpid() not in executor["actor_pids"]
 
         # a stage run on Ray and rerun locally is complete: nothing asked
         local_rerun = load_recipe(path, ["run.executor=local"])
@@ -162,6 +166,8 @@ def test_score_on_ray_gives_the_local_scores(tmp_path, tiny_lm, ray_address):
         load_recipe(None, [*common, "run.name=onray", "run.executor=ray", *ray_set]), progress=False
     )
     assert manifest["status"] == "complete" and manifest["counts"]["ok"] == len(rows)
+    assert manifest["executor"]["kind"] == "ray" and manifest["executor"]["batches"] == len(rows) // 5 + 1
+    assert manifest["executor"]["actor_pids"] and os.getpid() not in manifest["executor"]["actor_pids"]
 
     def scores(name):
         return {
@@ -177,27 +183,30 @@ def test_score_on_ray_gives_the_local_scores(tmp_path, tiny_lm, ray_address):
 
 
 def test_teach_on_ray_with_a_local_model_answers_as_locally(tmp_path, tiny_lm, ray_address):
-    # greedy answers from an in-process model on each actor (sampled hf answers depend on the batches the
-    # backend draws them in, one generator a batch: see docs/scaling.md)
+    # sampled answers from an in-process model on an actor, each request seeded by its id. The hf backend
+    # draws a batch with one generator (docs/scaling.md): one Ray batch of all requests keeps local's batches
     (tmp_path / "in.jsonl").write_text(
         "".join(json.dumps({"id": f"q{i}", "prompt": f"say something about {i}"}) + "\n" for i in range(12))
     )
     common = [
-        "teach.input=in.jsonl", "teacher.backend=hf", f"teacher.model={tiny_lm}", "teacher.temperature=0",
+        "teach.input=in.jsonl", "teacher.backend=hf", f"teacher.model={tiny_lm}", "teacher.temperature=1.0",
         "teacher.max_tokens=8", "teacher.device=cpu", f"run.dir={tmp_path / 'runs'}", "teacher.cache=null",
     ]  # fmt: skip
     from compeff.teaching import run_teach_stage
 
-    ray_set = ["run.executor=ray", f"ray.address={ray_address}", "ray.actors=1", "ray.batch_size=4"]
+    ray_set = ["run.executor=ray", f"ray.address={ray_address}", "ray.actors=1", "ray.batch_size=12"]
     run_teach_stage(load_recipe(None, [*common, "run.name=local"]), progress=False)
     manifest = run_teach_stage(load_recipe(None, [*common, "run.name=onray", *ray_set]), progress=False)
     assert manifest["status"] == "complete" and manifest["counts"]["ok"] == 12
+    assert manifest["executor"]["kind"] == "ray" and len(manifest["executor"]["actor_pids"]) == 1
 
     def answers(name):
         rows = iter_jsonl(tmp_path / "runs" / name / "teach" / "data.jsonl")
         return {r["id"]: (r["response"], r["teacher"], r["finish_reason"]) for r in rows}
 
-    assert answers("onray") == answers("local")
+    local = answers("local")
+    assert len({a for a, _, _ in local.values()}) == 12  # sampled: every answer its own
+    assert answers("onray") == local
     # the driver names the model and keys the cache as the backend in the actors does
     from compeff.teachers.hf_local import HFTeacher
     from compeff.teachers.ray_teacher import RayTeacher
@@ -206,3 +215,19 @@ def test_teach_on_ray_with_a_local_model_answers_as_locally(tmp_path, tiny_lm, r
     local_teacher = HFTeacher(str(tiny_lm), device="cpu")
     on_ray = RayTeacher(recipe.teacher, recipe.ray)
     assert (on_ray.model, on_ray.cache_identity) == (local_teacher.model, local_teacher.cache_identity)
+
+
+def test_a_ray_job_that_stops_is_one_line(ray_address):
+    from compeff.config import RaySettings
+    from compeff.data import DataError
+    from compeff.ray_exec import map_on_actors
+
+    def no_model_here():  # an actor that cannot start: the job stops before any result
+        raise RuntimeError("cannot load the model on this node")
+
+    settings = RaySettings(address=ray_address, actors=1, cpus_per_actor=0.5, batch_size=2)
+    with pytest.raises(DataError, match="the Ray job stopped") as caught:
+        list(map_on_actors([1, 2, 3], no_model_here, {}, settings))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(DataError, match="ray.gpus_per_actor 1: the Ray cluster has 0 GPUs"):
+        list(map_on_actors([1], no_model_here, {}, RaySettings(address=ray_address, gpus_per_actor=1)))

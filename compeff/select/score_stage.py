@@ -116,7 +116,9 @@ def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
                 enabled=progress,
                 done=len(rows) - len(pending),
             ) as tracker:
-                for batch in score_batches(recipe, [(str(r["id"]), r["messages"]) for r in pending]):
+                executor: dict[str, Any] = {"kind": recipe.run.executor}
+                samples = [(str(r["id"]), r["messages"]) for r in pending]
+                for batch in score_batches(recipe, samples, executor):
                     ok = [
                         {**by_id[s.id], "difficulty": s.difficulty, "score_info": s.info}
                         for s in batch
@@ -126,6 +128,7 @@ def _score(recipe: Recipe, force: bool, progress: bool) -> dict[str, Any]:
                     stage.append(ok)
                     stage.fail(bad)
                     tracker.advance(len(ok), len(bad))
+                stage.extra["executor"] = executor
         write_score_summary(stage, len(rows))
     assert stage.manifest is not None
     return stage.manifest
@@ -143,20 +146,26 @@ def scorer_worker(
     return score
 
 
-def score_batches(recipe: Recipe, samples: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[list[Scored]]:
+def score_batches(
+    recipe: Recipe, samples: list[tuple[str, list[dict[str, Any]]]], executor: dict[str, Any]
+) -> Iterator[list[Scored]]:
     """Scored batches of (id, messages) pairs: in this process, or on a pool of Ray actors that each load
-    the scorer once (``run.executor: ray``); either way this process writes them."""
+    the scorer once (``run.executor: ray``; ``executor`` gets where they ran); either way this process
+    writes them. On Ray the samples go out in length order, as the local scorer batches them, so a Ray
+    batch pads about as little as a local one."""
     s = recipe.score
     if recipe.run.executor == "ray":
-        from compeff.ray_exec import map_on_actors
+        from compeff.ray_exec import map_on_actors, new_stats
 
+        executor.update(new_stats(recipe.ray))
         kwargs = {
             "name": scorer_name(recipe),
             "options": score_options(recipe),
             "device": s.device,
             "dtype": s.dtype,
         }
-        yield from map_on_actors(samples, scorer_worker, kwargs, recipe.ray)
+        ordered = sorted(samples, key=lambda sample: sum(len(str(m.get("content", ""))) for m in sample[1]))
+        yield from map_on_actors(ordered, scorer_worker, kwargs, recipe.ray, stats=executor)
         return
     yield from DifficultyScorer.load(scorer_name(recipe), score_options(recipe), s.device, s.dtype).score(
         samples

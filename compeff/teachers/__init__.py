@@ -49,16 +49,17 @@ def sampling_params(settings, schema: dict | None = None, **override) -> Samplin
     return SamplingParams(**base)
 
 
-def make_teacher(settings, seed: int | None = None) -> Teacher:
+def make_teacher(settings, seed: int | None = None, **engine_kwargs) -> Teacher:
     """Build the backend a recipe's ``teacher`` section names (heavy imports happen only here).
 
-    ``seed`` (the run seed) gives every sampled request its own seed, derived from its id."""
-    teacher = _make_backend(settings)
+    ``seed`` (the run seed) gives every sampled request its own seed, derived from its id;
+    ``engine_kwargs`` go to ``vllm.LLM`` (vllm backend only)."""
+    teacher = _make_backend(settings, engine_kwargs)
     teacher.seed = seed
     return teacher
 
 
-def _make_backend(settings) -> Teacher:
+def _make_backend(settings, engine_kwargs: dict) -> Teacher:
     if settings.backend == "openai":
         from compeff.teachers.endpoints import check_reachable
         from compeff.teachers.openai_api import OpenAITeacher
@@ -80,7 +81,10 @@ def _make_backend(settings) -> Teacher:
         from compeff.teachers.vllm_engine import VLLMTeacher
 
         return VLLMTeacher(
-            settings.model, tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype
+            settings.model,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            dtype=settings.dtype,
+            **engine_kwargs,
         )
     if settings.backend == "hf":
         from compeff.teachers.hf_local import HFTeacher

@@ -206,6 +206,10 @@ class Teacher(abc.ABC):
         """What the cache keys answers by: the model name; local backends add their weights' fingerprint."""
         return self.model
 
+    def executor_info(self) -> dict[str, Any]:
+        """Where this teacher's work runs, for a stage's manifest (Ray backends say more)."""
+        return {"kind": "local"}
+
     def seeded(self, request: ChatRequest) -> ChatRequest:
         """The request with its own sampling seed (see :func:`request_seed`) when it samples and has none."""
         if self.seed is not None and request.params.temperature > 0 and request.params.seed is None:
