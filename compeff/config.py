@@ -449,7 +449,16 @@ class GenerateSettings(Section):
         "template. Needs label_scoring.",
     )
 
-    @field_validator("calibrate")
+    batch_calibrate: bool = Field(
+        False,
+        description="Batch calibration of closed-task label distributions (Zhou et al. 2023): each sample's "
+        "distribution is divided by the mean distribution of its task over all of the run's samples (the "
+        "teacher's label prior on these very texts taken out), renormalised, before the argmax. Every closed "
+        "sample's label question is asked first (generate/labels/), no extra call. After calibrate when "
+        "both are on. Needs label_scoring.",
+    )
+
+    @field_validator("calibrate", "batch_calibrate")
     @classmethod
     def _calibrate_needs_label_scoring(cls, value: bool, info: ValidationInfo) -> bool:
         if value and not info.data.get("label_scoring", True):

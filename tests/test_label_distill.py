@@ -269,6 +269,37 @@ def test_calibration_divides_by_each_templates_content_free_answers(tmp_path, la
         load_recipe(None, ["generate.calibrate=true", "generate.label_scoring=false"])
 
 
+def test_batch_calibration_divides_by_the_tasks_mean_over_the_run(tmp_path, label_teacher):
+    """generate.batch_calibrate: every closed sample's label question is answered first (generate/labels/),
+    then each distribution (the run without calibration) is divided by its task's mean distribution over
+    all of the run's samples, renormalised, and its argmax is the answer."""
+    n = 12
+    results = seed_task_runs(tmp_path, label_teacher, n, {"plain": [], "batch": ["generate.batch_calibrate=true",
+                                                                                   "generate.min_confidence=0.0"]})  # fmt: skip
+    asked = list(iter_jsonl(tmp_path / "runs" / "batch" / "generate" / "labels" / "data.jsonl"))
+    assert sorted(r["id"] for r in asked) == sorted(results["plain"]) and len(asked) == n
+    plain = results["plain"]
+    assert set(results["batch"]) == set(plain)
+    for sid, sample in results["batch"].items():
+        labels = list(plain[sid]["label_probs"])
+        same_task = [s["label_probs"] for s in plain.values() if s["task_id"] == sample["task_id"]]
+        prior = np.mean([[d[label] for label in labels] for d in same_task], axis=0)
+        expected = np.array([plain[sid]["label_probs"][label] for label in labels]) / np.maximum(prior, 1e-3)
+        expected /= expected.sum()
+        got = [sample["label_probs"][label] for label in labels]
+        assert got == pytest.approx(expected.tolist(), abs=2e-6)
+        assert sample["batch_calibrated"] is True
+        assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
+        assert sample["messages"][:-1] == plain[sid]["messages"][:-1]
+    # the calibrated answers of a task spread over more labels than the raw ones (the prior taken out)
+    for task in {s["task_id"] for s in plain.values()}:
+        spread = [len({s["messages"][-1]["content"] for s in run.values() if s["task_id"] == task})
+                  for run in (plain, results["batch"])]  # fmt: skip
+        assert spread[1] >= spread[0]
+    with pytest.raises(ConfigError, match="label_scoring"):
+        load_recipe(None, ["generate.batch_calibrate=true", "generate.label_scoring=false"])
+
+
 def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, label_teacher):
     from compeff.bench.labels import THRESHOLDS, run_labels_bench
 

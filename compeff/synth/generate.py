@@ -16,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from compeff import top_logprobs
 from compeff.config import Recipe
 from compeff.data import DataError, select_user_texts, source_inputs
+from compeff.evaluate.classification import calibrate
 from compeff.models import resolve_model, student_model
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
@@ -283,35 +286,39 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         )
                     return out
 
-                def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+                def combined(
+                    request_id: str, probs: dict[str, float]
+                ) -> tuple[dict[str, float], dict[str, Any]]:
+                    """A closed sample's distribution before the argmax: with the prompt ensemble's other
+                    wordings averaged in (each read as :func:`reading` reads it)."""
+                    fields: dict[str, Any] = {}
+                    others = [
+                        reading(row["label_probs"], row.get("template"))
+                        for row in ensembled.get(request_id, [])
+                    ]
+                    if others:  # the prompt ensemble: the mean distribution over the wordings asked
+                        probs = {
+                            label: round(sum(d[label] for d in [probs, *others]) / (1 + len(others)), 6)
+                            for label in probs
+                        }
+                        fields["label_wordings"] = 1 + len(others)
+                    if settings.calibrate:
+                        fields["calibrated"] = True
+                    return probs, fields
+
+                def decided(probs: dict[str, float], fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                    """The answer (the argmax label) and the record's label fields; refused below
+                    generate.min_confidence."""
+                    answer = max(probs, key=probs.__getitem__)
+                    confidence = probs[answer]
+                    if confidence < settings.min_confidence:
+                        raise AnswerRejected(
+                            f"{LOW_CONFIDENCE}: {confidence:.3f} < generate.min_confidence {settings.min_confidence}"
+                        )
+                    return answer, {**fields, "label_probs": probs, "teacher_confidence": confidence}
+
+                def record_of(request: ChatRequest, answer: str, fields: dict[str, Any]) -> dict[str, Any]:
                     task = by_id[request.meta["task_id"]]
-                    label_fields: dict[str, Any] = {}
-                    answer = result.text
-                    if reader is not None and task["id"] in scored:
-                        probs = reading(reader.read(result, task["labels"]), request.meta.get("template"))
-                        others = [
-                            reading(row["label_probs"], row.get("template"))
-                            for row in ensembled.get(request.id, [])
-                        ]
-                        if others:  # the prompt ensemble: the mean distribution over the wordings asked
-                            probs = {
-                                label: round(sum(d[label] for d in [probs, *others]) / (1 + len(others)), 6)
-                                for label in probs
-                            }
-                            label_fields["label_wordings"] = 1 + len(others)
-                        if settings.calibrate:
-                            label_fields["calibrated"] = True
-                        answer = max(probs, key=probs.__getitem__)
-                        confidence = probs[answer]
-                        if confidence < settings.min_confidence:
-                            raise AnswerRejected(
-                                f"{LOW_CONFIDENCE}: {confidence:.3f} < generate.min_confidence {settings.min_confidence}"
-                            )
-                        label_fields.update(label_probs=probs, teacher_confidence=confidence)
-                    elif settings.qc:
-                        reason = qc_reason(task, result.text, definitions[task["id"]])
-                        if reason:
-                            raise AnswerRejected(f"qc: {reason}")
                     record = {
                         "id": request.id,
                         "messages": [*request.messages, {"role": "assistant", "content": answer}],
@@ -323,16 +330,46 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                         "teacher": teacher.model,
                         "sampling": sampling,
                     }
-                    record.update(label_fields)
-                    if capture is not None and not label_fields:
+                    record.update(fields)
+                    return record
+
+                def to_record(request: ChatRequest, result: TeacherResult) -> dict[str, Any]:
+                    task = by_id[request.meta["task_id"]]
+                    fields: dict[str, Any] = {}
+                    answer = result.text
+                    if reader is not None and task["id"] in scored:
+                        own = reading(reader.read(result, task["labels"]), request.meta.get("template"))
+                        answer, fields = decided(*combined(request.id, own))
+                    elif settings.qc:
+                        reason = qc_reason(task, result.text, definitions[task["id"]])
+                        if reason:
+                            raise AnswerRejected(f"qc: {reason}")
+                    record = record_of(request, answer, fields)
+                    if capture is not None and not fields:
                         record[top_logprobs.FIELD] = capture(result)
                     report_rows.add_row(record)
                     return record
 
+                todo = pending
+                if (
+                    reader is not None and settings.batch_calibrate
+                ):  # closed samples: asked first, then written
+                    todo = [p for p in pending if p.task_id not in scored]
+                    closed = [p for p in plan if p.task_id in scored]
+                    asked_own = [label_request(build(p), by_id[p.task_id]["labels"]) for p in closed]
+                    own = answer_label_requests(stage, "labels", teacher, cache, reader, asked_own, config, progress)  # fmt: skip
+                    ok, bad = batch_calibrated_records(
+                        [build(p) for p in pending if p.task_id in scored], closed, own, reading, combined,
+                        decided, record_of,
+                    )  # fmt: skip
+                    for record in ok:
+                        report_rows.add_row(record)
+                    stage.append(ok)
+                    stage.fail(bad)
                 # requests are rendered while earlier ones are in flight
-                lazy = (build(p) for p in pending)
+                lazy = (build(p) for p in todo)
                 counts = answer_requests(
-                    stage, teacher, lazy, to_record, cache=cache, progress=progress, total=len(pending)
+                    stage, teacher, lazy, to_record, cache=cache, progress=progress, total=len(todo)
                 )
                 stage.extra.update(call=counts, teacher_usage=teacher.usage.to_dict())
         report_rows.add_failures(stage.failures_path)
@@ -349,6 +386,62 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
         )
     assert stage.manifest is not None
     return stage.manifest
+
+
+def label_request(request: ChatRequest, labels: list[str]) -> ChatRequest:
+    """A closed sample's own label question as the ``generate/labels/`` sub-stage asks it."""
+    request.meta.update(group=request.id, labels=labels, template=request.meta.get("template"))
+    return request
+
+
+def batch_calibrated_records(
+    requests: list[ChatRequest],
+    closed: list[Any],
+    own: dict[str, list[dict[str, Any]]],
+    reading: Callable[[dict[str, float], str | None], dict[str, float]],
+    combined: Callable[[str, dict[str, float]], tuple[dict[str, float], dict[str, Any]]],
+    decided: Callable[[dict[str, float], dict[str, Any]], tuple[str, dict[str, Any]]],
+    record_of: Callable[[ChatRequest, str, dict[str, Any]], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Batch calibration (``generate.batch_calibrate``; Zhou et al. 2023): each closed sample's distribution
+    divided by the mean distribution of its task over every closed sample of the run (``closed``, answered
+    in ``own``), renormalised, then decided. Returns (records, failures) for ``requests``: a sample
+    whose label question failed is kept as failed, asked again by a later run."""
+    dists: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
+    unreadable: dict[str, str] = {}
+    task_of = {p.id: p.task_id for p in closed}
+    for sample_id, rows in own.items():
+        if sample_id in task_of and rows:
+            try:
+                dists[sample_id] = combined(
+                    sample_id, reading(rows[0]["label_probs"], rows[0].get("template"))
+                )
+            except AnswerRejected as exc:
+                unreadable[sample_id] = str(exc)
+    by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for sample_id, (probs, _) in dists.items():
+        by_task[task_of[sample_id]].append(probs)
+    ok, bad = [], []
+    for request in requests:
+        meta = {"task_id": request.meta["task_id"], "text_id": request.meta["text_id"]}
+        if request.id not in dists:
+            reason = unreadable.get(request.id) or (
+                "its label question was not answered (generate/labels/failures.jsonl); a later run asks it again"
+            )
+            bad.append({"id": request.id, "reason": reason, "kind": "failed", **meta})
+            continue
+        probs, fields = dists[request.id]
+        labels = list(probs)
+        prior = np.array([[d[label] for label in labels] for d in by_task[request.meta["task_id"]]])
+        out = calibrate(np.array([[probs[label] for label in labels]]), prior)[0]
+        probs = {label: round(float(p), 6) for label, p in zip(labels, out)}
+        try:
+            answer, fields = decided(probs, {**fields, "batch_calibrated": True})
+        except AnswerRejected as exc:
+            bad.append({"id": request.id, "reason": f"rejected: {exc}", "kind": "rejected", **meta})
+            continue
+        ok.append(record_of(request, answer, fields))
+    return ok, bad
 
 
 def merge_shards(recipe: Recipe, force: bool = False) -> dict[str, Any]:
