@@ -34,7 +34,7 @@ def reduced_quickstart(tmp_path: Path, name: str, tiny_chat: Path, stages: list[
     data["enumerate"]["n_texts"] = 24
     data["tasks"].update(max_perspectives=2, demo_calls=2)
     data["generate"]["n_samples"] = 40
-    data["sft"].update(epochs=1)
+    data["sft"].update(epochs=1, max_length=1024)  # the tiny teacher's demos can be long reviews
     data["eval"].update(limit=30, sets=["tweeteval_sentiment:test"], compare=[])
     data["kd"].update(train_limit=150, test_limit=200, teacher_epochs=1, student_epochs=1, max_length=32)
     data["bench"].update(
