@@ -9,6 +9,7 @@ report. ``--shard K/N`` does one part in ``generate-shard-K-of-N``; ``--merge`` 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections import Counter, defaultdict
@@ -37,6 +38,7 @@ from compeff.synth.instructions import (
     plan_pairings,
     qc_reason,
     task_definition,
+    wording_index,
 )
 from compeff.synth.label_answers import LabelReader, label_params
 from compeff.synth.label_calls import (
@@ -358,14 +360,16 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     closed = [p for p in plan if p.task_id in scored]
                     asked_own = [label_request(build(p), by_id[p.task_id]["labels"]) for p in closed]
                     own = answer_label_requests(stage, "labels", teacher, cache, reader, asked_own, config, progress)  # fmt: skip
+                    prior_key = {p.id: batch_prior_key(p.id, by_id[p.task_id]) for p in closed}
                     ok, bad = batch_calibrated_records(
-                        [build(p) for p in pending if p.task_id in scored], closed, own, reading, combined,
-                        decided, record_of,
+                        stage, [build(p) for p in pending if p.task_id in scored], prior_key, own, reading,
+                        combined, decided, record_of,
                     )  # fmt: skip
                     for record in ok:
                         report_rows.add_row(record)
                     stage.append(ok)
                     stage.fail(bad)
+                    stage.extra["batch_calibrated"] = {"written": len(ok), "not_written": len(bad)}
                 # requests are rendered while earlier ones are in flight
                 lazy = (build(p) for p in todo)
                 counts = answer_requests(
@@ -394,9 +398,20 @@ def label_request(request: ChatRequest, labels: list[str]) -> ChatRequest:
     return request
 
 
+BATCH_PRIORS_FILE = "batch_priors.json"
+
+
+def batch_prior_key(sample_id: str, task: dict[str, Any]) -> str:
+    """Which samples share a batch-calibration prior: a seed task's samples asked in the same wording
+    (each wording has a bias of its own), a teacher task's samples (one wording, demos drawn per sample)."""
+    words = task.get("wordings") or []
+    return f"{task['id']}#w{wording_index(sample_id, len(words))}" if len(words) > 1 else task["id"]
+
+
 def batch_calibrated_records(
+    stage: Stage,
     requests: list[ChatRequest],
-    closed: list[Any],
+    prior_key: dict[str, str],
     own: dict[str, list[dict[str, Any]]],
     reading: Callable[[dict[str, float], str | None], dict[str, float]],
     combined: Callable[[str, dict[str, float]], tuple[dict[str, float], dict[str, Any]]],
@@ -404,36 +419,56 @@ def batch_calibrated_records(
     record_of: Callable[[ChatRequest, str, dict[str, Any]], dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Batch calibration (``generate.batch_calibrate``; Zhou et al. 2023): each closed sample's distribution
-    divided by the mean distribution of its task over every closed sample of the run (``closed``, answered
-    in ``own``), renormalised, then decided. Returns (records, failures) for ``requests``: a sample
-    whose label question failed is kept as failed, asked again by a later run."""
+    divided by the mean distribution of the run's closed samples that share its prior (``prior_key``: the
+    same task and wording; answers in ``own``), renormalised, then decided. The priors are computed once,
+    when the first records are written, and kept in the stage folder (``batch_priors.json``), so records
+    written by a resumed run use the same ones. Returns (records, failures) for ``requests``; a sample
+    whose label question failed is kept as failed and asked again by a later run."""
     dists: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
     unreadable: dict[str, str] = {}
-    task_of = {p.id: p.task_id for p in closed}
     for sample_id, rows in own.items():
-        if sample_id in task_of and rows:
+        if sample_id in prior_key and rows:
             try:
                 dists[sample_id] = combined(
                     sample_id, reading(rows[0]["label_probs"], rows[0].get("template"))
                 )
             except AnswerRejected as exc:
                 unreadable[sample_id] = str(exc)
-    by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
+    by_key: dict[str, list[dict[str, float]]] = defaultdict(list)
     for sample_id, (probs, _) in dists.items():
-        by_task[task_of[sample_id]].append(probs)
+        by_key[prior_key[sample_id]].append(probs)
+    saved = stage.folder / BATCH_PRIORS_FILE
+    kept = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    priors = {
+        key: {label: float(np.mean([d[label] for d in rows])) for label in rows[0]}
+        for key, rows in by_key.items()
+    }
+    priors.update(kept)  # a prior once used stays the prior of every record of its samples
+    if priors.keys() - kept.keys():
+        stage.write_artifact(BATCH_PRIORS_FILE, priors)
     ok, bad = [], []
     for request in requests:
         meta = {"task_id": request.meta["task_id"], "text_id": request.meta["text_id"]}
-        if request.id not in dists:
-            reason = unreadable.get(request.id) or (
-                "its label question was not answered (generate/labels/failures.jsonl); a later run asks it again"
+        prior = priors.get(prior_key[request.id])
+        if request.id in unreadable:
+            bad.append(
+                {
+                    "id": request.id,
+                    "reason": f"rejected: {unreadable[request.id]}",
+                    "kind": "rejected",
+                    **meta,
+                }
             )
+            continue
+        if request.id not in dists or prior is None:
+            reason = "its label question was not answered (generate/labels/failures.jsonl); a later run asks it again"
             bad.append({"id": request.id, "reason": reason, "kind": "failed", **meta})
             continue
         probs, fields = dists[request.id]
         labels = list(probs)
-        prior = np.array([[d[label] for label in labels] for d in by_task[request.meta["task_id"]]])
-        out = calibrate(np.array([[probs[label] for label in labels]]), prior)[0]
+        out = calibrate(
+            np.array([[probs[label] for label in labels]]), np.array([[prior[label] for label in labels]])
+        )[0]
         probs = {label: round(float(p), 6) for label, p in zip(labels, out)}
         try:
             answer, fields = decided(probs, {**fields, "batch_calibrated": True})

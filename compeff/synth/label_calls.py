@@ -113,7 +113,11 @@ def answer_label_requests(
         # even in a sub-stage that finished: it is asked only while its parent stage is not complete
         pending = [r for r in requests if r.id not in sub.done_ids]
         if pending:
-            answer_requests(sub, teacher, pending, to_record, cache=cache, progress=progress)
+            # as an iterator: a sub-stage that finished with failures asks them again (a list would be
+            # filtered once more by the stage, which has nothing pending once complete)
+            answer_requests(
+                sub, teacher, iter(pending), to_record, cache=cache, progress=progress, total=len(pending)
+            )
     out: dict[str, list[dict[str, Any]]] = {}
     for row in iter_jsonl(sub.data_path):
         out.setdefault(row["group"], []).append(row)
