@@ -139,13 +139,11 @@ def map_on_actors(
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for an actor's restarts yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         mapped = _map_batches(dataset, ray, factory, factory_kwargs, settings, env_vars, blocks)
-    pids: set[int] = set()
     try:
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             if stats is not None:
-                pids.update(int(p) for p in batch["pid"])
                 stats["batches"] += 1
-                stats["actor_pids"] = sorted(set(stats["actor_pids"]) | pids)
+                stats["actor_pids"] = sorted(set(stats["actor_pids"]).union(int(p) for p in batch["pid"]))
             yield [pickle.loads(blob) for blob in batch["result"]]
     except DataError:
         raise

@@ -358,12 +358,12 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                 ):  # closed samples: asked first, then written
                     todo = [p for p in pending if p.task_id not in scored]
                     closed = [p for p in plan if p.task_id in scored]
-                    asked_own = [label_request(build(p), by_id[p.task_id]["labels"]) for p in closed]
-                    own = answer_label_requests(stage, "labels", teacher, cache, reader, asked_own, config, progress)  # fmt: skip
+                    asked_own = {p.id: label_request(build(p), by_id[p.task_id]["labels"]) for p in closed}
+                    own = answer_label_requests(stage, "labels", teacher, cache, reader, list(asked_own.values()), config, progress)  # fmt: skip
                     prior_key = {p.id: batch_prior_key(p.id, by_id[p.task_id]) for p in closed}
                     ok, bad = batch_calibrated_records(
-                        stage, [build(p) for p in pending if p.task_id in scored], prior_key, own, reading,
-                        combined, decided, record_of,
+                        stage, [asked_own[p.id] for p in pending if p.task_id in scored], prior_key, own,
+                        reading, combined, decided, record_of,
                     )  # fmt: skip
                     for record in ok:
                         report_rows.add_row(record)
