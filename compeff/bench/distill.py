@@ -263,10 +263,8 @@ def run_distill_bench(
         "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
     }
     paths = distillation_subsets(root, root / "sets", recipe.run.seed)
-    quality = None
-    if gold:
-        paths["gold"], quality = gold_subset(root, root / "sets", gold_labels(recipe))
-        Console().print(f"teacher's labels in the distillation set vs the hidden true labels: {quality}")
+    paths["gold"], quality = gold_subset(root, root / "sets", gold_labels(recipe))
+    Console().print(f"teacher's labels in the distillation set vs the hidden true labels: {quality}")
     rows: list[dict[str, Any]] = [
         {"row": "teacher", "model": recipe.teacher.model, "samples": None, "train_s": None},
         {
@@ -307,7 +305,7 @@ def run_distill_bench(
         for fraction in fractions:
             for kind in ("selected", "random"):
                 add(f"SFT, {kind} {100 * fraction:g}%", f"{kind}-{fraction:g}", "sft")
-    if gold and quality and quality["samples"]:
+    if gold and quality["samples"]:
         add("gold-label ceiling (true labels, same texts)", "gold", "sft")
     elif gold:
         Console().print(
