@@ -797,6 +797,11 @@ class KdSettings(Section):
     student_epochs: float = Field(3, gt=0, description="Student training epochs.")
     student_lr: float = Field(1e-4, gt=0, description="Student learning rate.")
     batch_size: int = Field(32, ge=1, description="Texts per step.")
+    group_by_length: bool = Field(
+        True,
+        description="Batch texts of similar length together (transformers' group_by_length): less padding, "
+        "about 1.5x faster on tweets; false draws every batch at random.",
+    )
     seeds: list[Seed] = Field(
         default_factory=lambda: [42], min_length=1, description="Seeds of the student runs (mean +- std)."
     )

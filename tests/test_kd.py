@@ -19,6 +19,7 @@ from compeff.train.encoder_kd import (
     encode,
     expected_calibration_error,
     layer_pruned_copy,
+    length_grouped_batches,
     predict_logits,
     train_classifier,
 )
@@ -123,6 +124,20 @@ def test_length_sorted_prediction_keeps_the_row_order(minilm_classifier):
     )
     assert batched.shape == (21, 2)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_length_grouped_batches_cover_each_text_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = torch.from_numpy(rng.integers(5, 64, size=1000))
+    batches = list(length_grouped_batches(lengths, 32, np.random.default_rng(1)))
+    seen = torch.cat(batches).tolist()
+    assert sorted(seen) == list(range(1000))  # every text once per epoch
+    assert [len(b) for b in batches].count(32) == 31 and lengths[batches[0]].max() == lengths.max()
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    randomly = sum(int(lengths[b].max()) * len(b) for b in torch.randperm(1000).split(32))
+    assert padded < 0.75 * randomly  # random batches pad each text to its batch's longest
+    again = list(length_grouped_batches(lengths, 32, np.random.default_rng(1)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))  # seeded
 
 
 def test_cached_teacher_logits_are_reused(tmp_path, minilm_classifier):

@@ -85,7 +85,7 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         recipe_of_teacher = {
             f: getattr(k, f)
             for f in ("teacher_model", "train_set", "train_limit", "max_length", "truncation", "teacher_epochs",
-                      "teacher_lr", "batch_size")
+                      "teacher_lr", "batch_size", "group_by_length")
         } | {"seed": seed0, "run_seed": recipe.run.seed}  # fmt: skip
         marker = teacher_dir / "compeff_teacher.json"
         trained = (teacher_dir / "config.json").exists() and (
@@ -103,7 +103,7 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
             with Tracker("kd teacher (steps)", total=_steps(len(train), k.batch_size, k.teacher_epochs),
                          enabled=progress) as tracker:  # fmt: skip
                 train_classifier(teacher, train, k.teacher_epochs, k.teacher_lr, k.batch_size, seed0,
-                                 progress=lambda *_: tracker.advance(1))  # fmt: skip
+                                 progress=lambda *_: tracker.advance(1), group_by_length=k.group_by_length)  # fmt: skip
             teacher.save_pretrained(teacher_dir)
             tokenizer.save_pretrained(teacher_dir)
             marker.write_text(json.dumps(recipe_of_teacher, sort_keys=True))
@@ -184,7 +184,7 @@ def run_kd_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> 
                 losses = train_classifier(
                     student, s_train, k.student_epochs, student_lr, k.batch_size, seed,
                     teacher_logits=None if loss == "ce" else t_train, loss=loss,
-                    temperature=temperature, alpha=alpha, hidden=match,
+                    temperature=temperature, alpha=alpha, hidden=match, group_by_length=k.group_by_length,
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
                 logits = _logits_with_progress(student, s_test, f"{spec.name} {loss} {seed}, test", progress)
@@ -241,7 +241,7 @@ def _search(
         student = layer_pruned_copy(teacher, spec.layers or []).to(device)
         train_classifier(student, part(idx), k.student_epochs, config["lr"], k.batch_size, k.seeds[0],
                          teacher_logits=t_train[idx], loss="kd", temperature=config["temperature"],
-                         alpha=config["alpha"])  # fmt: skip
+                         alpha=config["alpha"], group_by_length=k.group_by_length)  # fmt: skip
         return classifier_metrics(predict_logits(student, held), held.labels.numpy())["accuracy"]
 
     earlier = {
