@@ -8,7 +8,8 @@ learns the task rather than one phrasing. Their answers are read as label distri
 (:mod:`compeff.synth.label_answers`), not sampled text.
 
 None of these wordings is one of the ruler's (:mod:`compeff.evaluate.wordings`): a student distilled
-from them is measured on prompts it never saw. Users add tasks of their own with ``tasks.seed_tasks_file``
+from them is measured on prompts it never saw (the first polarity wordings ask as the ruler's "question"
+does, in other words; its "instruction", "text-first" and "author" wordings share no sentence with them). Users add tasks of their own with ``tasks.seed_tasks_file``
 (JSONL or YAML: ``name``, ``labels``, ``wordings`` with ``{text}`` and ``{labels_or}`` / ``{labels}``).
 """
 
@@ -20,20 +21,22 @@ from typing import Any
 from compeff.data import DataError
 
 SEED_TASKS: dict[str, dict[str, Any]] = {
+    # polarity wordings chosen on training splits (IMDb train, TweetEval validation; never test data) by
+    # how often SmolLM2-135M-Instruct answers them right: docs/benchmarks.md, "Seed wordings"
     "polarity": {
         "labels": ["negative", "positive"],
         "wordings": [
-            "Decide if the opinion in this text is {labels_or}. Give only the label.\n\nText: {text}",
-            "Text: {text}\n\nOverall, is the writer's attitude {labels_or}? Respond with the label alone.",
-            "Label the polarity of the review or post below as {labels_or}.\n\n{text}",
+            "Is the opinion in this text {labels_or}? Answer with one word.\n\n{text}",
+            "Is this review {labels_or}? Answer with one word.\n\n{text}",
+            "How does the writer feel about what they describe: {labels_or}? Answer with one word.\n\n{text}",
         ],
     },
     "polarity3": {
         "labels": ["negative", "neutral", "positive"],
         "wordings": [
+            "Is the opinion in this post {labels_or}? Answer with one word.\n\n{text}",
+            "How does the writer feel about what they describe: {labels_or}? Answer with one word.\n\n{text}",
             "Label the polarity of this post as {labels_or}. Give only the label.\n\nPost: {text}",
-            "Text: {text}\n\nDoes this text express a {labels_or} opinion? Respond with the label alone.",
-            "Which polarity fits the message below best: {labels}?\n\n{text}",
         ],
     },
     "rating": {

@@ -158,18 +158,19 @@ def run_tasks_stage(recipe: Recipe, force: bool = False, progress: bool = True) 
     prompts = {
         name: load_prompt(name) for name in ("analysis", "task_ideas", "task_standardise", "task_demos")
     }
+    # a bad seed-task file: one line, before any call; the rows themselves (labels, wordings) are part of
+    # the stage's settings, so a compeff whose built-in seed tasks changed asks them again
+    seeds = seed_task_rows(list(settings.seed_tasks), settings.seed_tasks_file)
     config = {
         "tasks": settings.model_dump(),
         "seed": recipe.run.seed,
         "teacher": teacher_identity(recipe.teacher),
         "prompts": prompts,
+        "seed_tasks": seeds,
     }
     inputs = {"perspectives": source, **source_inputs(recipe.data.user_texts, recipe.data.dir)}
     if settings.seed_tasks_file:  # an edited file makes the stage stale
         inputs["seed_tasks_file"] = Path(settings.seed_tasks_file)
-    seed_task_rows(
-        list(settings.seed_tasks), settings.seed_tasks_file
-    )  # a bad file: one line, before any call
     stage = Stage.open(recipe.run_dir, "tasks", config=config, inputs=inputs, force=force)
     report: dict[str, Any] = {}
     with stage:
