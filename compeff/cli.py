@@ -486,12 +486,21 @@ def bench_labels(
     ),
     max_chars: int = typer.Option(400, "--max-chars", help="Texts are cut to this many characters."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for labels_bench.json."),
+    seed_tasks_file: str | None = typer.Option(
+        None,
+        "--seed-tasks-file",
+        help="Candidate wordings: a tasks.seed_tasks_file whose polarity / polarity3 replace the built-in ones.",
+    ),
 ) -> None:
-    """How often the teacher's labels are right: per wording of the polarity seed tasks, ensembled over
-    them, and above confidence thresholds."""
+    """How often the teacher's labels are right: per wording of the polarity seed tasks (or candidate
+    wordings), ensembled over them, batch- and contextually calibrated, and above confidence thresholds."""
     from compeff.bench.labels import run_labels_bench
 
-    guarded(lambda: run_labels_bench(teacher, imdb, tweeteval, max_chars, out_dir=out))
+    guarded(
+        lambda: run_labels_bench(
+            teacher, imdb, tweeteval, max_chars, out_dir=out, seed_tasks_file=seed_tasks_file
+        )
+    )
 
 
 @bench_app.command("distill")

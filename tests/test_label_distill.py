@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compeff.config import ConfigError, load_recipe
@@ -82,6 +84,20 @@ def test_seed_tasks_and_their_wordings(tmp_path):
 
     ruler = {w.template for w in BUILTIN_WORDINGS.values()}
     assert not ruler & {w for r in rows for w in r["wordings"]}  # the ruler's wordings stay unseen
+    # and at least two of its default wordings share no sentence with any seed wording (the others may
+    # share "Answer with one word.": docs/benchmarks.md reports the student on each wording)
+    from compeff.evaluate.wordings import ZERO_SHOT_DEFAULT
+
+    def sentences(template: str) -> set[str]:
+        return {
+            s.strip().lower()
+            for s in re.split(r"(?<=[.?!:])\s|\n", template)
+            if "{" not in s and len(s.split()) > 2
+        }
+
+    seen = set().union(*(sentences(w) for r in rows for w in r["wordings"]))
+    distinct = [n for n in ZERO_SHOT_DEFAULT if not sentences(BUILTIN_WORDINGS[n].template) & seen]
+    assert len(distinct) >= 2, distinct
     texts = [{"id": f"t{i}", "text": f"text {i}"} for i in range(40)]
     plan = plan_pairings(rows, len(texts), 60, 2, 42)
     prompt = pairing_prompts({r["id"]: r for r in rows}, texts)
@@ -333,3 +349,39 @@ def test_labels_bench_counts_hits_per_wording_ensemble_and_threshold(tmp_path, l
         kept = [r["confidence_ensemble"][f"{t:g}"]["kept"] for t in THRESHOLDS]
         assert kept == sorted(kept, reverse=True)  # a higher threshold keeps fewer
     assert json.loads((tmp_path / "labels_bench.json").read_text()) == results
+    # candidate wordings replace a seed task's own, and each is scored as the built-in ones are
+    first = SEED_TASKS["polarity"]["wordings"][0]
+    candidates = tmp_path / "candidates.yaml"
+    candidates.write_text(yaml.safe_dump([{"name": "polarity", "labels": ["negative", "positive"],
+                                           "wordings": [first, "Mood of {text}: {labels_or}?"]}]))  # fmt: skip
+    again = run_labels_bench(str(label_teacher), imdb=8, tweeteval=9, out_dir=tmp_path / "c",
+                             seed_tasks_file=str(candidates))  # fmt: skip
+    assert again["imdb:train"]["wording_texts"] == [first, "Mood of {text}: {labels_or}?"]
+    assert again["imdb:train"]["wordings"][0] == results["imdb:train"]["wordings"][0]
+    assert again["tweeteval_sentiment:validation"] == results["tweeteval_sentiment:validation"]
+
+
+def test_a_label_question_answered_without_a_label_is_kept_as_rejected(tmp_path):
+    """Batch calibration: a closed sample whose label question the sub-stage rejected (no label in the
+    answer) is a rejected sample with that reason; one never answered is a failed call, asked again."""
+    from compeff.runs import Stage
+    from compeff.synth.generate import batch_calibrated_records
+    from compeff.teachers.base import ChatRequest
+
+    requests = [ChatRequest(id=f"s{i}", messages=[{"role": "user", "content": "q"}],
+                            meta={"task_id": "t", "text_id": f"x{i}"}) for i in range(4)]  # fmt: skip
+    own = {"s0": [{"label_probs": {"a": 0.8, "b": 0.2}}], "s1": [{"label_probs": {"a": 0.6, "b": 0.4}}]}
+    reason = "rejected: no label word among the teacher's top-20 log-probabilities"
+    stage = Stage.open(tmp_path, "generate", config={}, inputs={})
+    with stage:
+        ok, bad = batch_calibrated_records(
+            stage, requests, {r.id: "t" for r in requests}, own,
+            lambda probs, template: probs, lambda sample_id, probs: (probs, {}),
+            lambda probs, fields: (max(probs, key=probs.get), {**fields, "label_probs": probs}),
+            lambda request, answer, fields: {"id": request.id, "answer": answer, **fields},
+            {"s2": {"id": "s2", "kind": "rejected", "reason": reason}},
+        )  # fmt: skip
+    # prior (0.7, 0.3): s0 0.8/0.7 > 0.2/0.3 -> a; s1 0.6/0.7 < 0.4/0.3 -> b
+    assert [(r["id"], r["answer"]) for r in ok] == [("s0", "a"), ("s1", "b")]
+    assert bad[0] == {"id": "s2", "reason": reason, "kind": "rejected", "task_id": "t", "text_id": "x2"}
+    assert bad[1]["id"] == "s3" and bad[1]["kind"] == "failed" and "asks it again" in bad[1]["reason"]

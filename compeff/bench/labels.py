@@ -23,7 +23,7 @@ from rich.table import Table
 from compeff.data import DataError
 from compeff.evaluate.classification import CONTENT_FREE, HFLabelScorer, calibrate, cut, label_distribution
 from compeff.evaluate.eval_stage import load_eval_set
-from compeff.synth.seed_tasks import SEED_TASKS, fill
+from compeff.synth.seed_tasks import SEED_TASKS, fill, load_seed_file
 
 # labelled splits that no evaluation uses: wordings are never judged on test data
 PAIRS = {"imdb:train": "polarity", "tweeteval_sentiment:validation": "polarity3"}
@@ -52,14 +52,18 @@ def run_labels_bench(
     seed: int = 42,
     out_dir: Path = Path("runs/bench"),
     data_dir: str | None = None,
+    seed_tasks_file: str | None = None,
 ) -> dict[str, Any]:
-    """Score the teacher on every wording of the polarity seed tasks; print and save the table."""
+    """Score the teacher on every wording of the polarity seed tasks; print and save the table.
+    ``seed_tasks_file`` (the format of ``tasks.seed_tasks_file``) replaces the ``polarity`` and
+    ``polarity3`` tasks by its own of those names: candidate wordings measured before they are chosen."""
+    library = {**SEED_TASKS, **(load_seed_file(seed_tasks_file) if seed_tasks_file else {})}
     scorer = HFLabelScorer(teacher, chat_template=True, batch_size=16)
     results: dict[str, Any] = {}
     for spec, task_name in PAIRS.items():
         n = imdb if spec.startswith("imdb") else tweeteval
         data = load_eval_set(spec, n, seed, data_dir)
-        task = SEED_TASKS[task_name]
+        task = library[task_name]
         if [x.lower() for x in task["labels"]] != [x.lower() for x in data.label_names]:
             raise DataError(f"{spec}: labels {data.label_names} differ from {task_name}'s {task['labels']}")
         truth = np.array(data.labels)
@@ -77,6 +81,7 @@ def run_labels_bench(
         results[spec] = {
             "task": task_name,
             "n": len(truth),
+            "wording_texts": list(task["wordings"]),
             "wordings": [float((p.argmax(1) == truth).mean()) for p in per_wording],
             "ensemble": float((mean.argmax(1) == truth).mean()),
             "calibrated_wordings": [float((p.argmax(1) == truth).mean()) for p in calibrated],

@@ -7,8 +7,9 @@ wording renders the user turn (the question and the text); for models without a 
 (``Answer:``) is added after it, where the label is due.
 
 The built-in zero-shot wordings were written for the ruler and are not used by any seed task of
-:mod:`compeff.synth.seed_tasks`, so a student distilled from those tasks is always measured on prompts it
-never saw in training. Users add their own in ``eval.wordings`` (``{name, template}``; ``{text}`` and
+:mod:`compeff.synth.seed_tasks`; "instruction" and "author" share no sentence with any seed wording,
+while "question" and "text-first" end as the polarity seed wordings do ("Answer with one word."), so a
+distilled student's scores on the first two are on phrasings it never saw. Users add their own in ``eval.wordings`` (``{name, template}``; ``{text}`` and
 ``{labels}`` / ``{labels_or}`` are filled in).
 """
 

@@ -361,9 +361,15 @@ def run_generate_stage(recipe: Recipe, force: bool = False, progress: bool = Tru
                     asked_own = {p.id: label_request(build(p), by_id[p.task_id]["labels"]) for p in closed}
                     own = answer_label_requests(stage, "labels", teacher, cache, reader, list(asked_own.values()), config, progress)  # fmt: skip
                     prior_key = {p.id: batch_prior_key(p.id, by_id[p.task_id]) for p in closed}
+                    asked_failed = (
+                        stage.folder / "labels" / "failures.jsonl"
+                    )  # label questions without a label
+                    asked_failures = (
+                        {r["id"]: r for r in iter_jsonl(asked_failed)} if asked_failed.is_file() else {}
+                    )
                     ok, bad = batch_calibrated_records(
                         stage, [asked_own[p.id] for p in pending if p.task_id in scored], prior_key, own,
-                        reading, combined, decided, record_of,
+                        reading, combined, decided, record_of, asked_failures,
                     )  # fmt: skip
                     for record in ok:
                         report_rows.add_row(record)
@@ -417,13 +423,16 @@ def batch_calibrated_records(
     combined: Callable[[str, dict[str, float]], tuple[dict[str, float], dict[str, Any]]],
     decided: Callable[[dict[str, float], dict[str, Any]], tuple[str, dict[str, Any]]],
     record_of: Callable[[ChatRequest, str, dict[str, Any]], dict[str, Any]],
+    asked_failures: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Batch calibration (``generate.batch_calibrate``; Zhou et al. 2023): each closed sample's distribution
     divided by the mean distribution of the run's closed samples that share its prior (``prior_key``: the
     same task and wording; answers in ``own``), renormalised, then decided. The priors are computed once,
     when the first records are written, and kept in the stage folder (``batch_priors.json``), so records
     written by a resumed run use the same ones. Returns (records, failures) for ``requests``; a sample
-    whose label question failed is kept as failed and asked again by a later run."""
+    whose label question failed is kept as failed and asked again by a later run, one whose answer held
+    no label (``asked_failures``: the label sub-stage's failures by id) is kept as rejected, with its reason."""
+    asked_failures = asked_failures or {}
     dists: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
     unreadable: dict[str, str] = {}
     for sample_id, rows in own.items():
@@ -461,6 +470,10 @@ def batch_calibrated_records(
             )
             continue
         if request.id not in dists or prior is None:
+            failed = asked_failures.get(request.id)
+            if failed and failed.get("kind") == "rejected":  # the teacher's answer held no label
+                bad.append({"id": request.id, "reason": failed["reason"], "kind": "rejected", **meta})
+                continue
             reason = "its label question was not answered (generate/labels/failures.jsonl); a later run asks it again"
             bad.append({"id": request.id, "reason": reason, "kind": "failed", **meta})
             continue

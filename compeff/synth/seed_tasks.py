@@ -7,10 +7,12 @@ label set and several instruction wordings; a sample uses one wording (drawn fro
 learns the task rather than one phrasing. Their answers are read as label distributions
 (:mod:`compeff.synth.label_answers`), not sampled text.
 
-None of these wordings is one of the ruler's (:mod:`compeff.evaluate.wordings`): a student distilled
-from them is measured on prompts it never saw (the first polarity wordings ask as the ruler's "question"
-does, in other words; its "instruction", "text-first" and "author" wordings share no sentence with them). Users add tasks of their own with ``tasks.seed_tasks_file``
-(JSONL or YAML: ``name``, ``labels``, ``wordings`` with ``{text}`` and ``{labels_or}`` / ``{labels}``).
+None of these wordings is one of the ruler's (:mod:`compeff.evaluate.wordings`), but they are not all
+far from it: the first polarity wordings ask as the ruler's "question" does with one word changed, and
+share its closing "Answer with one word." with "question" and "text-first"; the ruler's "instruction"
+and "author" wordings share no sentence with any seed wording (tested), so those two measure a student
+on phrasings it never saw. Users add tasks of their own with ``tasks.seed_tasks_file`` (JSONL or YAML:
+``name``, ``labels``, ``wordings`` with ``{text}`` and ``{labels_or}`` / ``{labels}``).
 """
 
 from __future__ import annotations

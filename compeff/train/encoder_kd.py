@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -78,11 +78,13 @@ def _batches(n: int, size: int, rng: np.random.Generator | None = None):
         yield torch.from_numpy(order[start : start + size])
 
 
-def length_grouped_batches(lengths: torch.Tensor, size: int, rng: np.random.Generator):
+def length_grouped_batches(
+    lengths: torch.Tensor, size: int, rng: np.random.Generator
+) -> Iterator[torch.Tensor]:
     """One epoch's training batches of texts of similar length (transformers' ``group_by_length``: shuffled,
-    sorted by length within mega-batches of 50 batches, the longest batch first), so a step pads to its own
-    longest text rather than to a random batch's: short texts (tweets) waste about 40% of a step on padding
-    in random batches."""
+    sorted by length within mega-batches of up to 50 batches; the batch with the longest text first, the
+    others in a shuffled order), so a step pads to its own longest text rather than to a random batch's:
+    on the quickstart's 2,000 tweets random batches of 32 pad to 48.7 tokens on average for texts of 29.9."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
