@@ -11,8 +11,9 @@ from pathlib import Path
 
 from compeff.models import build_tiny_chat_model, default_corpus
 
-VERSION = "v4"
-TEACH_STEPS = 900  # ~2 min on 2 cores; 900 steps parse in 7-8 of 8 answers per prompt kind (measured)
+VERSION = "v5"
+TEACH_STEPS = 900  # 900 steps parse in 7-8 of 8 answers per prompt kind (measured)
+MEGA_BATCHES = 50  # draws sorted by length together: less padding (1.6x padded tokens at random)
 
 
 def teach_formats(
@@ -37,8 +38,7 @@ def teach_formats(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, steps))
     rng = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        picks = torch.randint(len(examples), (batch_size,), generator=rng).tolist()
+    for picks in _length_grouped_draws(examples, steps, batch_size, rng):
         width = max(len(examples[i][0]) for i in picks)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
         labels = torch.full((batch_size, width), -100)
@@ -56,6 +56,21 @@ def teach_formats(
         optimizer.zero_grad()
     model.eval()
     model.save_pretrained(path)
+
+
+def _length_grouped_draws(examples: list, steps: int, batch_size: int, rng) -> list[list[int]]:
+    """``steps`` batches of random example indices (drawn with replacement, as before), where each run of
+    MEGA_BATCHES batches is drawn at once, sorted by length and cut into batches in shuffled order."""
+    import torch
+
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        count = min(MEGA_BATCHES, steps - len(batches))
+        draw = torch.randint(len(examples), (count * batch_size,), generator=rng).tolist()
+        draw.sort(key=lambda i: len(examples[i][0]))
+        chunk = [draw[k : k + batch_size] for k in range(0, len(draw), batch_size)]
+        batches.extend(chunk[j] for j in torch.randperm(len(chunk), generator=rng).tolist())
+    return batches
 
 
 def tiny_chat_path(home: Path) -> Path:
