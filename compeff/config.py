@@ -273,6 +273,39 @@ class EmbedderSettings(Section):
 
 
 # ----------------------------------------------------------------------------------------- student
+class HealSettings(Section):
+    """Healing a cut student before anything reads it (``student.keep_layers``): a few hundred steps of
+    KL to the model it was cut from, on user texts, with no label and no teacher call."""
+
+    steps: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Optimizer steps of healing; 0: the cut student is used as cut. Needs student.keep_layers.",
+    )
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1.0, description="Peak learning rate (AdamW, 5% warm-up, linear decay)."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Texts per step.")
+    max_length: int = Field(
+        128, ge=8, le=32768, description="Tokens of each text the student reads (cut after)."
+    )
+    n_texts: int = Field(
+        2000,
+        ge=2,
+        le=10_000_000,
+        description="User texts drawn for healing (a tenth, at most 64, held out to measure it).",
+    )
+    texts: list[Source] | None = Field(
+        None,
+        description="Sources of the healing texts; null: the run's data.user_texts (no labels are read).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the text draw, the order and the held-out texts.")
+    device: str = Field(
+        "auto", description="Where healing runs: auto (a GPU when one is visible), cpu, cuda[:N]."
+    )
+
+
 class StudentSettings(Section):
     model: str = Field(
         "builtin:smollm2",
@@ -284,11 +317,21 @@ class StudentSettings(Section):
         description="Cut the student from `model`: keep these decoder layers (with the embeddings, final norm "
         "and head), e.g. every third of SmolLM2's 30; built once into $COMPEFF_HOME with a card naming its origin.",
     )
+    heal: HealSettings = Field(
+        default_factory=HealSettings,
+        description="Heal the cut student on user texts by KL to the model it was cut from (off by default).",
+    )
 
     @field_validator("model")
     @classmethod
     def _model_exists(cls, value: str, info: ValidationInfo) -> str:
         return _must_exist(value, info)
+
+    @model_validator(mode="after")
+    def _heal_needs_a_cut(self) -> StudentSettings:
+        if self.heal.steps and not self.keep_layers:
+            raise ValueError("student.heal.steps > 0 heals a cut student: set student.keep_layers too")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- data

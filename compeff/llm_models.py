@@ -60,7 +60,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _publish(tmp: Path, target: Path) -> Path:
+def publish_build(tmp: Path, target: Path) -> Path:
     """Move a finished build into place; a concurrent builder that won the race keeps its copy."""
     try:
         os.replace(tmp, target)
@@ -100,7 +100,7 @@ def smollm2_path() -> Path:
         "The Q4_1 weights were dequantised to float32: this is the 4-bit model, not the original bf16 one.\n"
         "License: Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct).\n"
     )
-    return _publish(tmp, target)
+    return publish_build(tmp, target)
 
 
 def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path | None = None) -> Path:
@@ -142,4 +142,4 @@ def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path 
         f"final norm and the output head; {n_params / 1e6:.1f}M parameters. Untrained after the cut: "
         "fine-tune it (`compeff sft`) before use.\n"
     )
-    return _publish(tmp, target)
+    return publish_build(tmp, target)

@@ -207,9 +207,26 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def student_model(settings) -> str:
+def student_model(settings, data=None, progress: bool = True, healed: bool = True) -> str:
     """The student a recipe names (``student.model``), or the pruned copy of it that
-    ``student.keep_layers`` asks for (built once into $COMPEFF_HOME)."""
+    ``student.keep_layers`` asks for, healed on user texts when ``student.heal.steps`` > 0 (each built
+    once into $COMPEFF_HOME). ``data`` (the recipe's data section) gives the healing texts when
+    ``student.heal.texts`` is unset; ``healed=False`` gives the cut before healing (same tokenizer)."""
     if not getattr(settings, "keep_layers", None):
         return settings.model
-    return str(pruned_decoder(settings.model, resolve_model(settings.model), list(settings.keep_layers)))
+    base = resolve_model(settings.model)
+    pruned = pruned_decoder(settings.model, base, list(settings.keep_layers))
+    heal = getattr(settings, "heal", None)
+    if heal is None or not heal.steps or not healed:
+        return str(pruned)
+    from compeff.data import DataError, select_user_texts
+    from compeff.healing import heal_decoder
+
+    sources = heal.texts or (data.user_texts if data is not None else None)
+    if not sources:
+        raise DataError("student.heal: no texts to heal on (set student.heal.texts or data.user_texts)")
+    rows, _ = select_user_texts(
+        list(sources), heal.n_texts, heal.seed,
+        data.text_field if data is not None else "text", data.dir if data is not None else None,
+    )  # fmt: skip
+    return str(heal_decoder(base, pruned, [r["text"] for r in rows], heal, progress=progress))

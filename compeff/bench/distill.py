@@ -269,7 +269,7 @@ def run_distill_bench(
         {"row": "teacher", "model": recipe.teacher.model, "samples": None, "train_s": None},
         {
             "row": "student before training",
-            "model": student_model(recipe.student),
+            "model": student_model(recipe.student, recipe.data),
             "samples": None,
             "train_s": None,
         },

@@ -71,17 +71,17 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
     """(model, adapter) to evaluate, following ``eval.model``."""
     choice = recipe.eval.model
     if choice == "student":
-        return student_model(recipe.student), recipe.eval.adapter
+        return student_model(recipe.student, recipe.data), recipe.eval.adapter
     if choice == "teacher":
         return recipe.teacher.model, recipe.eval.adapter
     if choice:
         return choice, recipe.eval.adapter
     trained = recipe.run_dir / "sft" / "model"
     if (trained / "adapter_config.json").exists():
-        return student_model(recipe.student), str(trained)
+        return student_model(recipe.student, recipe.data), str(trained)
     if (trained / "config.json").exists():
         return str(trained), None
-    return student_model(recipe.student), recipe.eval.adapter
+    return student_model(recipe.student, recipe.data), recipe.eval.adapter
 
 
 @lru_cache(maxsize=64)
@@ -179,7 +179,7 @@ def served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str
 
 def _compared_models(recipe: Recipe) -> list[tuple[str, str]]:
     """(tag, model) of each model ``eval.compare`` adds beside the evaluated one."""
-    paths = {"teacher": recipe.teacher.model, "student": student_model(recipe.student)}
+    paths = {"teacher": recipe.teacher.model, "student": student_model(recipe.student, recipe.data)}
     return [(tag, paths[tag]) for tag in recipe.eval.compare]
 
 

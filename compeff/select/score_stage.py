@@ -38,7 +38,7 @@ def score_input(recipe: Recipe) -> Path:
 
 
 def scorer_name(recipe: Recipe) -> str:
-    return recipe.score.scorer or student_model(recipe.student)
+    return recipe.score.scorer or student_model(recipe.student, recipe.data)
 
 
 def score_options(recipe: Recipe) -> ScoreOptions:

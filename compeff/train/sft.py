@@ -232,7 +232,7 @@ def run_sft_stage(
     rows = read_chat_set(source)
     if not rows:
         raise DataError(f"{source}: no sample to train on")
-    path = resolve_model(student_model(recipe.student))
+    path = resolve_model(student_model(recipe.student, recipe.data))
     cuda = torch.cuda.is_available()
     if s.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("sft.load_in_4bit: 4-bit QLoRA needs bitsandbytes (pip install 'compeff[qlora]')")

@@ -1,0 +1,94 @@
+"""student.heal: a cut student brought back toward the model it was cut from by KL on user texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from compeff.models import build_tiny_chat_model, default_corpus, student_model
+
+from conftest import compeff_cmd
+
+
+@pytest.fixture(scope="module")
+def tiny_four_layers(tmp_path_factory) -> Path:
+    """A 4-layer random Llama (the model a student is cut from)."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-4l"), layers=4, seed=3)
+
+
+def _texts_file(folder: Path, n: int, seed: int) -> Path:
+    path = folder / "texts.jsonl"
+    rows = [{"id": str(i), "text": t} for i, t in enumerate(default_corpus(n, seed=seed))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _mean_kl(base: str, student: str, texts: list[str]) -> float:
+    """KL(base || student) per token on ``texts``, computed here from the two folders."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "right"
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    cut = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    enc = tok(texts, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"][:, 1:].bool()
+    with torch.no_grad():
+        p = F.log_softmax(full(**enc).logits[:, :-1][mask], -1)
+        q = F.log_softmax(cut(**enc).logits[:, :-1][mask], -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_healing_brings_the_cut_closer_to_its_base_on_unseen_texts(tiny_four_layers, tmp_path):
+    import time
+
+    from compeff.config import load_recipe
+
+    texts = _texts_file(tmp_path, 400, seed=5)
+    settings = [
+        f"student.model={tiny_four_layers}",
+        "student.keep_layers=[0, 3]",
+        f"data.user_texts=[{texts}]",
+        "student.heal.steps=40",
+        "student.heal.learning_rate=3e-3",
+        "student.heal.batch_size=16",
+        "student.heal.n_texts=300",
+    ]
+    recipe = load_recipe(None, settings)
+    cut = student_model(recipe.student, recipe.data, healed=False)
+    started = time.perf_counter()
+    healed = student_model(recipe.student, recipe.data, progress=False)
+    assert healed != cut and Path(healed).parent == Path(cut).parent
+    card = json.loads((Path(healed) / "compeff_healed.json").read_text())
+    assert card["texts"] == {"train": 270, "held_out": 30}
+    assert card["held_out_kl_after"] < card["held_out_kl_before"]
+
+    unseen = default_corpus(40, seed=99)  # other sentences than any healing text
+    before, after = _mean_kl(str(tiny_four_layers), cut, unseen), _mean_kl(str(tiny_four_layers), healed, unseen)
+    assert after < 0.8 * before, (before, after)
+    assert json.loads((Path(healed) / "config.json").read_text())["num_hidden_layers"] == 2
+
+    # built once: the same folder again without training; other settings, another folder
+    took = time.perf_counter() - started
+    again = time.perf_counter()
+    assert student_model(recipe.student, recipe.data, progress=False) == healed
+    assert time.perf_counter() - again < took / 3
+    other = load_recipe(None, [*settings, "student.heal.steps=5"])
+    assert student_model(other.student, other.data, progress=False) not in (healed, cut)
+
+
+def test_healing_without_a_cut_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        compeff_cmd("score", "--set", "student.heal.steps=10", "--set", "student.keep_layers=null"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "student.heal.steps > 0 heals a cut student" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
