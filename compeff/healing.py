@@ -4,28 +4,52 @@ A decoder cut from a bigger one (:func:`compeff.llm_models.pruned_decoder`) feed
 states they were never trained on: SmolLM2-135M cut to 10 of its 30 layers puts about 16 nats of
 cross-entropy on a review's next tokens, more than a uniform guess over its 49,152 tokens (10.8). Before
 the student learns any task, a few hundred steps of matching the full model's next-token distribution
-on the run's own texts (no label, no teacher call: the model it was cut from is local by construction)
-bring most of that back, the first step of prune-then-distill recipes such as Minitron. The healed
-student is built once per cut, settings and texts into ``$COMPEFF_HOME`` next to the cut, with a card
-and ``compeff_healed.json`` saying how it was made and what healing measured.
+on the run's own texts (no label and no teacher call: the model the cut was made from is loaded here)
+narrows that gap, the first step of prune-then-distill recipes such as Minitron. The healed student is
+built once per cut, settings and texts into ``$COMPEFF_HOME`` next to the cut, with a card and
+``compeff_healed.json`` saying how it was made and what healing measured. One process builds it at a
+time (a lock beside the target; others wait, then read the finished copy); a killed build starts again
+from step 0 (no checkpoint: at the default 150-300 steps it is minutes on a GPU, a quarter of an hour on
+two CPU cores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, weights_fingerprint
 from compeff.llm_models import publish_build
-from compeff.loading import pick_device
-from compeff.progress import Tracker
+from compeff.loading import pick_device, pick_dtype
+from compeff.progress import Tracker, console
+
+try:  # POSIX; elsewhere concurrent builders race and publish_build keeps the first copy
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 HEALED_CARD = "compeff_healed.json"
+HEAL_VERSION = 1  # raised when the healing arithmetic changes, so older healed copies are not reused
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def heal_target(pruned: Path, settings: Any, texts: list[str]) -> Path:
@@ -33,6 +57,7 @@ def heal_target(pruned: Path, settings: Any, texts: list[str]) -> Path:
     digest = hashlib.sha256("\n\x00".join(texts).encode("utf-8")).hexdigest()
     tag = fingerprint_obj(
         {
+            "version": HEAL_VERSION,
             "weights": weights_fingerprint(pruned),
             "heal": settings.model_dump(exclude={"device", "texts"}),
             "texts": digest,
@@ -47,6 +72,37 @@ def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     random.Random(seed).shuffle(order)
     n_held = max(1, min(64, len(order) // 10))
     return order[n_held:], order[:n_held]
+
+
+def heal_device(device: str) -> str:
+    """Where healing runs: ``auto`` is this process's own GPU under torchrun/accelerate (LOCAL_RANK), a
+    GPU when one is visible, else the CPU; anything else as given."""
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return pick_device(device)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` while building ``target``: a second process (another rank, another run)
+    waits here and then finds the finished copy instead of building it again. The lock dies with its
+    holder, so a killed build never blocks the next one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(target.parent / f"{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"student.heal: another process is building {target.name}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _kl_per_token(student: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, int]:
@@ -81,22 +137,42 @@ def heal_decoder(
     base_path: str, pruned: Path, texts: list[str], settings: Any, progress: bool = True
 ) -> Path:
     """The cut decoder ``pruned`` after ``settings.steps`` steps of KL to ``base_path`` on ``texts`` (built
-    once; later calls return the same folder). AdamW, 5% linear warm-up then linear decay, gradient
-    norm clipped at 1, fp32 weights (bf16 autocast on a GPU that has it)."""
+    once; later calls, and processes waiting on the build, return the same folder). AdamW, 5% linear
+    warm-up then linear decay, gradient norm clipped at 1, fp32 student weights (bf16 autocast and a bf16
+    frozen full model on a GPU that has it); saved in the cut's dtype with the cut's tokenizer files."""
     target = heal_target(pruned, settings, texts)
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if len(texts) < 2:
+        raise DataError(
+            f"student.heal: {len(texts)} text(s) to heal on; it needs at least 2 (one held out to measure it)"
+        )
+    with build_lock(target):
+        if (target / "config.json").is_file():  # built while this process waited
+            return target
+        for stale in target.parent.glob(f".{target.name}-*"):  # left by a killed build of this target
+            shutil.rmtree(stale, ignore_errors=True)
+        return _heal(base_path, pruned, texts, settings, target, progress)
 
-    device = pick_device(settings.device)
-    torch.manual_seed(settings.seed)
+
+def _heal(
+    base_path: str, pruned: Path, texts: list[str], settings: Any, target: Path, progress: bool
+) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = heal_device(settings.device)
     tokenizer = AutoTokenizer.from_pretrained(pruned)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device).eval()
+    full_dtype = pick_dtype("auto", device)
+    teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=full_dtype).to(device).eval()
+    teacher.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).to(device)
+    saved_dtype = getattr(AutoConfig.from_pretrained(pruned), "dtype", None) or torch.float32
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype, torch.float32)
     train_texts, held = split_texts(texts, settings.seed)
 
     def encode(chunk: list[str]) -> dict[str, Any]:
@@ -146,7 +222,9 @@ def heal_decoder(
         "base": str(base_path),
         "cut": str(pruned),
         "settings": settings.model_dump(exclude={"texts"}),
+        "version": HEAL_VERSION,
         "texts": {"train": len(train_texts), "held_out": len(held)},
+        "batch_size": min(settings.batch_size, len(train_texts)),
         "held_out_kl_before": round(kl_before, 4),
         "held_out_kl_after": round(kl_after, 4),
         "first_loss": round(losses[0], 4) if losses else None,
@@ -154,18 +232,16 @@ def heal_decoder(
         "seconds": round(seconds, 1),
         "device": device,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".healed-", dir=target.parent))
-    student.to("cpu").save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for extra in ("compeff_pruned.json", "generation_config.json"):
-        if (pruned / extra).is_file() and not (tmp / extra).exists():
-            (tmp / extra).write_bytes((pruned / extra).read_bytes())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    student.to("cpu", dtype=saved_dtype).save_pretrained(tmp)
+    for extra in (*TOKENIZER_FILES, "compeff_pruned.json", "generation_config.json"):
+        if (pruned / extra).is_file():
+            shutil.copyfile(pruned / extra, tmp / extra)
     (tmp / HEALED_CARD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(
         f"# Healed cut student\n\n{(pruned / 'README.md').read_text(encoding='utf-8').split(chr(10), 2)[-1].strip()}\n\n"
         f"Healed by compeff: {settings.steps} steps of KL to the full model on {len(train_texts)} user texts "
-        f"(no labels), lr {settings.learning_rate:g}, batches of {settings.batch_size}, {settings.max_length} "
+        f"(no labels), lr {settings.learning_rate:g}, batches of {record['batch_size']}, {settings.max_length} "
         f"tokens. KL per token on {len(held)} held-out texts: {kl_before:.2f} -> {kl_after:.2f} nats. Still to be "
         "fine-tuned on a task (`compeff sft`) before use.\n",
         encoding="utf-8",

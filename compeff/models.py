@@ -207,6 +207,9 @@ def resolve_model(name: str) -> str:
     return name
 
 
+_HEALED: dict[tuple[str, str, str | None], str] = {}  # (cut, heal settings, data section) -> healed copy
+
+
 def student_model(settings, data=None, progress: bool = True, healed: bool = True) -> str:
     """The student a recipe names (``student.model``), or the pruned copy of it that
     ``student.keep_layers`` asks for, healed on user texts when ``student.heal.steps`` > 0 (each built
@@ -222,6 +225,10 @@ def student_model(settings, data=None, progress: bool = True, healed: bool = Tru
     from compeff.data import DataError, select_user_texts
     from compeff.healing import heal_decoder
 
+    key = (str(pruned), heal.model_dump_json(), data.model_dump_json() if data is not None else None)
+    known = _HEALED.get(key)
+    if known and (Path(known) / "config.json").is_file():  # stages ask several times per command
+        return known
     sources = heal.texts or (data.user_texts if data is not None else None)
     if not sources:
         raise DataError("student.heal: no texts to heal on (set student.heal.texts or data.user_texts)")
@@ -229,4 +236,5 @@ def student_model(settings, data=None, progress: bool = True, healed: bool = Tru
         list(sources), heal.n_texts, heal.seed,
         data.text_field if data is not None else "text", data.dir if data is not None else None,
     )  # fmt: skip
-    return str(heal_decoder(base, pruned, [r["text"] for r in rows], heal, progress=progress))
+    _HEALED[key] = str(heal_decoder(base, pruned, [r["text"] for r in rows], heal, progress=progress))
+    return _HEALED[key]

@@ -179,8 +179,11 @@ def served_predictions(recipe: Recipe, prompts: list[str], label_names: list[str
 
 def _compared_models(recipe: Recipe) -> list[tuple[str, str]]:
     """(tag, model) of each model ``eval.compare`` adds beside the evaluated one."""
-    paths = {"teacher": recipe.teacher.model, "student": student_model(recipe.student, recipe.data)}
-    return [(tag, paths[tag]) for tag in recipe.eval.compare]
+
+    def path(tag: str) -> str:  # the student (perhaps cut and healed) is built only when compared
+        return recipe.teacher.model if tag == "teacher" else student_model(recipe.student, recipe.data)
+
+    return [(tag, path(tag)) for tag in recipe.eval.compare]
 
 
 def eval_wordings(recipe: Recipe) -> list[Wording]:

@@ -69,11 +69,8 @@ def _stage_config(recipe: Recipe) -> dict[str, Any]:
             "padding_side",
         }
     )
-    return {
-        "score": settings,
-        "scorer": scorer_name(recipe),
-        "scorer_weights": weights_fingerprint(scorer_name(recipe)),
-    }
+    scorer = scorer_name(recipe)  # once: a healed student's texts are read on each call
+    return {"score": settings, "scorer": scorer, "scorer_weights": weights_fingerprint(scorer)}
 
 
 def run_score_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -307,7 +307,8 @@ def run_sft_stage(
             )
     dtype = training_dtype(s.bf16, cuda)
     bf16 = dtype == torch.bfloat16
-    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(), "seed": recipe.run.seed}  # fmt: skip
+    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(exclude={"heal": {"device"}}), "seed": recipe.run.seed}  # fmt: skip
+    config["student_weights"] = weights_fingerprint(path)  # the cut or healed copy trained from
     if gkd_teacher:
         config["teacher"] = weights_fingerprint(gkd_teacher)
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only rank 0 writes
