@@ -124,5 +124,7 @@ def test_the_tests_tiny_chat_model_is_built_once_and_speaks_the_list_format(comp
         )
     ]
     [result] = list(HFTeacher(str(path), device="cpu").generate(ask))
-    assert "1. **" in result.text and "2. **" in result.text  # a numbered list with bold names
-    assert parse_attributes(result.text)  # ... that the parser reads
+    # a numbered list with bold names that the parser reads (how many items a 2-layer model trained for
+    # 300 steps writes depends on the CPU's float kernels: one on an AVX2-only machine, more elsewhere)
+    assert result.text.startswith("1. **")
+    assert parse_attributes(result.text)
