@@ -94,3 +94,14 @@ def test_gold_subset_answers_with_the_true_label_and_counts_the_teachers_hits(tm
     assert [r["messages"][-1]["content"] for r in rows] == ["positive", "negative", "neutral"]
     assert quality["samples"] == 3 and quality["teacher_right"] == 2 / 3
     assert quality["teacher_right_conf>=0.6"] == [1.0, 2]
+
+
+def test_a_trained_model_is_scored_once_whatever_its_row_is_called():
+    from compeff.bench.distill import eval_cache_name
+
+    one_seed = {"row": "SFT, selected", "stage": "sft-sft-selected"}
+    first_of_three = {"row": "SFT, selected (seed 1)", "stage": "sft-sft-selected"}
+    second_of_three = {"row": "SFT, selected (seed 2)", "stage": "sft-sft-selected-s1"}
+    assert eval_cache_name(one_seed) == eval_cache_name(first_of_three) == "sft-sft-selected.json"
+    assert eval_cache_name(second_of_three) != eval_cache_name(first_of_three)
+    assert eval_cache_name({"row": "student before training"}) == "student-before-training.json"

@@ -285,7 +285,7 @@ def run_distill_bench(
         rows.append({"row": row + (f" (seed {seed_offset + 1})" if seeds > 1 else ""),
                      "model": str(root / name / "model"),
                      "samples": manifest.get("kd_samples", manifest.get("samples")),
-                     "train_s": manifest.get("train_runtime_s"), "group": row})  # fmt: skip
+                     "train_s": manifest.get("train_runtime_s"), "group": row, "stage": name})  # fmt: skip
 
     for name in (x for x in SUBSETS if x in subsets and "sft" in losses):
         for k in range(seeds if name == "selected" else 1):
@@ -312,8 +312,7 @@ def run_distill_bench(
             "[yellow]bench distill: no polarity sample with a true label: no gold-label ceiling row[/yellow]"
         )
     for row in rows:
-        tag = row["row"].replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
-        row["scored"] = score_model(row["model"], sets, recipe, root / "eval" / f"{tag}.json")
+        row["scored"] = score_model(row["model"], sets, recipe, root / "eval" / eval_cache_name(row))
     teacher = rows[0]["scored"]
     for row in rows:
         row["sets"] = summarise_row(row.pop("scored"), sets, None if row is rows[0] else teacher)
@@ -323,6 +322,14 @@ def run_distill_bench(
     (root / "distill_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (root / "distill_bench.md").write_text(markdown_table(table_rows), encoding="utf-8")
     return table_rows
+
+
+def eval_cache_name(row: dict[str, Any]) -> str:
+    """File of a row's cached labels: a trained row's is named by its training stage, so one model is
+    scored once whatever its row is called (``--seeds 3`` names the first seed's row apart from
+    ``--seeds 1``); the teacher's and the untrained student's by their row."""
+    tag = row.get("stage") or row["row"].replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+    return f"{tag}.json"
 
 
 def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
