@@ -302,7 +302,9 @@ class HealSettings(Section):
     )
     seed: int = Field(0, ge=0, description="Seed of the text draw, the order and the held-out texts.")
     device: str = Field(
-        "auto", description="Where healing runs: auto (a GPU when one is visible), cpu, cuda[:N]."
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where healing runs: auto (a GPU when one is visible), cpu, cuda[:N].",
     )
 
 

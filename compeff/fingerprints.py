@@ -67,16 +67,26 @@ def _file_summary(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_card(name: str) -> bool:
+    return name.startswith("compeff_") and name.endswith(".json")
+
+
 def weights_fingerprint(name_or_path: str | Path) -> str:
     """Identity of a model: for a local file or folder, a sha256 over its weight, config and tokenizer
-    files (names, sizes, contents or their edges); for a hub id or served name, the name itself."""
+    files (names, sizes, contents or their edges); for a hub id or served name, the name itself. compeff's
+    own cards (``compeff_*.json``: how, where and how long a copy was made) are left out, so a model
+    rebuilt to the same weights, or moved with ``$COMPEFF_HOME``, keeps its identity."""
     path = Path(str(name_or_path)).expanduser()
     if not path.exists():
         return str(name_or_path)
     files = (
         [path]
         if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and not _is_card(p.name)
+        )
     )
     digest = hashlib.sha256()
     for child in files:

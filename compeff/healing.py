@@ -16,6 +16,7 @@ two CPU cores).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -80,7 +81,8 @@ def heal_device(device: str) -> str:
     import torch
 
     if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        # a launcher that gives each rank one GPU (CUDA_VISIBLE_DEVICES) shows it as cuda:0
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return pick_device(device)
 
 
@@ -246,4 +248,9 @@ def _heal(
         "fine-tuned on a task (`compeff sft`) before use.\n",
         encoding="utf-8",
     )
-    return publish_build(tmp, target)
+    published = publish_build(tmp, target)
+    del teacher, student, optimizer, schedule  # the stage that asked for the copy runs next in this process
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return published

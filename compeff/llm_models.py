@@ -61,11 +61,14 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def publish_build(tmp: Path, target: Path) -> Path:
-    """Move a finished build into place; a concurrent builder that won the race keeps its copy."""
+    """Move a finished build into place; a concurrent builder that won the race keeps its copy. Any other
+    failure (no space, no permission) is raised rather than returning a folder that is not there."""
     try:
         os.replace(tmp, target)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise ModelUnavailable(f"could not put the built model in place at {target}: {exc}") from exc
     return target
 
 

@@ -40,7 +40,7 @@ def test_table_shows_agreement_and_folds_seeds():
                      "sets": {"a": {"accuracy": acc, "macro_f1": 40.0, "agreement": 80.0, "n": 10}}})  # fmt: skip
     table = markdown_table(with_seed_means(rows))
     assert "| teacher | - | 50.0 / 33.3 / - | - |" in table
-    assert "| KD, selected (mean of 2 seeds) | 4 | 65.0 +- 5.0 / 40.0 / 80.0 | 10 |" in table
+    assert "| KD, selected (mean of 2 seeds) | 4 | 65.0 +- 7.1 / 40.0 / 80.0 | 10 |" in table
 
 
 def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):

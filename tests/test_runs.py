@@ -71,3 +71,21 @@ def test_data_loads_with_datasets(tmp_path):
     ds = load_dataset("json", data_files=str(tmp_path / "s" / "data.jsonl"), split="train")
     assert len(ds) == 5 and ds[0]["messages"][0]["content"] == "q0"
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["stage"] == "s"
+
+
+def test_a_models_identity_is_its_weights_not_compeffs_card(tmp_path):
+    from compeff.fingerprints import weights_fingerprint
+
+    model = tmp_path / "healed"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    (model / "compeff_healed.json").write_text('{"seconds": 12.5, "device": "cpu"}')
+    first = weights_fingerprint(model)
+    (model / "compeff_healed.json").write_text('{"seconds": 99.0, "device": "cuda:0"}')  # rebuilt elsewhere
+    assert weights_fingerprint(model) == first
+    (model / "model.safetensors").write_bytes(b"\x01" * 64)
+    assert weights_fingerprint(model) != first
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    (model / "config.json").write_text('{"num_hidden_layers": 3}')
+    assert weights_fingerprint(model) != first

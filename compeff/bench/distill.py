@@ -347,7 +347,7 @@ def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             cells = [m["sets"][set_name] for m in members]
             sets[set_name] = {
                 "accuracy": float(np.mean([c["accuracy"] for c in cells])),
-                "accuracy_seed_std": float(np.std([c["accuracy"] for c in cells])),
+                "accuracy_seed_std": float(np.std([c["accuracy"] for c in cells], ddof=1)),
                 "macro_f1": float(np.mean([c["macro_f1"] for c in cells])),
                 "agreement": float(np.mean([c["agreement"] for c in cells])),
                 "n": cells[0]["n"],
