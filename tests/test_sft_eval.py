@@ -146,6 +146,12 @@ def test_lora_adapter_trains_saves_and_reloads(tmp_path, tiny_lm):
     assert result["results"]["adapter"] == str(model_dir)
     assert accuracy(result) >= 0.9
 
+    # the adapter goes back on the weights it was trained on, even after the recipe's student changed
+    from compeff.evaluate.eval_stage import resolve_eval_model
+
+    changed = r.model_copy(update={"student": r.student.model_copy(update={"model": "no/such-student"})})
+    assert resolve_eval_model(changed) == (str(tiny_lm), str(model_dir))
+
 
 def test_masks_after_collation_cover_only_answers(tmp_path, tiny_lm):
     from datasets import Dataset

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +69,19 @@ def load_eval_set(
     )
 
 
+def adapter_base(adapter: Path) -> str | None:
+    """The local model folder a LoRA adapter was trained on (its ``base_model_name_or_path``), so the
+    adapter is put back on those weights even when the recipe's student settings changed since; None
+    when that folder is gone (then the recipe's student is used)."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError):
+        return None
+    return str(base) if base and Path(str(base)).is_dir() else None
+
+
 def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
     """(model, adapter) to evaluate, following ``eval.model``."""
     choice = recipe.eval.model
@@ -78,7 +93,7 @@ def resolve_eval_model(recipe: Recipe) -> tuple[str, str | None]:
         return choice, recipe.eval.adapter
     trained = recipe.run_dir / "sft" / "model"
     if (trained / "adapter_config.json").exists():
-        return student_model(recipe.student, recipe.data), str(trained)
+        return adapter_base(trained) or student_model(recipe.student, recipe.data), str(trained)
     if (trained / "config.json").exists():
         return str(trained), None
     return student_model(recipe.student, recipe.data), recipe.eval.adapter
