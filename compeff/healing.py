@@ -172,7 +172,10 @@ def _heal(
     teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=full_dtype).to(device).eval()
     teacher.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).to(device)
-    saved_dtype = getattr(AutoConfig.from_pretrained(pruned), "dtype", None) or torch.float32
+    cut_config = AutoConfig.from_pretrained(pruned)  # `dtype` from transformers 4.56, `torch_dtype` before
+    saved_dtype = (
+        getattr(cut_config, "dtype", None) or getattr(cut_config, "torch_dtype", None) or torch.float32
+    )
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, torch.float32)
     train_texts, held = split_texts(texts, settings.seed)
