@@ -44,7 +44,6 @@ def _mean_kl(base: str, student: str, texts: list[str]) -> float:
 
 
 def test_healing_brings_the_cut_closer_to_its_base_on_unseen_texts(tiny_four_layers, tmp_path):
-
     from compeff.config import load_recipe
 
     texts = _texts_file(tmp_path, 400, seed=5)
