@@ -298,7 +298,9 @@ class HealSettings(Section):
     )
     texts: list[Source] | None = Field(
         None,
-        description="Sources of the healing texts; null: the run's data.user_texts (no labels are read).",
+        min_length=1,
+        description="Sources of the healing texts; null: the run's data.user_texts (no labels are read); "
+        "an empty list is an error, not a silent fallback.",
     )
     seed: int = Field(0, ge=0, description="Seed of the text draw, the order and the held-out texts.")
     device: str = Field(

@@ -229,7 +229,7 @@ def student_model(settings, data=None, progress: bool = True, healed: bool = Tru
     known = _HEALED.get(key)
     if known and (Path(known) / "config.json").is_file():  # stages ask several times per command
         return known
-    sources = heal.texts or (data.user_texts if data is not None else None)
+    sources = heal.texts if heal.texts is not None else (data.user_texts if data is not None else None)
     if not sources:
         raise DataError("student.heal: no texts to heal on (set student.heal.texts or data.user_texts)")
     rows, _ = select_user_texts(

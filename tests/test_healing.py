@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import compeff_cmd
 
+from compeff.config import ConfigError, load_recipe
 from compeff.models import build_tiny_chat_model, default_corpus, student_model
 
 
@@ -93,6 +94,14 @@ def test_healing_without_a_cut_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "student.heal.steps > 0 heals a cut student" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_list_of_healing_sources_is_a_config_error_not_a_fallback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("student: {keep_layers: [0, 1], heal: {steps: 5, texts: []}}\n")
+    with pytest.raises(ConfigError, match="student.heal.texts"):
+        load_recipe(recipe)
+    assert load_recipe(recipe, ["student.heal.texts=null"]).student.heal.texts is None
 
 
 def test_two_builders_of_one_healed_student_build_it_once(tiny_four_layers, tmp_path, monkeypatch):
