@@ -209,3 +209,19 @@ def test_scorer_warm_up_fine_tunes_the_student_first(tmp_path, tiny_lm):
         return {r["id"]: r["difficulty"]["rank"] for r in iter_jsonl(run_dir / "score" / "data.jsonl")}
 
     assert ranks(recipe.run_dir) != ranks(cold.run_dir)  # the warmed scorer is another model
+
+
+def test_a_warmed_scorer_on_another_runs_set_starts_a_fresh_run_folder(tmp_path, tiny_lm):
+    from compeff.stages import get_stage
+
+    donor = load_recipe(recipe_file(tmp_path, tiny_lm, "donor"))
+    write_distillation_set(donor.run_dir, n=12)
+    recipe = load_recipe(
+        recipe_file(tmp_path, tiny_lm, "fresh"),
+        [f"score.input={donor.run_dir / 'generate' / 'data.jsonl'}", "score.warmup_samples=6",
+         "sft.max_steps=2", "sft.max_length=256"],
+    )  # fmt: skip
+    assert not recipe.run_dir.exists()  # score is this run's first stage
+    manifest = get_stage("score")(recipe, progress=False)
+    assert manifest["counts"]["ok"] == 12
+    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data.jsonl"))) == 6

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from compeff.config import Recipe
-from compeff.runs import dumps_line, read_chat_set
+from compeff.runs import atomic_write_text, dumps_line, read_chat_set
 from compeff.select import score_stage
 from compeff.train.sft import run_sft_stage
 
@@ -23,7 +23,8 @@ def warm_up_scorer(recipe: Recipe, force: bool = False, progress: bool = True) -
     data = recipe.run_dir / "score-warmup-data.jsonl"
     text = "".join(dumps_line(r).decode() for r in sorted(picks, key=lambda r: str(r["id"])))
     if not data.exists() or data.read_text(encoding="utf-8") != text:
-        data.write_text(text, encoding="utf-8")
+        data.parent.mkdir(parents=True, exist_ok=True)  # score may be a run's first stage (score.input)
+        atomic_write_text(data, text)
     sft = recipe.sft.model_copy(update={"input": str(data), "merge": True})
     run_sft_stage(
         recipe.model_copy(update={"sft": sft}), force=force, progress=progress, stage_name="score-warmup"
