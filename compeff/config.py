@@ -592,6 +592,12 @@ class SampleSettings(Section):
         "task", description="task: select within each task (analysis instructions each on their own); global."
     )
     metric: Literal["rank", "ppl", "ifd", "length"] = Field("rank", description="Difficulty metric used.")
+    tie_break: Literal["rank", "ppl", "ifd", "length"] | None = Field(
+        "ppl",
+        description="Second metric that orders samples whose difficulty ties (rho is 1.0 for every answer "
+        "outside a cold scorer's nucleus: most one-word closed-task answers); null: ties keep the id order. "
+        "Unused when it is the metric itself or the scored set lacks it.",
+    )
     a: float = Field(
         1.0, gt=0, le=1, description="Peak of the keep curve F (1: the hardest are likeliest kept)."
     )

@@ -72,3 +72,22 @@ def test_same_seed_same_subset_and_order_independence():
     }
     rand = select(rows, diff, grp, 0.5, "random", seed=7)
     assert sum(rand) == sum(round(0.5 * (200 + 17 * g)) for g in range(3))
+
+
+def test_ties_are_ordered_by_the_tie_break_metric_and_the_metric_still_leads():
+    tied = [1.0] * 6
+    ppl = [5.0, 1.0, 4.0, 2.0, 3.0, 0.0]
+    assert set(np.flatnonzero(select_group(tied, 0.5, "hard", 0))) == {3, 4, 5}  # input order
+    assert set(np.flatnonzero(select_group(tied, 0.5, "hard", 0, tie_break=ppl))) == {0, 2, 4}
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert set(np.flatnonzero(select_group(rising, 0.5, "hard", 0, tie_break=ppl))) == {3, 4, 5}
+    with_nan = [1.0, float("nan"), 3.0, 2.0]
+    assert set(np.flatnonzero(select_group([1.0] * 4, 0.25, "hard", 0, tie_break=with_nan))) == {1}
+
+
+def test_soft_selection_among_ties_follows_the_tie_break():
+    rows = [{"id": f"r{i:03d}", "rho": 1.0, "ppl": float(i)} for i in range(400)]
+    keep = select(rows, lambda r: r["rho"], lambda r: "g", 0.25, "soft", 3, tie_break=lambda r: r["ppl"])
+    kept = [r["ppl"] for r, k in zip(rows, keep) if k]
+    dropped = [r["ppl"] for r, k in zip(rows, keep) if not k]
+    assert np.mean(kept) > np.mean(dropped) + 100  # F rises with position: the higher-ppl ties are kept

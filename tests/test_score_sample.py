@@ -225,3 +225,25 @@ def test_a_warmed_scorer_on_another_runs_set_starts_a_fresh_run_folder(tmp_path,
     manifest = get_stage("score")(recipe, progress=False)
     assert manifest["counts"]["ok"] == 12
     assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data.jsonl"))) == 6
+
+
+def test_sample_stage_orders_tied_rho_by_perplexity_and_says_so(tmp_path, tiny_lm):
+    scored = tmp_path / "scored.jsonl"
+    rows = [
+        {"id": f"s{i:02d}", "task_id": "seed:polarity",
+         "messages": [{"role": "user", "content": f"text {i}"}, {"role": "assistant", "content": "positive"}],
+         "difficulty": {"rank": 1.0, "ppl": float((7 * i) % 20), "length": 1}}
+        for i in range(20)
+    ]  # fmt: skip
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = [f"sample.input={scored}", "sample.method=hard", "sample.ratio=0.25"]
+    recipe = load_recipe(recipe_file(tmp_path, tiny_lm, "ties"), settings)
+    run_sample_stage(recipe, progress=False)
+    kept = {r["id"] for r in iter_jsonl(recipe.run_dir / "sample" / "data.jsonl")}
+    assert kept == {r["id"] for r in rows if r["difficulty"]["ppl"] >= 15}
+    assert "metric rank, tie_break ppl" in (recipe.run_dir / "sample" / "report.md").read_text()
+    plain = load_recipe(recipe_file(tmp_path, tiny_lm, "noties"), [*settings, "sample.tie_break=null"])
+    run_sample_stage(plain, progress=False)
+    assert {r["id"] for r in iter_jsonl(plain.run_dir / "sample" / "data.jsonl")} == {
+        f"s{i}" for i in range(15, 20)
+    }

@@ -136,18 +136,15 @@ def summarise_row(
 
 def fraction_subsets(recipe: Recipe, out: Path, fractions: tuple[float, ...]) -> dict[str, Path]:
     """The data-efficiency sets: for each fraction of the scored set, the difficulty-prioritised selection
-    (the sample stage's method, groups and metric at that ratio) and a random subset of the same size."""
-    from compeff.select.sample_stage import group_key
-    from compeff.select.sampling import select
+    (the sample stage's method, groups, metric and tie-break at that ratio) and a random subset of the same size."""
+    from compeff.select.sample_stage import select_rows
 
     settings = recipe.sample
     rows = list(iter_jsonl(recipe.run_dir / "score" / "data.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for fraction in fractions:
-        keep = select(rows, lambda r: float(r["difficulty"][settings.metric]),
-                      lambda r: group_key(r, settings.group), fraction, settings.method, recipe.run.seed,
-                      settings.a)  # fmt: skip
+        keep = select_rows(rows, settings, fraction, recipe.run.seed)
         chosen = [r for r, k in zip(rows, keep, strict=True) if k]
         randomly = random.Random(recipe.run.seed + 7).sample(rows, len(chosen))
         for name, subset in ((f"selected-{fraction:g}", chosen), (f"random-{fraction:g}", randomly)):

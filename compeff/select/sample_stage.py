@@ -171,6 +171,32 @@ def report_markdown(report: dict[str, Any], settings: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tie_break_metric(settings: Any, rows: list[dict[str, Any]]) -> str | None:
+    """The metric that orders equal difficulties (``sample.tie_break``), or None when it is the metric
+    itself or some scored sample lacks it (then ties keep the id order, as before it existed)."""
+    name = settings.tie_break
+    if name is None or name == settings.metric:
+        return None
+    have = all(isinstance(r["difficulty"].get(name), int | float) for r in rows)
+    return name if have else None
+
+
+def select_rows(rows: list[dict[str, Any]], settings: Any, ratio: float, seed: int) -> list[bool]:
+    """Keep flags of the sample stage's selection (method, groups, metric and tie-break of ``settings``)
+    at ``ratio``: the one call the stage and the bench's data-efficiency subsets share."""
+    ties = tie_break_metric(settings, rows)
+    return select(
+        rows,
+        lambda r: float(r["difficulty"][settings.metric]),
+        lambda r: group_key(r, settings.group),
+        ratio,
+        settings.method,
+        seed,
+        settings.a,
+        None if ties is None else (lambda r: float(r["difficulty"][ties])),
+    )
+
+
 def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Select the retained subset of the scored set and write it with its report."""
     settings = recipe.sample
@@ -188,15 +214,7 @@ def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True)
     config = {"sample": {**settings.model_dump(exclude={"seed", "input"}), "seed": seed}}
     stage = Stage.open(recipe.run_dir, "sample", config=config, inputs={"scored": source}, force=force)
     with stage:
-        keep = select(
-            rows,
-            lambda r: float(r["difficulty"][settings.metric]),
-            lambda r: group_key(r, settings.group),
-            settings.ratio,
-            settings.method,
-            seed,
-            settings.a,
-        )
+        keep = select_rows(rows, settings, settings.ratio, seed)
         if not stage.was_complete:
             stage.append(r for r, k in zip(rows, keep, strict=True) if k)
         report = selection_report(rows, keep, closed_labels(recipe.run_dir), settings.group)
@@ -215,6 +233,7 @@ def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True)
             "method": settings.method,
             "group": settings.group,
             "metric": settings.metric,
+            "tie_break": tie_break_metric(settings, rows) or "none (id order)",
         }
         stage.write_artifact("report.md", report_markdown(report, {**shown, "a": settings.a, "seed": seed}))
         stage.extra.update(kept=report["kept"], total=report["total"], warnings=report["warnings"])

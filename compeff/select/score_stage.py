@@ -224,7 +224,7 @@ def summarize_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if ends > SATURATION:
             summary["warnings"].append(
                 f"{ends:.0%} of rho values are within 0.02 of 0 or 1: the scorer barely separates samples "
-                "(warm the scorer up, or check score.top_p)"
+                "(warm the scorer up with score.warmup_samples, or check score.top_p; sample.tie_break orders the ties)"
             )
     return summary
 
