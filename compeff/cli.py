@@ -532,6 +532,9 @@ def bench_distill(
     min_confidence: float | None = typer.Option(
         None, "--min-confidence", help="Add an SFT row on the selected set without low-confidence labels."
     ),
+    draws: int = typer.Option(
+        1, "--draws", min=1, help="With --fraction: draws of each selected and random subset (mean, spread)."
+    ),
 ) -> None:
     """Teacher, student before training and after SFT on selected / random / all samples, KD / GKD on the
     selected set, and the gold-label ceiling, side by side: accuracy, macro-F1 and agreement with the
@@ -553,6 +556,7 @@ def bench_distill(
             gold=gold,
             fractions=tuple(fraction),
             min_confidence=min_confidence,
+            draws=draws,
         )
     )
 

@@ -41,6 +41,12 @@ def test_table_shows_agreement_and_folds_seeds():
     table = markdown_table(with_seed_means(rows))
     assert "| teacher | - | 50.0 / 33.3 / - | - |" in table
     assert "| KD, selected (mean of 2 seeds) | 4 | 65.0 +- 7.1 / 40.0 / 80.0 | 10 |" in table
+    for k, acc in enumerate((50.0, 54.0)):
+        rows.append({"row": f"SFT, random 10% (draw {k + 1})", "group": "SFT, random 10%", "spread": "draws",
+                     "samples": 5, "train_s": 3.0, "sets": {"a": {**cell, "accuracy": acc, "agreement": 60.0}}})  # fmt: skip
+    assert "| SFT, random 10% (mean of 2 draws) | 5 | 52.0 +- 2.8 / 33.3 / 60.0 | 3 |" in markdown_table(
+        with_seed_means(rows)
+    )
 
 
 def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):
@@ -71,6 +77,16 @@ def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(
     assert sorted(chosen) == ["g36", "g37", "g38", "g39"]  # the hardest tenth
     assert len(list(iter_jsonl(paths["random-0.25"]))) == len(list(iter_jsonl(paths["selected-0.25"]))) == 10
     assert all("label_probs" in r for r in iter_jsonl(paths["random-0.1"]))
+    soft = load_recipe(None, [f"run.dir={tmp_path}", "run.name=b", "sample.group=global"])
+    drawn = fraction_subsets(soft, tmp_path / "soft", (0.25,), draws=3)
+    assert sorted(drawn) == sorted(f"{k}-0.25{s}" for k in ("selected", "random") for s in ("", "-d1", "-d2"))
+    picks = [frozenset(r["id"] for r in iter_jsonl(drawn[f"{k}-0.25{s}"])) for k in ("selected", "random")
+             for s in ("", "-d1", "-d2")]  # fmt: skip
+    assert len(set(picks)) == 6  # every draw is another subset
+    for s in ("", "-d1", "-d2"):
+        assert len(list(iter_jsonl(drawn[f"random-0.25{s}"]))) == len(
+            list(iter_jsonl(drawn[f"selected-0.25{s}"]))
+        )
 
 
 def test_gold_subset_answers_with_the_true_label_and_counts_the_teachers_hits(tmp_path):

@@ -134,9 +134,18 @@ def summarise_row(
     return out
 
 
-def fraction_subsets(recipe: Recipe, out: Path, fractions: tuple[float, ...]) -> dict[str, Path]:
+def draw_suffix(draw: int) -> str:
+    """Name suffix of a data-efficiency subset's draw (the first draw keeps the plain name)."""
+    return f"-d{draw}" if draw else ""
+
+
+def fraction_subsets(
+    recipe: Recipe, out: Path, fractions: tuple[float, ...], draws: int = 1
+) -> dict[str, Path]:
     """The data-efficiency sets: for each fraction of the scored set, the difficulty-prioritised selection
-    (the sample stage's method, groups, metric and tie-break at that ratio) and a random subset of the same size."""
+    (the sample stage's method, groups, metric and tie-break at that ratio) and a random subset of the
+    same size; ``draws`` > 1 adds further draws of both (other selection seeds, other random subsets), so
+    the two are compared with their spread, not one draw against one."""
     from compeff.select.sample_stage import select_rows
 
     settings = recipe.sample
@@ -144,17 +153,21 @@ def fraction_subsets(recipe: Recipe, out: Path, fractions: tuple[float, ...]) ->
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for fraction in fractions:
-        keep = select_rows(rows, settings, fraction, recipe.run.seed)
-        chosen = [r for r, k in zip(rows, keep, strict=True) if k]
-        randomly = random.Random(recipe.run.seed + 7).sample(rows, len(chosen))
-        for name, subset in ((f"selected-{fraction:g}", chosen), (f"random-{fraction:g}", randomly)):
-            paths[name] = out / f"{name}.jsonl"
-            text = "".join(
-                json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r})
-                + "\n"
-                for r in subset
-            )
-            atomic_write_bytes(paths[name], text.encode("utf-8"))
+        for draw in range(draws):
+            keep = select_rows(rows, settings, fraction, recipe.run.seed + 1_000 * draw)
+            chosen = [r for r, k in zip(rows, keep, strict=True) if k]
+            randomly = random.Random(recipe.run.seed + 7 + 1_000 * draw).sample(rows, len(chosen))
+            for kind, subset in (("selected", chosen), ("random", randomly)):
+                name = f"{kind}-{fraction:g}{draw_suffix(draw)}"
+                paths[name] = out / f"{name}.jsonl"
+                text = "".join(
+                    json.dumps(
+                        {k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r}
+                    )
+                    + "\n"
+                    for r in subset
+                )
+                atomic_write_bytes(paths[name], text.encode("utf-8"))
     return paths
 
 
@@ -223,6 +236,7 @@ def run_distill_bench(
     gold: bool = True,
     fractions: tuple[float, ...] = (),
     min_confidence: float | None = None,
+    draws: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the chain, the fine-tunings and the evaluations; print and save the table. The user texts are
     labelled splits (IMDb train, TweetEval validation) whose labels the chain never sees; the bench uses
@@ -231,13 +245,16 @@ def run_distill_bench(
     soft labels for closed tasks and top-k logit KD for free text, ``gkd``: on-policy) add rows trained on
     the selected set; ``seeds`` > 1 repeats the selected-set SFT and KD rows with other training seeds;
     ``fractions`` (e.g. 0.1, 0.25) add SFT rows on the difficulty-selected and a random subset of that
-    share of the scored set (the data-efficiency curve; 0.5 and 1.0 are the selected / random / all rows);
+    share of the scored set (the data-efficiency curve; 0.5 and 1.0 are the selected / random / all rows),
+    each ``draws`` times (selection seeds and random subsets; the table shows their mean and spread);
     ``min_confidence`` adds an SFT row on the selected set without the closed-task samples whose teacher
     confidence is below it (what ``generate.min_confidence`` would have dropped)."""
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
     bad = [f for f in fractions if not 0 < f < 1] + ([min_confidence] if min_confidence is not None and not 0 <= min_confidence < 1 else [])  # fmt: skip
+    if draws < 1:
+        raise ConfigError(f"bench distill: --draws must be at least 1, got {draws}")
     if bad or len(set(fractions)) != len(fractions):
         raise ConfigError(
             "bench distill: --fraction values must differ and lie in (0, 1), --min-confidence in [0, 1)"
@@ -272,17 +289,21 @@ def run_distill_bench(
         },
     ]
 
-    def add(row: str, subset: str, loss: str, seed_offset: int = 0) -> None:
+    def add(row: str, subset: str, loss: str, seed_offset: int = 0, draw: int | None = None) -> None:
         extra = [f"sft.input={paths[subset]}", f"sft.loss={loss}"]
         if seed_offset:
             extra.append(f"run.seed={recipe.run.seed + seed_offset}")
         trained = load_recipe(recipe_path, base + extra)
         name = f"sft-{loss}-{subset}" + (f"-s{seed_offset}" if seed_offset else "")
         manifest = train(trained, name)
-        rows.append({"row": row + (f" (seed {seed_offset + 1})" if seeds > 1 else ""),
-                     "model": str(root / name / "model"),
+        if draw is not None:  # a data-efficiency draw: same training seed, other data
+            label, spread = (f" (draw {draw + 1})" if draws > 1 else ""), "draws"
+        else:
+            label, spread = (f" (seed {seed_offset + 1})" if seeds > 1 else ""), "seeds"
+        rows.append({"row": row + label, "model": str(root / name / "model"),
                      "samples": manifest.get("kd_samples", manifest.get("samples")),
-                     "train_s": manifest.get("train_runtime_s"), "group": row, "stage": name})  # fmt: skip
+                     "train_s": manifest.get("train_runtime_s"), "group": row, "stage": name,
+                     "spread": spread})  # fmt: skip
 
     for name in (x for x in SUBSETS if x in subsets and "sft" in losses):
         for k in range(seeds if name == "selected" else 1):
@@ -298,10 +319,12 @@ def run_distill_bench(
         atomic_write_bytes(paths["confident"], "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
         add(f"SFT, selected, teacher confidence >= {min_confidence:g}", "confident", "sft")
     if fractions:
-        paths.update(fraction_subsets(recipe, root / "sets", fractions))
+        paths.update(fraction_subsets(recipe, root / "sets", fractions, draws))
         for fraction in fractions:
             for kind in ("selected", "random"):
-                add(f"SFT, {kind} {100 * fraction:g}%", f"{kind}-{fraction:g}", "sft")
+                for draw in range(draws):
+                    add(f"SFT, {kind} {100 * fraction:g}%", f"{kind}-{fraction:g}{draw_suffix(draw)}", "sft",
+                        draw=draw)  # fmt: skip
     if gold and quality["samples"]:
         add("gold-label ceiling (true labels, same texts)", "gold", "sft")
     elif gold:
@@ -330,7 +353,8 @@ def eval_cache_name(row: dict[str, Any]) -> str:
 
 
 def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows trained with several seeds folded into one row: the mean, with the spread over seeds."""
+    """Rows trained with several seeds (or on several data draws) folded into one row: the mean, with the
+    sample standard deviation over the seeds or draws."""
     out: list[dict[str, Any]] = []
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -349,7 +373,8 @@ def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "agreement": float(np.mean([c["agreement"] for c in cells])),
                 "n": cells[0]["n"],
             }
-        out.append({"row": f"{name} (mean of {len(members)} seeds)", "samples": members[0]["samples"],
+        spread = members[0].get("spread", "seeds")
+        out.append({"row": f"{name} (mean of {len(members)} {spread})", "samples": members[0]["samples"],
                     "train_s": float(np.mean([m["train_s"] or 0 for m in members])), "sets": sets})  # fmt: skip
     return out
 
