@@ -49,6 +49,14 @@ def test_table_shows_agreement_and_folds_seeds():
     )
 
 
+def test_a_scored_row_is_printed_in_one_line_before_the_table():
+    from compeff.bench.distill import row_line
+
+    row = {"row": "SFT", "sets": {"imdb:test": {"accuracy": 55.0, "agreement": 60.25},
+                                  "tweeteval_sentiment:test": {"accuracy": 30.0, "agreement": None}}}  # fmt: skip
+    assert row_line(row) == "imdb:test 55.0 (agree 60.2), tweeteval_sentiment:test 30.0"
+
+
 def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):
     import subprocess
 

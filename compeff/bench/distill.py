@@ -331,17 +331,28 @@ def run_distill_bench(
         Console().print(
             "[yellow]bench distill: no polarity sample with a true label: no gold-label ceiling row[/yellow]"
         )
-    for row in rows:
-        row["scored"] = score_model(row["model"], sets, recipe, root / "eval" / eval_cache_name(row))
-    teacher = rows[0]["scored"]
-    for row in rows:
-        row["sets"] = summarise_row(row.pop("scored"), sets, None if row is rows[0] else teacher)
+    teacher: dict[str, Any] | None = None
+    for row in rows:  # the teacher first: every later row's agreement is read against its labels
+        scored = score_model(row["model"], sets, recipe, root / "eval" / eval_cache_name(row))
+        row["sets"] = summarise_row(scored, sets, teacher)
+        teacher = teacher or scored
+        Console().print(f"bench distill: {row['row']}: {row_line(row)}")
     table_rows = with_seed_means(rows)
     print_table(table_rows, recipe)
     result = {"rows": rows, "table": table_rows, "teacher_label_quality": quality}
     (root / "distill_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (root / "distill_bench.md").write_text(markdown_table(table_rows), encoding="utf-8")
     return table_rows
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One scored row in a line (accuracy / agreement per set), printed as it is done: a long bench shows
+    its rows before the table at the end."""
+    cells = [
+        f"{name} {c['accuracy']:.1f}" + ("" if c["agreement"] is None else f" (agree {c['agreement']:.1f})")
+        for name, c in row["sets"].items()
+    ]
+    return ", ".join(cells)
 
 
 def eval_cache_name(row: dict[str, Any]) -> str:
