@@ -95,6 +95,10 @@ def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(
         assert len(list(iter_jsonl(drawn[f"random-0.25{s}"]))) == len(
             list(iter_jsonl(drawn[f"selected-0.25{s}"]))
         )
+    once = fraction_subsets(soft, tmp_path / "once", (0.25,))  # draw 0 is the subset of a one-draw bench
+    assert all(once[k].read_text() == drawn[k].read_text() for k in ("selected-0.25", "random-0.25"))
+    with pytest.raises(ConfigError, match="--draws > 1 needs sample.method soft or random"):
+        fraction_subsets(recipe, tmp_path / "hard", (0.25,), draws=2)
 
 
 def test_gold_subset_answers_with_the_true_label_and_counts_the_teachers_hits(tmp_path):

@@ -82,7 +82,8 @@ def test_ties_are_ordered_by_the_tie_break_metric_and_the_metric_still_leads():
     rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     assert set(np.flatnonzero(select_group(rising, 0.5, "hard", 0, tie_break=ppl))) == {3, 4, 5}
     with_nan = [1.0, float("nan"), 3.0, 2.0]
-    assert set(np.flatnonzero(select_group([1.0] * 4, 0.25, "hard", 0, tie_break=with_nan))) == {1}
+    assert set(np.flatnonzero(select_group([1.0] * 4, 0.25, "hard", 0, tie_break=with_nan))) == {2}
+    assert set(np.flatnonzero(select_group([1.0] * 4, 0.75, "hard", 0, tie_break=with_nan))) == {0, 2, 3}
 
 
 def test_soft_selection_among_ties_follows_the_tie_break():

@@ -13,7 +13,7 @@ from datasets import load_dataset
 
 from compeff.config import load_recipe
 from compeff.data import DataError
-from compeff.runs import iter_jsonl
+from compeff.runs import StageConflict, iter_jsonl
 from compeff.select.sample_stage import run_sample_stage, selection_report
 from compeff.select.score_stage import run_score_stage
 
@@ -247,3 +247,21 @@ def test_sample_stage_orders_tied_rho_by_perplexity_and_says_so(tmp_path, tiny_l
     assert {r["id"] for r in iter_jsonl(plain.run_dir / "sample" / "data.jsonl")} == {
         f"s{i}" for i in range(15, 20)
     }
+
+
+def test_a_sample_stage_without_a_usable_tie_break_keeps_its_key(tmp_path, tiny_lm):
+    scored = tmp_path / "scored.jsonl"
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": "t"}, {"role": "assistant", "content": "x"}],
+             "difficulty": {"rank": i / 10}} for i in range(10)]  # fmt: skip
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = recipe_file(tmp_path, tiny_lm, "keyed")
+    first = run_sample_stage(
+        load_recipe(path, [f"sample.input={scored}", "sample.tie_break=null"]), progress=False
+    )
+    # no scored sample has a perplexity: the default tie-break cannot apply, so the stage is the same one
+    again = run_sample_stage(load_recipe(path, [f"sample.input={scored}"]), progress=False)
+    assert again["fingerprint"] == first["fingerprint"] and "tie_break" not in again["config"]["sample"]
+    rows[0]["difficulty"]["ppl"] = 3.0
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(StageConflict):  # now it applies: another selection, another key
+        run_sample_stage(load_recipe(path, [f"sample.input={scored}"]), progress=False)

@@ -146,17 +146,22 @@ def fraction_subsets(
     (the sample stage's method, groups, metric and tie-break at that ratio) and a random subset of the
     same size; ``draws`` > 1 adds further draws of both (other selection seeds, other random subsets), so
     the two are compared with their spread, not one draw against one."""
-    from compeff.select.sample_stage import select_rows
+    from compeff.select.sample_stage import sample_seed, select_rows
 
     settings = recipe.sample
+    if draws > 1 and settings.method == "hard":
+        raise ConfigError(
+            "bench distill: --draws > 1 needs sample.method soft or random (hard draws are all one)"
+        )
+    seed = sample_seed(recipe)
     rows = list(iter_jsonl(recipe.run_dir / "score" / "data.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for fraction in fractions:
         for draw in range(draws):
-            keep = select_rows(rows, settings, fraction, recipe.run.seed + 1_000 * draw)
+            keep = select_rows(rows, settings, fraction, seed + 1_000 * draw)
             chosen = [r for r, k in zip(rows, keep, strict=True) if k]
-            randomly = random.Random(recipe.run.seed + 7 + 1_000 * draw).sample(rows, len(chosen))
+            randomly = random.Random(seed + 7 + 1_000 * draw).sample(rows, len(chosen))
             for kind, subset in (("selected", chosen), ("random", randomly)):
                 name = f"{kind}-{fraction:g}{draw_suffix(draw)}"
                 paths[name] = out / f"{name}.jsonl"
@@ -252,9 +257,9 @@ def run_distill_bench(
     unknown = sorted(set(losses) - {"sft", "kd", "gkd"}) + sorted(set(subsets) - set(SUBSETS))
     if unknown:
         raise ConfigError(f"bench distill: unknown --loss / --subset {', '.join(unknown)}")
-    bad = [f for f in fractions if not 0 < f < 1] + ([min_confidence] if min_confidence is not None and not 0 <= min_confidence < 1 else [])  # fmt: skip
     if draws < 1:
         raise ConfigError(f"bench distill: --draws must be at least 1, got {draws}")
+    bad = [f for f in fractions if not 0 < f < 1] + ([min_confidence] if min_confidence is not None and not 0 <= min_confidence < 1 else [])  # fmt: skip
     if bad or len(set(fractions)) != len(fractions):
         raise ConfigError(
             "bench distill: --fraction values must differ and lie in (0, 1), --min-confidence in [0, 1)"
@@ -268,6 +273,10 @@ def run_distill_bench(
         *(overrides or []),
     ]
     recipe = load_recipe(recipe_path, base)
+    if draws > 1 and fractions and recipe.sample.method == "hard":  # before an hour of chain and training
+        raise ConfigError(
+            "bench distill: --draws > 1 needs sample.method soft or random (hard draws are all one)"
+        )
     root = recipe.run_dir
     run_pipeline(recipe, stages=CHAIN, show=False)
     sets = {
@@ -335,8 +344,9 @@ def run_distill_bench(
     for row in rows:  # the teacher first: every later row's agreement is read against its labels
         scored = score_model(row["model"], sets, recipe, root / "eval" / eval_cache_name(row))
         row["sets"] = summarise_row(scored, sets, teacher)
-        teacher = teacher or scored
-        Console().print(f"bench distill: {row['row']}: {row_line(row)}")
+        if teacher is None:
+            teacher = scored
+        Console().print(f"bench distill: {row['row']}: {row_line(row)}", markup=False)
     table_rows = with_seed_means(rows)
     print_table(table_rows, recipe)
     result = {"rows": rows, "table": table_rows, "teacher_label_quality": quality}
@@ -385,7 +395,9 @@ def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n": cells[0]["n"],
             }
         spread = members[0].get("spread", "seeds")
-        out.append({"row": f"{name} (mean of {len(members)} {spread})", "samples": members[0]["samples"],
+        counts = [m["samples"] for m in members if m["samples"] is not None]
+        samples = round(float(np.mean(counts))) if counts else None  # soft draws keep a few more or less
+        out.append({"row": f"{name} (mean of {len(members)} {spread})", "samples": samples,
                     "train_s": float(np.mean([m["train_s"] or 0 for m in members])), "sets": sets})  # fmt: skip
     return out
 

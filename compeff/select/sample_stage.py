@@ -7,6 +7,7 @@ closed-set answers before and after; warnings) and ``hist_before_after.png``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Hashable
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compeff.config import Recipe
+from compeff.config import Recipe, SampleSettings
 from compeff.data import DataError
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_chat_set, upstream_data
@@ -171,17 +172,26 @@ def report_markdown(report: dict[str, Any], settings: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tie_break_metric(settings: Any, rows: list[dict[str, Any]]) -> str | None:
+def tie_break_metric(settings: SampleSettings, rows: list[dict[str, Any]]) -> str | None:
     """The metric that orders equal difficulties (``sample.tie_break``), or None when it is the metric
-    itself or some scored sample lacks it (then ties keep the id order, as before it existed)."""
+    itself or no scored sample has it (then ties keep the id order, as before it existed)."""
     name = settings.tie_break
     if name is None or name == settings.metric:
         return None
-    have = all(isinstance(r["difficulty"].get(name), int | float) for r in rows)
-    return name if have else None
+    return name if any(_finite(r["difficulty"].get(name)) for r in rows) else None
 
 
-def select_rows(rows: list[dict[str, Any]], settings: Any, ratio: float, seed: int) -> list[bool]:
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def tie_value(row: dict[str, Any], name: str) -> float:
+    """A row's tie-break value; a missing or non-finite one (a failed perplexity) counts as the easiest."""
+    value = row["difficulty"].get(name)
+    return float(value) if _finite(value) else -math.inf
+
+
+def select_rows(rows: list[dict[str, Any]], settings: SampleSettings, ratio: float, seed: int) -> list[bool]:
     """Keep flags of the sample stage's selection (method, groups, metric and tie-break of ``settings``)
     at ``ratio``: the one call the stage and the bench's data-efficiency subsets share."""
     ties = tie_break_metric(settings, rows)
@@ -193,14 +203,19 @@ def select_rows(rows: list[dict[str, Any]], settings: Any, ratio: float, seed: i
         settings.method,
         seed,
         settings.a,
-        None if ties is None else (lambda r: float(r["difficulty"][ties])),
+        None if ties is None else (lambda r: tie_value(r, ties)),
     )
+
+
+def sample_seed(recipe: Recipe) -> int:
+    """The seed of the sample stage's draws: ``sample.seed``, else ``run.seed``."""
+    return recipe.run.seed if recipe.sample.seed is None else recipe.sample.seed
 
 
 def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Select the retained subset of the scored set and write it with its report."""
     settings = recipe.sample
-    seed = recipe.run.seed if settings.seed is None else settings.seed
+    seed = sample_seed(recipe)
     source = sample_input(recipe)
     rows = read_chat_set(source, need=("messages", "difficulty"))
     lacking = [
@@ -211,7 +226,18 @@ def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True)
             f"{source}:{lacking[0]}: no '{settings.metric}' difficulty ({len(lacking)} records lack it); "
             f"score with score.metrics including {settings.metric}"
         )
-    config = {"sample": {**settings.model_dump(exclude={"seed", "input"}), "seed": seed}}
+    ties = tie_break_metric(settings, rows)
+    missing = 0 if ties is None else sum(not _finite(r["difficulty"].get(ties)) for r in rows)
+    if missing:
+        console.print(
+            f"[yellow]sample: {missing} of {len(rows)} samples have no finite '{ties}': their ties count as "
+            "the easiest[/yellow]"
+        )
+    # the tie-break in effect is part of the key only when there is one: stages made before it existed, or
+    # with it off or unusable, stay valid (their selection is the same)
+    config = {"sample": {**settings.model_dump(exclude={"seed", "input", "tie_break"}), "seed": seed}}
+    if ties is not None:
+        config["sample"]["tie_break"] = ties
     stage = Stage.open(recipe.run_dir, "sample", config=config, inputs={"scored": source}, force=force)
     with stage:
         keep = select_rows(rows, settings, settings.ratio, seed)
@@ -233,7 +259,7 @@ def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True)
             "method": settings.method,
             "group": settings.group,
             "metric": settings.metric,
-            "tie_break": tie_break_metric(settings, rows) or "none (id order)",
+            "tie_break": ties or "none (id order)",
         }
         stage.write_artifact("report.md", report_markdown(report, {**shown, "a": settings.a, "seed": seed}))
         stage.extra.update(kept=report["kept"], total=report["total"], warnings=report["warnings"])

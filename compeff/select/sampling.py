@@ -72,7 +72,7 @@ def select_group(
     tie_break: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Boolean keep mask for one group (in the given order); equal difficulties are ordered by
-    ``tie_break`` (ascending, NaN last), then by input order."""
+    ``tie_break`` (ascending; NaN counts as the easiest), then by input order."""
     values = np.asarray(difficulties, dtype=np.float64)
     n = values.size
     mask = np.zeros(n, dtype=bool)
@@ -82,7 +82,8 @@ def select_group(
     if tie_break is None:
         order = np.argsort(values, kind="stable")  # easiest first; ties keep input order
     else:  # lexsort: the last key is the primary one; equal keys keep input order
-        order = np.lexsort((np.asarray(tie_break, dtype=np.float64), values))
+        ties = np.nan_to_num(np.asarray(tie_break, dtype=np.float64), nan=-np.inf, posinf=np.inf)
+        order = np.lexsort((ties, values))
     if method == "soft":
         x = (np.arange(n) + 0.5) / n
         keep = rng.random(n) < keep_probability(x, a, solve_exponent(ratio, a))
