@@ -26,13 +26,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, weights_fingerprint
 from compeff.llm_models import publish_build
 from compeff.loading import pick_device, pick_dtype
 from compeff.progress import Tracker, console
+
+if TYPE_CHECKING:
+    from compeff.config import HealSettings
 
 try:  # POSIX; elsewhere concurrent builders race and publish_build keeps the first copy
     import fcntl
@@ -53,7 +56,7 @@ TOKENIZER_FILES = (
 )
 
 
-def heal_target(pruned: Path, settings: Any, texts: list[str]) -> Path:
+def heal_target(pruned: Path, settings: HealSettings, texts: list[str]) -> Path:
     """Where the healed copy of ``pruned`` lives: keyed by its weights, the heal settings and the texts."""
     digest = hashlib.sha256("\n\x00".join(texts).encode("utf-8")).hexdigest()
     tag = fingerprint_obj(
@@ -136,7 +139,7 @@ def held_out_kl(student: Any, teacher: Any, batches: list[dict[str, Any]]) -> fl
 
 
 def heal_decoder(
-    base_path: str, pruned: Path, texts: list[str], settings: Any, progress: bool = True
+    base_path: str, pruned: Path, texts: list[str], settings: HealSettings, progress: bool = True
 ) -> Path:
     """The cut decoder ``pruned`` after ``settings.steps`` steps of KL to ``base_path`` on ``texts`` (built
     once; later calls, and processes waiting on the build, return the same folder). AdamW, 5% linear
@@ -158,7 +161,7 @@ def heal_decoder(
 
 
 def _heal(
-    base_path: str, pruned: Path, texts: list[str], settings: Any, target: Path, progress: bool
+    base_path: str, pruned: Path, texts: list[str], settings: HealSettings, target: Path, progress: bool
 ) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
