@@ -43,8 +43,8 @@ def test_table_shows_agreement_and_folds_seeds():
     assert "| KD, selected (mean of 2 seeds) | 4 | 65.0 +- 7.1 / 40.0 / 80.0 | 10 |" in table
     for k, acc in enumerate((50.0, 54.0)):
         rows.append({"row": f"SFT, random 10% (draw {k + 1})", "group": "SFT, random 10%", "spread": "draws",
-                     "samples": 5, "train_s": 3.0, "sets": {"a": {**cell, "accuracy": acc, "agreement": 60.0}}})  # fmt: skip
-    assert "| SFT, random 10% (mean of 2 draws) | 5 | 52.0 +- 2.8 / 33.3 / 60.0 | 3 |" in markdown_table(
+                     "samples": 5 + 2 * k, "train_s": 3.0, "sets": {"a": {**cell, "accuracy": acc, "agreement": 60.0}}})  # fmt: skip
+    assert "| SFT, random 10% (mean of 2 draws) | 6 | 52.0 +- 2.8 / 33.3 / 60.0 | 3 |" in markdown_table(
         with_seed_means(rows)
     )
 
@@ -99,6 +99,13 @@ def test_fraction_subsets_select_the_hardest_share_and_a_random_one_of_its_size(
     assert all(once[k].read_text() == drawn[k].read_text() for k in ("selected-0.25", "random-0.25"))
     with pytest.raises(ConfigError, match="--draws > 1 needs sample.method soft or random"):
         fraction_subsets(recipe, tmp_path / "hard", (0.25,), draws=2)
+    from compeff.select.sample_stage import select_rows
+
+    seeded = load_recipe(None, [f"run.dir={tmp_path}", "run.name=b", "sample.group=global", "sample.seed=5"])
+    first = fraction_subsets(seeded, tmp_path / "seeded", (0.25,))  # the sample stage's seed, not run.seed
+    keep = select_rows(rows, seeded.sample, 0.25, 5)
+    assert [r["id"] for r in iter_jsonl(first["selected-0.25"])] == [r["id"] for r, k in zip(rows, keep) if k]
+    assert first["selected-0.25"].read_text() != once["selected-0.25"].read_text()
 
 
 def test_gold_subset_answers_with_the_true_label_and_counts_the_teachers_hits(tmp_path):

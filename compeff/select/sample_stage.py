@@ -178,17 +178,18 @@ def tie_break_metric(settings: SampleSettings, rows: list[dict[str, Any]]) -> st
     name = settings.tie_break
     if name is None or name == settings.metric:
         return None
-    return name if any(_finite(r["difficulty"].get(name)) for r in rows) else None
+    return name if any(_known(r["difficulty"].get(name)) for r in rows) else None
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+def _known(value: Any) -> bool:
+    """A number that is not NaN (an infinite perplexity is a real, very hard value)."""
+    return isinstance(value, int | float) and not math.isnan(value)
 
 
 def tie_value(row: dict[str, Any], name: str) -> float:
-    """A row's tie-break value; a missing or non-finite one (a failed perplexity) counts as the easiest."""
+    """A row's tie-break value; a missing or NaN one (a failed perplexity) counts as the easiest."""
     value = row["difficulty"].get(name)
-    return float(value) if _finite(value) else -math.inf
+    return float(value) if _known(value) else -math.inf
 
 
 def select_rows(rows: list[dict[str, Any]], settings: SampleSettings, ratio: float, seed: int) -> list[bool]:
@@ -227,11 +228,11 @@ def run_sample_stage(recipe: Recipe, force: bool = False, progress: bool = True)
             f"score with score.metrics including {settings.metric}"
         )
     ties = tie_break_metric(settings, rows)
-    missing = 0 if ties is None else sum(not _finite(r["difficulty"].get(ties)) for r in rows)
+    missing = 0 if ties is None else sum(not _known(r["difficulty"].get(ties)) for r in rows)
     if missing:
         console.print(
-            f"[yellow]sample: {missing} of {len(rows)} samples have no finite '{ties}': their ties count as "
-            "the easiest[/yellow]"
+            f"[yellow]sample: {missing} of {len(rows)} samples have no '{ties}' (missing or NaN): their ties "
+            "count as the easiest[/yellow]"
         )
     # the tie-break in effect is part of the key only when there is one: stages made before it existed, or
     # with it off or unusable, stay valid (their selection is the same)
