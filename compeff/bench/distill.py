@@ -36,6 +36,21 @@ CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
 
 
+def subset_text(rows: list[dict[str, Any]]) -> str:
+    """A training subset as chat-set JSONL: each sample's id, messages and the teacher's evidence that KD
+    and the confidence rows read."""
+    keys = ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE)
+    return "".join(json.dumps({k: r[k] for k in keys if k in r}) + "\n" for r in rows)
+
+
+def refuse_hard_draws(method: str, draws: int) -> None:
+    """More than one draw of a hard selection is the same subset again: refuse it."""
+    if draws > 1 and method == "hard":
+        raise ConfigError(
+            "bench distill: --draws > 1 needs sample.method soft or random (hard draws are all one)"
+        )
+
+
 def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]:
     """The three training sets: the ``sample`` stage's selection, a random subset of the same size of
     the ``generate`` output, and the whole of it (written as chat-set JSONL files under ``out``)."""
@@ -48,10 +63,7 @@ def distillation_subsets(run_dir: Path, out: Path, seed: int) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, rows in (("selected", selected), ("random", chosen), ("all", generated)):
-        text = "".join(
-            json.dumps({k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r}) + "\n"
-            for r in rows
-        )
+        text = subset_text(rows)
         paths[name] = out / f"{name}.jsonl"
         if not paths[name].exists() or paths[name].read_text(encoding="utf-8") != text:
             atomic_write_bytes(paths[name], text.encode("utf-8"))
@@ -149,10 +161,7 @@ def fraction_subsets(
     from compeff.select.sample_stage import sample_seed, select_rows
 
     settings = recipe.sample
-    if draws > 1 and settings.method == "hard":
-        raise ConfigError(
-            "bench distill: --draws > 1 needs sample.method soft or random (hard draws are all one)"
-        )
+    refuse_hard_draws(settings.method, draws)
     seed = sample_seed(recipe)
     rows = list(iter_jsonl(recipe.run_dir / "score" / "data.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
@@ -165,14 +174,7 @@ def fraction_subsets(
             for kind, subset in (("selected", chosen), ("random", randomly)):
                 name = f"{kind}-{fraction:g}{draw_suffix(draw)}"
                 paths[name] = out / f"{name}.jsonl"
-                text = "".join(
-                    json.dumps(
-                        {k: r[k] for k in ("id", "messages", FIELD, LABEL_FIELD, CONFIDENCE) if k in r}
-                    )
-                    + "\n"
-                    for r in subset
-                )
-                atomic_write_bytes(paths[name], text.encode("utf-8"))
+                atomic_write_bytes(paths[name], subset_text(subset).encode("utf-8"))
     return paths
 
 
@@ -273,10 +275,8 @@ def run_distill_bench(
         *(overrides or []),
     ]
     recipe = load_recipe(recipe_path, base)
-    if draws > 1 and fractions and recipe.sample.method == "hard":  # before an hour of chain and training
-        raise ConfigError(
-            "bench distill: --draws > 1 needs sample.method soft or random (hard draws are all one)"
-        )
+    if fractions:  # before an hour of chain and training
+        refuse_hard_draws(recipe.sample.method, draws)
     root = recipe.run_dir
     run_pipeline(recipe, stages=CHAIN, show=False)
     sets = {

@@ -187,9 +187,9 @@ def _known(value: Any) -> bool:
 
 
 def tie_value(row: dict[str, Any], name: str) -> float:
-    """A row's tie-break value; a missing or NaN one (a failed perplexity) counts as the easiest."""
+    """A row's tie-break value; NaN when it is missing (``select_group`` counts NaN as the easiest)."""
     value = row["difficulty"].get(name)
-    return float(value) if _known(value) else -math.inf
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def select_rows(rows: list[dict[str, Any]], settings: SampleSettings, ratio: float, seed: int) -> list[bool]:

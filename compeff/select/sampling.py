@@ -82,10 +82,8 @@ def select_group(
     if tie_break is None:
         order = np.argsort(values, kind="stable")  # easiest first; ties keep input order
     else:  # lexsort: the last key is the primary one; equal keys keep input order
-        ties = np.nan_to_num(
-            np.asarray(tie_break, dtype=np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf
-        )
-        order = np.lexsort((ties, values))
+        ties = np.asarray(tie_break, dtype=np.float64)
+        order = np.lexsort((np.where(np.isnan(ties), -np.inf, ties), values))
     if method == "soft":
         x = (np.arange(n) + 0.5) / n
         keep = rng.random(n) < keep_probability(x, a, solve_exponent(ratio, a))
