@@ -45,8 +45,6 @@ def _mean_kl(base: str, student: str, texts: list[str]) -> float:
 
 
 def test_healing_brings_the_cut_closer_to_its_base_on_unseen_texts(tiny_four_layers, tmp_path):
-    from compeff.config import load_recipe
-
     texts = _texts_file(tmp_path, 400, seed=5)
     settings = [
         f"student.model={tiny_four_layers}",
@@ -110,7 +108,6 @@ def test_two_builders_of_one_healed_student_build_it_once(tiny_four_layers, tmp_
     import threading
 
     import compeff.healing as healing
-    from compeff.config import load_recipe
 
     texts = _texts_file(tmp_path, 60, seed=8)
     recipe = load_recipe(
@@ -141,8 +138,6 @@ def test_healing_on_fewer_than_two_texts_is_a_data_error(tiny_four_layers, tmp_p
     from compeff.healing import heal_decoder
 
     cut = build_tiny_chat_model(tmp_path / "cut", layers=2, seed=4)
-    from compeff.config import load_recipe
-
     heal = load_recipe(None, ["student.heal.steps=3", "student.keep_layers=[0]"]).student.heal
     with pytest.raises(DataError, match="at least 2"):
         heal_decoder(str(tiny_four_layers), cut, ["only one text"], heal, progress=False)
