@@ -200,7 +200,14 @@ def test_scorer_warm_up_fine_tunes_the_student_first(tmp_path, tiny_lm):
     warm = recipe.run_dir / "score-warmup" / "model"
     assert (warm / "config.json").exists() and manifest["config"]["scorer"] == str(warm)
     assert manifest["counts"]["ok"] == 24
-    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data.jsonl"))) == 16
+    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data" / "data.jsonl"))) == 16
+    assert sorted(p.name for p in recipe.run_dir.iterdir() if p.is_file()) == []  # each stage in its folder
+    made = {
+        p: p.stat().st_mtime_ns
+        for p in (warm / "config.json", recipe.run_dir / "score-warmup-data" / "manifest.json")
+    }
+    run_score_stage(recipe, progress=False)  # a second run reuses the drawn samples and the warmed scorer
+    assert {p: p.stat().st_mtime_ns for p in made} == made
     cold = load_recipe(recipe_file(tmp_path, tiny_lm, "cold"))
     write_distillation_set(cold.run_dir, n=24)
     run_score_stage(cold, progress=False)
@@ -224,7 +231,7 @@ def test_a_warmed_scorer_on_another_runs_set_starts_a_fresh_run_folder(tmp_path,
     assert not recipe.run_dir.exists()  # score is this run's first stage
     manifest = get_stage("score")(recipe, progress=False)
     assert manifest["counts"]["ok"] == 12
-    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data.jsonl"))) == 6
+    assert len(list(iter_jsonl(recipe.run_dir / "score-warmup-data" / "data.jsonl"))) == 6
 
 
 def test_sample_stage_orders_tied_rho_by_perplexity_and_says_so(tmp_path, tiny_lm):
