@@ -56,8 +56,10 @@ def tiny_chat(compeff_home) -> Path:
     target = compeff_home / f"tiny-chat-{VERSION}"
     if not (target / "config.json").exists():
         build = "import sys; from tiny_chat import tiny_chat_path; tiny_chat_path(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", build, str(compeff_home)], cwd=Path(__file__).parent,
-                       check=True, timeout=1500)  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", build, str(compeff_home)], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=1500)  # fmt: skip
+        if out.returncode != 0:  # every test that needs it errors: say once why the build died
+            pytest.fail(f"building the tiny chat LM failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return target
 
 
