@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -319,6 +320,15 @@ def test_batch_calibration_divides_by_the_tasks_mean_over_the_run(tmp_path, labe
         assert sample["batch_calibrated"] is True
         assert sample["messages"][-1]["content"] == max(sample["label_probs"], key=sample["label_probs"].get)
         assert sample["messages"][:-1] == plain[sid]["messages"][:-1]
+        assert sample["label_before_batch_calibration"] == plain[sid]["messages"][-1]["content"]
+    changed = Counter(s["task_id"] for sid, s in results["batch"].items()
+                      if s["messages"][-1]["content"] != plain[sid]["messages"][-1]["content"])  # fmt: skip
+    report = json.loads((folder / "report.json").read_text())
+    totals = Counter(s["task_id"] for s in results["batch"].values())
+    assert report["batch_calibration_changed"] == {
+        t: {"changed": changed[t], "of": totals[t]} for t in totals
+    }
+    assert "## Labels batch calibration changed" in (folder / "report.md").read_text()
     # a resumed run keeps the priors it wrote with: the last records cut off as by a kill, the rerun
     # writes them back identical, asking nothing new
     data = folder / "data.jsonl"

@@ -479,12 +479,15 @@ def batch_calibrated_records(
             continue
         probs, fields = dists[request.id]
         labels = list(probs)
+        before = max(probs, key=probs.__getitem__)  # the teacher's own label, before the batch's prior
         out = calibrate(
             np.array([[probs[label] for label in labels]]), np.array([[prior[label] for label in labels]])
         )[0]
         probs = {label: round(float(p), 6) for label, p in zip(labels, out)}
         try:
-            answer, fields = decided(probs, {**fields, "batch_calibrated": True})
+            answer, fields = decided(
+                probs, {**fields, "batch_calibrated": True, "label_before_batch_calibration": before}
+            )
         except AnswerRejected as exc:
             bad.append({"id": request.id, "reason": f"rejected: {exc}", "kind": "rejected", **meta})
             continue
@@ -528,6 +531,7 @@ class ReportBuilder:
         self.failed_ids: set[str] = set()
         self.rejected = self.failed = self.low_confidence = 0
         self.confidences: list[float] = []
+        self.moved: dict[str, Counter] = defaultdict(Counter)  # batch calibration: labels kept / changed
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.ok_ids.add(row["id"])
@@ -539,6 +543,9 @@ class ReportBuilder:
             self.confidences.append(float(row["teacher_confidence"]))
         if task.get("type") == "closed_classification" and task.get("labels"):
             self.balance[row["task_id"]][match_label(answer, task["labels"]) or "(other)"] += 1
+        if "label_before_batch_calibration" in row:
+            changed = row["label_before_batch_calibration"] != answer
+            self.moved[row["task_id"]]["changed" if changed else "kept"] += 1
 
     def add_failures(self, path: Path) -> None:
         """Failures of items that never succeeded, each counted once (the file keeps every attempt)."""
@@ -577,6 +584,10 @@ class ReportBuilder:
             },
             "per_task": {t: dict(c) for t, c in sorted(self.per_task.items())},
             "closed_set_balance": {t: dict(c) for t, c in sorted(self.balance.items())},
+            "batch_calibration_changed": {
+                t: {"changed": c["changed"], "of": c["changed"] + c["kept"]}
+                for t, c in sorted(self.moved.items())
+            },
             "by_type": dict(by_type),
         }
 
@@ -618,4 +629,18 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Closed-set answers", "", "| task | label counts |", "|---|---|"]
         for task_id, counts in report["closed_set_balance"].items():
             lines.append(f"| {task_id} | {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} |")
+    moved = report.get("batch_calibration_changed") or {}
+    if moved:
+        lines += [
+            "",
+            "## Labels batch calibration changed",
+            "",
+            "The student learns the calibrated label; where it differs from the teacher's own, a student that",
+            "learns it well agrees less with the uncalibrated teacher.",
+            "",
+            "| task | changed | of | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for task_id, c in moved.items():
+            lines.append(f"| {task_id} | {c['changed']} | {c['of']} | {c['changed'] / max(1, c['of']):.1%} |")
     return "\n".join(lines) + "\n"
