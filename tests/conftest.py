@@ -56,8 +56,12 @@ def tiny_chat(compeff_home) -> Path:
     target = compeff_home / f"tiny-chat-{VERSION}"
     if not (target / "config.json").exists():
         build = "import sys; from tiny_chat import tiny_chat_path; tiny_chat_path(sys.argv[1])"
-        out = subprocess.run([sys.executable, "-c", build, str(compeff_home)], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=1500)  # fmt: skip
+        try:
+            out = subprocess.run([sys.executable, "-c", build, str(compeff_home)], cwd=Path(__file__).parent,
+                                 stderr=subprocess.PIPE, text=True, errors="replace", timeout=1500)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            tail = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            pytest.fail(f"building the tiny chat LM took over {exc.timeout:g} s:\n{tail[-3000:]}")
         if out.returncode != 0:  # every test that needs it errors: say once why the build died
             pytest.fail(f"building the tiny chat LM failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return target

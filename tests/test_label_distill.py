@@ -323,6 +323,7 @@ def test_batch_calibration_divides_by_the_tasks_mean_over_the_run(tmp_path, labe
         assert sample["label_before_batch_calibration"] == plain[sid]["messages"][-1]["content"]
     changed = Counter(s["task_id"] for sid, s in results["batch"].items()
                       if s["messages"][-1]["content"] != plain[sid]["messages"][-1]["content"])  # fmt: skip
+    assert sum(changed.values()) > 0  # the tiny teacher is biased: calibration moves some of its labels
     report = json.loads((folder / "report.json").read_text())
     totals = Counter(s["task_id"] for s in results["batch"].values())
     assert report["batch_calibration_changed"] == {
@@ -343,6 +344,10 @@ def test_batch_calibration_divides_by_the_tasks_mean_over_the_run(tmp_path, labe
     run_generate_stage(recipe, progress=False)
     assert sorted(data.read_bytes().splitlines()) == sorted(b"".join(lines).splitlines())
     assert len(list(iter_jsonl(folder / "labels" / "data.jsonl"))) == n
+    assert (
+        json.loads((folder / "report.json").read_text())["batch_calibration_changed"]
+        == report["batch_calibration_changed"]
+    )  # the resumed run's report counts the records read back and the new ones alike
     with pytest.raises(ConfigError, match="label_scoring"):
         load_recipe(None, ["generate.batch_calibrate=true", "generate.label_scoring=false"])
 

@@ -208,6 +208,10 @@ def test_scorer_warm_up_fine_tunes_the_student_first(tmp_path, tiny_lm):
     }
     run_score_stage(recipe, progress=False)  # a second run reuses the drawn samples and the warmed scorer
     assert {p: p.stat().st_mtime_ns for p in made} == made
+    fewer = recipe.model_copy(update={"score": recipe.score.model_copy(update={"warmup_samples": 12})})
+    with pytest.raises(StageConflict) as conflict:  # compeff run starts the stage over on this
+        run_score_stage(fewer, progress=False)
+    assert "score-warmup-data" in str(conflict.value) and conflict.value.changed == ["warmup_samples"]
     cold = load_recipe(recipe_file(tmp_path, tiny_lm, "cold"))
     write_distillation_set(cold.run_dir, n=24)
     run_score_stage(cold, progress=False)

@@ -479,7 +479,7 @@ def batch_calibrated_records(
             continue
         probs, fields = dists[request.id]
         labels = list(probs)
-        before = max(probs, key=probs.__getitem__)  # the teacher's own label, before the batch's prior
+        before = max(probs, key=probs.__getitem__)  # the label as decided without the batch's prior
         out = calibrate(
             np.array([[probs[label] for label in labels]]), np.array([[prior[label] for label in labels]])
         )[0]
@@ -635,8 +635,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             "",
             "## Labels batch calibration changed",
             "",
-            "The student learns the calibrated label; where it differs from the teacher's own, a student that",
-            "learns it well agrees less with the uncalibrated teacher.",
+            "The student learns the calibrated label; where it differs from the label before batch calibration,",
+            "a student that learns it well agrees less with the teacher as it answers uncalibrated.",
             "",
             "| task | changed | of | share |",
             "|---|---:|---:|---:|",
