@@ -107,9 +107,19 @@ def test_eval_reports_each_wording_agreement_and_calibration(tmp_path, tiny_lm, 
         assert student["wordings"][name]["agreement"] == pytest.approx(
             agreement(preds, [expected_label] * len(labels))
         )
+        # batch-calibrated, the uniform teacher's texts all tie: the first label, everywhere
+        assert student["wordings"][name]["agreement_batch_calibrated"] == pytest.approx(
+            agreement(preds, [0] * len(labels))
+        )
     assert math.isclose(student["accuracy"], np.mean([w["accuracy"] for w in student["wordings"].values()]))
     md = (recipe.run_dir / "eval" / "results.md").read_text()
     assert "calibrated" in md and "agreement with the teacher" in md
+    # and against the teacher's batch-calibrated labels (arithmetic: the test below), in its own table
+    assert 0.0 <= student["agreement_batch_calibrated"] <= 1.0
+    assert set(student["wordings"]) == {
+        w for w, e in student["wordings"].items() if "agreement_batch_calibrated" in e
+    }
+    assert "teacher / calibrated teacher" in md and "agreement_batch_calibrated" not in teacher
     # resumed from its rows: the same results without loading a model
     again = run_eval_stage(recipe, progress=False)["results"]
     assert again["comparison"]["student"]["sets"] == results["comparison"]["student"]["sets"]
@@ -150,3 +160,30 @@ def test_custom_wordings_are_checked_when_the_recipe_loads():
     ):
         with pytest.raises(ConfigError, match=re.escape(why)):
             load_recipe(None, [f"eval.wordings={bad}"])
+
+
+def test_agreement_with_the_teachers_batch_calibrated_labels():
+    """A teacher that says label 0 to every text still ranks them; divided by its mean distribution over the
+    set (batch calibration) its third text becomes label 1, and a student's agreement is read against both."""
+    import warnings
+
+    from compeff.evaluate.classification import LabelledSet
+    from compeff.evaluate.ruler import WordingRun, reference_preds, summarise_runs
+
+    data = LabelledSet("s", ["a", "b", "c", "d"], [0, 0, 1, 1], ["negative", "positive"], [], [])
+    inf = -np.inf
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [1.0, 1.0]])
+    mass = np.log(probs)
+    mass[3] = [inf, inf]  # no evidence: no label, and left out of the mean
+    teacher = WordingRun("question", None, mass)
+    assert teacher.preds == [0, 0, 0, -1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the text without evidence divides nothing by zero
+        assert teacher.batch_calibrated_preds() == [0, 0, 1, -1]  # 0.6 / 0.767 < 0.4 / 0.233
+    student = WordingRun.from_preds("question", None, [0, 1, 1, 0], 2)
+    result = summarise_runs(
+        data, [student], reference_preds([teacher]), reference_preds([teacher], batch_calibrated=True)
+    )
+    assert result["wordings"]["question"]["agreement"] == 0.25
+    assert result["wordings"]["question"]["agreement_batch_calibrated"] == 0.5
+    assert result["agreement_batch_calibrated"] == 0.5

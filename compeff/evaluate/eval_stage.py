@@ -252,10 +252,11 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
         for tag in runs:
             per_model[tag] = {}
             for spec, data in data_sets.items():
-                reference = None
+                reference = calibrated = None
                 if teacher_tag is not None and tag != teacher_tag:
                     reference = reference_preds(runs[teacher_tag][spec])
-                per_model[tag][spec] = summarise_runs(data, runs[tag][spec], reference)
+                    calibrated = reference_preds(runs[teacher_tag][spec], batch_calibrated=True)
+                per_model[tag][spec] = summarise_runs(data, runs[tag][spec], reference, calibrated)
         per_set = per_model[""]
         overall = summarise(per_set)
         comparison = {
@@ -426,6 +427,21 @@ def results_markdown(results: dict[str, Any]) -> str:
                 cal = [_pct(r["wordings"][w]["calibrated"]["accuracy"]) + " / " + _pct(r["wordings"][w]["calibrated"]["macro_f1"]) + " / -" for w in names_w if w in r["wordings"]]  # fmt: skip
                 cal.append(f"{_pct(r['calibrated']['accuracy'])} / {_pct(r['calibrated']['macro_f1'])} / -")
                 lines.append(f"| {tag}, calibrated | " + " | ".join(cal) + " |")
+    agree_cal = {
+        tag: c
+        for tag, c in models.items()
+        if any("agreement_batch_calibrated" in r for r in c["sets"].values())
+    }
+    if agree_cal:
+        names = list(results["sets"])
+        lines += ["", "Agreement with the teacher's labels and with its batch-calibrated labels (each label "
+                  "distribution divided by the teacher's mean over these texts, per wording: what a chain with "
+                  "`generate.batch_calibrate` teaches), mean over wordings, x 100:", "",
+                  "| model | " + " | ".join(f"{n}: teacher / calibrated teacher" for n in names) + " |",
+                  "|---|" + "---:|" * len(names)]  # fmt: skip
+        for tag, c in agree_cal.items():
+            cells = [f"{_pct(c['sets'][n].get('agreement'))} / {_pct(c['sets'][n].get('agreement_batch_calibrated'))}" for n in names]  # fmt: skip
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     if results.get("comparison"):
         names = list(results["sets"])
         lines += ["", "Side by side (mean over wordings, accuracy / macro-F1, x 100):", "",

@@ -69,6 +69,21 @@ class WordingRun:
         p = calibrate(label_distribution(self.log_mass), label_distribution(self.content_free))
         return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
 
+    def batch_calibrated_preds(self) -> list[int]:
+        """Labels after batch calibration (Zhou et al. 2023, ``generate.batch_calibrate``'s arithmetic):
+        each text's label distribution divided by the mean distribution over the set's texts that have
+        label evidence. A chain that trains on batch-calibrated teacher labels teaches this model, so a
+        student's agreement with these labels measures what it was taught. No evidence stays no label."""
+        has = [p >= 0 for p in self.preds]
+        if not any(has):
+            return list(self.preds)
+        dist = label_distribution(self.log_mass)
+        p = calibrate(dist, dist[np.array(has)])
+        p = np.round(
+            p, 9
+        )  # a model that answers every text alike ties exactly, not by float noise: first label
+        return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
+
 
 def wording_prompts(
     data: LabelledSet, wording: Wording, seed: int | None, k_shot: int, max_chars: int
@@ -122,10 +137,12 @@ def summarise_runs(
     data: LabelledSet,
     runs: Sequence[WordingRun],
     reference: dict[tuple[str, int | None], list[int]] | None = None,
+    calibrated_reference: dict[tuple[str, int | None], list[int]] | None = None,
 ) -> dict[str, Any]:
     """A set's result: accuracy and macro-F1 as the mean over wordings (k-shot seeds averaged inside their
     wording) with the spread over wordings, a ``wordings`` entry per wording (accuracy, macro-F1, texts
-    without label evidence, calibrated scores, agreement with ``reference``), the summed confusion matrix
+    without label evidence, calibrated scores, agreement with ``reference`` and with
+    ``calibrated_reference``, the reference model's batch-calibrated labels), the summed confusion matrix
     and the share of each predicted label."""
     n_labels = len(data.label_names)
     by_wording: dict[str, list[WordingRun]] = {}
@@ -156,6 +173,14 @@ def summarise_runs(
             ]
             if agree:
                 entry["agreement"] = float(np.mean(agree))
+        if calibrated_reference is not None:
+            agree = [
+                agreement(r.preds, calibrated_reference[(name, r.seed)])
+                for r in group
+                if (name, r.seed) in calibrated_reference
+            ]
+            if agree:
+                entry["agreement_batch_calibrated"] = float(np.mean(agree))
         wordings[name] = entry
         for m in metrics:
             confusion += np.array(m["confusion"])
@@ -178,6 +203,11 @@ def summarise_runs(
     if agreements:
         result["agreement"] = float(np.mean(agreements))
         result["agreement_std"] = float(np.std(agreements))
+    calibrated_agreements = [
+        w["agreement_batch_calibrated"] for w in wordings.values() if "agreement_batch_calibrated" in w
+    ]
+    if calibrated_agreements:
+        result["agreement_batch_calibrated"] = float(np.mean(calibrated_agreements))
     if all("calibrated" in w for w in wordings.values()) and wordings:
         result["calibrated"] = {
             "accuracy": float(np.mean([w["calibrated"]["accuracy"] for w in wordings.values()])),
@@ -186,6 +216,9 @@ def summarise_runs(
     return result
 
 
-def reference_preds(runs: Sequence[WordingRun]) -> dict[tuple[str, int | None], list[int]]:
-    """A model's labels per (wording, seed), the reference others' agreement is measured against."""
-    return {(r.wording, r.seed): r.preds for r in runs}
+def reference_preds(
+    runs: Sequence[WordingRun], batch_calibrated: bool = False
+) -> dict[tuple[str, int | None], list[int]]:
+    """A model's labels per (wording, seed), the reference others' agreement is measured against (its
+    batch-calibrated labels with ``batch_calibrated``)."""
+    return {(r.wording, r.seed): r.batch_calibrated_preds() if batch_calibrated else r.preds for r in runs}
