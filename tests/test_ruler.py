@@ -187,3 +187,6 @@ def test_agreement_with_the_teachers_batch_calibrated_labels():
     assert result["wordings"]["question"]["agreement"] == 0.25
     assert result["wordings"]["question"]["agreement_batch_calibrated"] == 0.5
     assert result["agreement_batch_calibrated"] == 0.5
+    # the teacher so calibrated is scored too: three of four right (the text without evidence a miss)
+    own = summarise_runs(data, [teacher])
+    assert own["accuracy"] == 0.5 and own["batch_calibrated"]["accuracy"] == 0.75

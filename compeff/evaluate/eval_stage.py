@@ -427,21 +427,21 @@ def results_markdown(results: dict[str, Any]) -> str:
                 cal = [_pct(r["wordings"][w]["calibrated"]["accuracy"]) + " / " + _pct(r["wordings"][w]["calibrated"]["macro_f1"]) + " / -" for w in names_w if w in r["wordings"]]  # fmt: skip
                 cal.append(f"{_pct(r['calibrated']['accuracy'])} / {_pct(r['calibrated']['macro_f1'])} / -")
                 lines.append(f"| {tag}, calibrated | " + " | ".join(cal) + " |")
-    agree_cal = {
-        tag: c
-        for tag, c in models.items()
-        if any("agreement_batch_calibrated" in r for r in c["sets"].values())
-    }
-    if agree_cal:
-        names = list(results["sets"])
-        lines += ["", "Agreement with the teacher's labels and with its batch-calibrated labels (each label "
-                  "distribution divided by the teacher's mean over these texts, per wording: what a chain with "
-                  "`generate.batch_calibrate` teaches), mean over wordings, x 100:", "",
-                  "| model | " + " | ".join(f"{n}: teacher / calibrated teacher" for n in names) + " |",
-                  "|---|" + "---:|" * len(names)]  # fmt: skip
-        for tag, c in agree_cal.items():
-            cells = [f"{_pct(c['sets'][n].get('agreement'))} / {_pct(c['sets'][n].get('agreement_batch_calibrated'))}" for n in names]  # fmt: skip
-            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    names = list(results["sets"])
+    lines += ["", "Batch calibration (each label distribution divided by the model's mean over these texts, per "
+              "wording: the arithmetic of `generate.batch_calibrate`), mean over wordings, x 100: each model's "
+              "accuracy / macro-F1 so calibrated, and its agreement with the teacher's labels and with the "
+              "teacher's batch-calibrated labels (what a chain with `generate.batch_calibrate` teaches):", "",
+              "| model | " + " | ".join(f"{n}: acc / F1, batch-calibrated | agree: teacher / calibrated teacher" for n in names) + " |",
+              "|---|" + "---:|---:|" * len(names)]  # fmt: skip
+    for tag, c in models.items():
+        cells = []
+        for n in names:
+            r = c["sets"][n]
+            b = r.get("batch_calibrated") or {}
+            cells += [f"{_pct(b.get('accuracy'))} / {_pct(b.get('macro_f1'))}",
+                      f"{_pct(r.get('agreement'))} / {_pct(r.get('agreement_batch_calibrated'))}"]  # fmt: skip
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     if results.get("comparison"):
         names = list(results["sets"])
         lines += ["", "Side by side (mean over wordings, accuracy / macro-F1, x 100):", "",

@@ -141,7 +141,7 @@ def summarise_runs(
 ) -> dict[str, Any]:
     """A set's result: accuracy and macro-F1 as the mean over wordings (k-shot seeds averaged inside their
     wording) with the spread over wordings, a ``wordings`` entry per wording (accuracy, macro-F1, texts
-    without label evidence, calibrated scores, agreement with ``reference`` and with
+    without label evidence, calibrated and batch-calibrated scores, agreement with ``reference`` and with
     ``calibrated_reference``, the reference model's batch-calibrated labels), the summed confusion matrix
     and the share of each predicted label."""
     n_labels = len(data.label_names)
@@ -167,6 +167,11 @@ def summarise_runs(
                 "accuracy": float(np.mean([m["accuracy"] for m in cal])),
                 "macro_f1": float(np.mean([m["macro_f1"] for m in cal])),
             }
+        batch = [_scored(data.labels, r.batch_calibrated_preds(), n_labels) for r in group]
+        entry["batch_calibrated"] = {
+            "accuracy": float(np.mean([m["accuracy"] for m in batch])),
+            "macro_f1": float(np.mean([m["macro_f1"] for m in batch])),
+        }
         if reference is not None:
             agree = [
                 agreement(r.preds, reference[(name, r.seed)]) for r in group if (name, r.seed) in reference
@@ -203,6 +208,11 @@ def summarise_runs(
     if agreements:
         result["agreement"] = float(np.mean(agreements))
         result["agreement_std"] = float(np.std(agreements))
+    if wordings:
+        result["batch_calibrated"] = {
+            k: float(np.mean([w["batch_calibrated"][k] for w in wordings.values()]))
+            for k in ("accuracy", "macro_f1")
+        }
     calibrated_agreements = [
         w["agreement_batch_calibrated"] for w in wordings.values() if "agreement_batch_calibrated" in w
     ]
