@@ -120,6 +120,11 @@ def test_eval_reports_each_wording_agreement_and_calibration(tmp_path, tiny_lm, 
         w for w, e in student["wordings"].items() if "agreement_batch_calibrated" in e
     }
     assert "teacher / calibrated teacher" in md and "agreement_batch_calibrated" not in teacher
+    assert "did not batch-calibrate" in md  # this recipe's chain taught the plain labels
+    csv_lines = (recipe.run_dir / "eval" / "results.csv").read_text().splitlines()
+    assert csv_lines[0].endswith(
+        "batch_calibrated_accuracy,batch_calibrated_macro_f1,agreement_batch_calibrated"
+    )
     # resumed from its rows: the same results without loading a model
     again = run_eval_stage(recipe, progress=False)["results"]
     assert again["comparison"]["student"]["sets"] == results["comparison"]["student"]["sets"]
@@ -190,3 +195,9 @@ def test_agreement_with_the_teachers_batch_calibrated_labels():
     # the teacher so calibrated is scored too: three of four right (the text without evidence a miss)
     own = summarise_runs(data, [teacher])
     assert own["accuracy"] == 0.5 and own["batch_calibrated"]["accuracy"] == 0.75
+    # a run known only by its labels (the bench's stored rows) has no distribution to calibrate
+    labels_only = WordingRun.from_preds("question", None, teacher.preds, 2)
+    assert labels_only.batch_calibrated_preds() is None
+    assert "batch_calibrated" not in summarise_runs(data, [labels_only])
+    with pytest.raises(ValueError, match="cannot be batch-calibrated"):
+        reference_preds([labels_only], batch_calibrated=True)

@@ -263,8 +263,14 @@ def run_eval_stage(recipe: Recipe, force: bool = False, progress: bool = True) -
             tag or "evaluated": {"model": name, "sets": per_model[tag], "overall": summarise(per_model[tag])}
             for tag, name, _, _ in evaluated
         }
+        g = recipe.generate  # how this run's chain decided the teacher's labels the student learnt
+        taught = {
+            "batch_calibrate": g.batch_calibrate,
+            "calibrate": g.calibrate,
+            "label_ensemble": g.label_ensemble,
+        }
         results = {"model": model, "adapter": adapter, "backend": s.backend, "settings": config, "sets": per_set,
-                   "overall": overall, "comparison": comparison if compared else None}  # fmt: skip
+                   "overall": overall, "comparison": comparison if compared else None, "taught": taught}  # fmt: skip
         stage.write_artifact("results.json", results)
         stage.write_artifact("results.csv", results_csv(per_set))
         stage.write_artifact("results.md", results_markdown(results))
@@ -364,17 +370,26 @@ def _row_index(row: dict[str, Any]) -> int:
     return int(last[2:]) if last.startswith("cf") else int(last)
 
 
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
 def results_csv(per_set: dict[str, dict[str, Any]]) -> str:
     """One line per set and wording (wording 'mean': the mean over wordings)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["set", "wording", "n", "accuracy", "macro_f1", "agreement"])
+    writer.writerow(["set", "wording", "n", "accuracy", "macro_f1", "agreement", "batch_calibrated_accuracy",
+                     "batch_calibrated_macro_f1", "agreement_batch_calibrated"])  # fmt: skip
+
+    def cells(e: dict[str, Any]) -> list[str]:
+        b = e.get("batch_calibrated") or {}
+        return [f"{e['accuracy']:.4f}", f"{e['macro_f1']:.4f}", _num(e.get("agreement")),
+                _num(b.get("accuracy")), _num(b.get("macro_f1")), _num(e.get("agreement_batch_calibrated"))]  # fmt: skip
+
     for name, r in per_set.items():
         for wording, w in r["wordings"].items():
-            writer.writerow([name, wording, r["n"], f"{w['accuracy']:.4f}", f"{w['macro_f1']:.4f}",
-                             f"{w['agreement']:.4f}" if "agreement" in w else ""])  # fmt: skip
-        writer.writerow([name, "mean", r["n"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
-                         f"{r['agreement']:.4f}" if "agreement" in r else ""])  # fmt: skip
+            writer.writerow([name, wording, r["n"], *cells(w)])
+        writer.writerow([name, "mean", r["n"], *cells(r)])
     return buf.getvalue()
 
 
@@ -428,10 +443,22 @@ def results_markdown(results: dict[str, Any]) -> str:
                 cal.append(f"{_pct(r['calibrated']['accuracy'])} / {_pct(r['calibrated']['macro_f1'])} / -")
                 lines.append(f"| {tag}, calibrated | " + " | ".join(cal) + " |")
     names = list(results["sets"])
+    taught = results.get("taught") or {}
+    if taught.get("batch_calibrate"):
+        how = "this run's chain batch-calibrated the teacher's labels (on its own samples and wordings), so the "
+        how += "calibrated teacher here is an estimate of what its student was taught"
+    else:
+        how = "this run's chain did not batch-calibrate (`generate.batch_calibrate: false`): its student was "
+        how += "taught the teacher's plain labels"
+    extra = [k for k in ("calibrate",) if taught.get(k)] + (
+        [f"label_ensemble {taught['label_ensemble']}"] if (taught.get("label_ensemble") or 1) > 1 else []
+    )
+    if extra:
+        how += f"; the chain also used generate {', '.join(extra)}, which this table does not reproduce"
     lines += ["", "Batch calibration (each label distribution divided by the model's mean over these texts, per "
-              "wording: the arithmetic of `generate.batch_calibrate`), mean over wordings, x 100: each model's "
-              "accuracy / macro-F1 so calibrated, and its agreement with the teacher's labels and with the "
-              "teacher's batch-calibrated labels (what a chain with `generate.batch_calibrate` teaches):", "",
+              "wording: the arithmetic of `generate.batch_calibrate`; transductive, no label read), mean over "
+              "wordings, x 100: each model's accuracy / macro-F1 so calibrated, and its agreement with the "
+              f"teacher's plain and batch-calibrated labels. Here {how}.", "",
               "| model | " + " | ".join(f"{n}: acc / F1, batch-calibrated | agree: teacher / calibrated teacher" for n in names) + " |",
               "|---|" + "---:|---:|" * len(names)]  # fmt: skip
     for tag, c in models.items():

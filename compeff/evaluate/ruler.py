@@ -6,8 +6,10 @@ scorer is anything with ``label_log_mass(user_turns, label_names, cue) -> [n, n_
 
 Per wording the result keeps accuracy, macro-F1, how many texts had no evidence for any label (a served
 top-k cut that lists no label: counted as wrong), optionally contextual calibration (Zhao et al. 2021:
-each label's probability divided by its mean probability on content-free inputs), and the agreement with
-a reference model's labels (the teacher's): the share of texts where the two labels are equal.
+each label's probability divided by its mean probability on content-free inputs), batch calibration
+(each text's distribution divided by the mean over the set's texts: transductive, no label read), and the
+agreement with a reference model's labels (the teacher's, plain and batch-calibrated): the share of texts
+where the two labels are equal.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class WordingRun:
     seed: int | None
     log_mass: np.ndarray  # [n, n_labels]
     content_free: np.ndarray | None = None  # [len(CONTENT_FREE), n_labels]
+    labels_only: bool = False  # built from labels alone (from_preds): no distribution to calibrate
     preds: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +61,7 @@ class WordingRun:
         for i, p in enumerate(preds):
             if p >= 0:
                 mass[i, p] = 0.0
-        return cls(wording, seed, mass)
+        return cls(wording, seed, mass, labels_only=True)
 
     def calibrated_preds(self) -> list[int] | None:
         """Labels after contextual calibration (None without content-free scores). A text with no label
@@ -69,19 +72,22 @@ class WordingRun:
         p = calibrate(label_distribution(self.log_mass), label_distribution(self.content_free))
         return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
 
-    def batch_calibrated_preds(self) -> list[int]:
+    def batch_calibrated_preds(self) -> list[int] | None:
         """Labels after batch calibration (Zhou et al. 2023, ``generate.batch_calibrate``'s arithmetic):
         each text's label distribution divided by the mean distribution over the set's texts that have
-        label evidence. A chain that trains on batch-calibrated teacher labels teaches this model, so a
-        student's agreement with these labels measures what it was taught. No evidence stays no label."""
+        label evidence (floored at ``CF_FLOOR``). Transductive: the prior comes from the scored texts
+        themselves, no label is read. A chain that trains on batch-calibrated teacher labels teaches a
+        model like this one (its priors came from its own samples), so a student's agreement with these
+        labels estimates what it was taught. No evidence stays no label; exact ties go to the first
+        label; None for a run known only by its labels."""
+        if self.labels_only:
+            return None
         has = [p >= 0 for p in self.preds]
         if not any(has):
             return list(self.preds)
         dist = label_distribution(self.log_mass)
-        p = calibrate(dist, dist[np.array(has)])
-        p = np.round(
-            p, 9
-        )  # a model that answers every text alike ties exactly, not by float noise: first label
+        # rounded: a model that answers every text alike ties exactly (first label), not by float noise
+        p = np.round(calibrate(dist, dist[np.array(has)]), 9)
         return [int(i) if pred >= 0 else -1 for i, pred in zip(p.argmax(1), self.preds)]
 
 
@@ -167,11 +173,13 @@ def summarise_runs(
                 "accuracy": float(np.mean([m["accuracy"] for m in cal])),
                 "macro_f1": float(np.mean([m["macro_f1"] for m in cal])),
             }
-        batch = [_scored(data.labels, r.batch_calibrated_preds(), n_labels) for r in group]
-        entry["batch_calibrated"] = {
-            "accuracy": float(np.mean([m["accuracy"] for m in batch])),
-            "macro_f1": float(np.mean([m["macro_f1"] for m in batch])),
-        }
+        batch_preds = [r.batch_calibrated_preds() for r in group]
+        if all(b is not None for b in batch_preds):
+            batch = [_scored(data.labels, b, n_labels) for b in batch_preds if b is not None]
+            entry["batch_calibrated"] = {
+                "accuracy": float(np.mean([m["accuracy"] for m in batch])),
+                "macro_f1": float(np.mean([m["macro_f1"] for m in batch])),
+            }
         if reference is not None:
             agree = [
                 agreement(r.preds, reference[(name, r.seed)]) for r in group if (name, r.seed) in reference
@@ -208,7 +216,7 @@ def summarise_runs(
     if agreements:
         result["agreement"] = float(np.mean(agreements))
         result["agreement_std"] = float(np.std(agreements))
-    if wordings:
+    if wordings and all("batch_calibrated" in w for w in wordings.values()):
         result["batch_calibrated"] = {
             k: float(np.mean([w["batch_calibrated"][k] for w in wordings.values()]))
             for k in ("accuracy", "macro_f1")
@@ -218,6 +226,7 @@ def summarise_runs(
     ]
     if calibrated_agreements:
         result["agreement_batch_calibrated"] = float(np.mean(calibrated_agreements))
+        result["agreement_batch_calibrated_std"] = float(np.std(calibrated_agreements))
     if all("calibrated" in w for w in wordings.values()) and wordings:
         result["calibrated"] = {
             "accuracy": float(np.mean([w["calibrated"]["accuracy"] for w in wordings.values()])),
@@ -230,5 +239,15 @@ def reference_preds(
     runs: Sequence[WordingRun], batch_calibrated: bool = False
 ) -> dict[tuple[str, int | None], list[int]]:
     """A model's labels per (wording, seed), the reference others' agreement is measured against (its
-    batch-calibrated labels with ``batch_calibrated``)."""
-    return {(r.wording, r.seed): r.batch_calibrated_preds() if batch_calibrated else r.preds for r in runs}
+    batch-calibrated labels with ``batch_calibrated``; refused for runs known only by their labels)."""
+    if not batch_calibrated:
+        return {(r.wording, r.seed): r.preds for r in runs}
+    out: dict[tuple[str, int | None], list[int]] = {}
+    for r in runs:
+        preds = r.batch_calibrated_preds()
+        if preds is None:
+            raise ValueError(
+                f"wording {r.wording}: labels alone cannot be batch-calibrated (no distribution)"
+            )
+        out[(r.wording, r.seed)] = preds
+    return out
