@@ -166,20 +166,13 @@ def summarise_runs(
             "seeds": [r.seed for r in group] if group[0].seed is not None else None,
             "predicted_share": label_shares([p for r in group for p in r.preds], data.label_names),
         }
-        calibrated = [r.calibrated_preds() for r in group]
-        if all(c is not None for c in calibrated):
-            cal = [_scored(data.labels, c, n_labels) for c in calibrated if c is not None]
-            entry["calibrated"] = {
-                "accuracy": float(np.mean([m["accuracy"] for m in cal])),
-                "macro_f1": float(np.mean([m["macro_f1"] for m in cal])),
-            }
-        batch_preds = [r.batch_calibrated_preds() for r in group]
-        if all(b is not None for b in batch_preds):
-            batch = [_scored(data.labels, b, n_labels) for b in batch_preds if b is not None]
-            entry["batch_calibrated"] = {
-                "accuracy": float(np.mean([m["accuracy"] for m in batch])),
-                "macro_f1": float(np.mean([m["macro_f1"] for m in batch])),
-            }
+        for key, labelled in (
+            ("calibrated", [r.calibrated_preds() for r in group]),
+            ("batch_calibrated", [r.batch_calibrated_preds() for r in group]),
+        ):
+            if all(preds is not None for preds in labelled):
+                scored = [_scored(data.labels, preds, n_labels) for preds in labelled if preds is not None]
+                entry[key] = {k: float(np.mean([m[k] for m in scored])) for k in ("accuracy", "macro_f1")}
         if reference is not None:
             agree = [
                 agreement(r.preds, reference[(name, r.seed)]) for r in group if (name, r.seed) in reference
