@@ -140,3 +140,42 @@ def test_a_trained_model_is_scored_once_whatever_its_row_is_called():
     assert eval_cache_name(one_seed) == eval_cache_name(first_of_three) == "sft-sft-selected.json"
     assert eval_cache_name(second_of_three) != eval_cache_name(first_of_three)
     assert eval_cache_name({"row": "student before training"}) == "student-before-training.json"
+
+
+def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path, tiny_lm):
+    """The bench scores the teacher once with its batch-calibrated labels kept beside its plain ones (an
+    older cache without them is scored again), and every row's agreement is read against both."""
+    import numpy as np
+
+    from compeff.bench.distill import score_model, summarise_row
+    from compeff.config import load_recipe
+    from compeff.evaluate.classification import LabelledSet
+    from compeff.evaluate.ruler import agreement
+
+    words = ["dull", "fine", "great", "slow", "long", "fun", "bad", "good"]
+    texts = [f"a {w} film, number {i}" for i, w in enumerate(words * 2)]
+    data = LabelledSet("toy", texts, [i % 2 for i in range(len(texts))], ["negative", "positive"], [], [])
+    sets = {"toy": data}
+    recipe = load_recipe(None, [f"run.dir={tmp_path}", "eval.chat_template=false", "eval.k_shot=0"])
+    cache = tmp_path / "eval" / "teacher.json"
+    teacher = score_model(str(tiny_lm), sets, recipe, cache)
+    calibrated = teacher["toy"]["batch_calibrated_preds"]
+    assert set(calibrated) == set(teacher["toy"]["preds"]) and all(
+        len(p) == len(texts) for p in calibrated.values()
+    )
+    made = cache.stat().st_mtime_ns
+    assert score_model(str(tiny_lm), sets, recipe, cache) == teacher and cache.stat().st_mtime_ns == made
+    stored = json.loads(cache.read_text())  # a cache written before the calibrated labels: scored again
+    del stored["sets"]["toy"]["batch_calibrated_preds"]
+    cache.write_text(json.dumps(stored))
+    assert score_model(str(tiny_lm), sets, recipe, cache)["toy"]["batch_calibrated_preds"] == calibrated
+    student = {"toy": {"preds": {w: [1 - p for p in preds] for w, preds in teacher["toy"]["preds"].items()}}}
+    cells = summarise_row(student, sets, teacher)["toy"]
+    assert cells["agreement"] == 0.0  # every label flipped
+    expected = np.mean([agreement(student["toy"]["preds"][w], calibrated[w]) for w in calibrated])
+    assert expected > 0  # calibration moved some of the teacher's labels away from its plain ones
+    assert cells["agreement_batch_calibrated"] == pytest.approx(100 * expected)
+    assert set(cells["wordings"]) == set(calibrated)
+    assert summarise_row(teacher, sets, None)["toy"]["agreement_batch_calibrated"] is None
+    table = markdown_table([{"row": "student", "samples": 3, "train_s": 1.0, "sets": {"toy": cells}}])
+    assert f"/ 0.0 ({100 * expected:.1f})" in table and "(calibrated teacher)" in table

@@ -82,7 +82,9 @@ def train(recipe: Recipe, stage_name: str) -> dict[str, Any]:
 
 def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, Any]:
     """Every wording's labels of one model on every set (the ruler of ``compeff eval``, the recipe's
-    eval settings); reused from ``cache`` when the weights, sets and settings are the same."""
+    eval settings), and its batch-calibrated labels (the reference of a student's agreement with the
+    teacher the chain teaches); reused from ``cache`` when the weights, sets and settings are the same
+    and the cache holds both."""
     from compeff.evaluate.eval_stage import eval_wordings
     from compeff.evaluate.ruler import run_wording
 
@@ -99,18 +101,23 @@ def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -
     )
     if cache.exists():
         kept = json.loads(cache.read_text(encoding="utf-8"))
-        if kept.get("key") == key:
+        if kept.get("key") == key and all("batch_calibrated_preds" in r for r in kept["sets"].values()):
             return kept["sets"]
     scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
     results: dict[str, Any] = {}
     for name, data in sets.items():
         started = time.perf_counter()
-        runs = {}
+        runs, calibrated = {}, {}
         for wording in wordings:
             seed = s.seeds[0] if wording.k_shot else None
             run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars)
             runs[wording.name] = run.preds
-        results[name] = {"preds": runs, "seconds": round(time.perf_counter() - started, 1)}
+            calibrated[wording.name] = run.batch_calibrated_preds()
+        results[name] = {
+            "preds": runs,
+            "batch_calibrated_preds": calibrated,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     del scorer
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache, json.dumps({"key": key, "model": model, "sets": results}).encode())
@@ -121,25 +128,34 @@ def summarise_row(
     scored: dict[str, Any], sets: dict[str, Any], teacher: dict[str, Any] | None
 ) -> dict[str, Any]:
     """A row's cells per set: accuracy and macro-F1 (mean over wordings, x 100, with the spread) and the
-    agreement with the teacher's labels (mean over wordings)."""
+    agreement with the teacher's labels and with its batch-calibrated labels (means over wordings)."""
     from compeff.evaluate.ruler import WordingRun, summarise_runs
 
     out = {}
     for name, data in sets.items():
         n_labels = len(data.label_names)
         runs = [WordingRun.from_preds(w, None, p, n_labels) for w, p in scored[name]["preds"].items()]
-        reference = None
+        reference = calibrated = None
         if teacher is not None:
             reference = {(w, None): p for w, p in teacher[name]["preds"].items()}
-        r = summarise_runs(data, runs, reference)
+            kept = teacher[name].get("batch_calibrated_preds") or {}
+            calibrated = {(w, None): p for w, p in kept.items() if p is not None} or None
+        r = summarise_runs(data, runs, reference, calibrated)
         out[name] = {
             "accuracy": 100 * r["accuracy"],
             "accuracy_std": 100 * r["accuracy_std"],
             "macro_f1": 100 * r["macro_f1"],
             "agreement": 100 * r["agreement"] if "agreement" in r else None,
+            "agreement_batch_calibrated": 100 * r["agreement_batch_calibrated"]
+            if "agreement_batch_calibrated" in r
+            else None,
             "n": r["n"],
             "wordings": {
-                w: {k: e[k] for k in ("accuracy", "macro_f1", "agreement") if k in e}
+                w: {
+                    k: e[k]
+                    for k in ("accuracy", "macro_f1", "agreement", "agreement_batch_calibrated")
+                    if k in e
+                }
                 for w, e in r["wordings"].items()
             },
         }
@@ -359,7 +375,14 @@ def row_line(row: dict[str, Any]) -> str:
     """One scored row in a line (accuracy / agreement per set), printed as it is done: a long bench shows
     its rows before the table at the end."""
     cells = [
-        f"{name} {c['accuracy']:.1f}" + ("" if c["agreement"] is None else f" (agree {c['agreement']:.1f})")
+        f"{name} {c['accuracy']:.1f}"
+        + ("" if c["agreement"] is None else f" (agree {c['agreement']:.1f}")
+        + (
+            ""
+            if c.get("agreement_batch_calibrated") is None
+            else f", calibrated {c['agreement_batch_calibrated']:.1f}"
+        )
+        + ("" if c["agreement"] is None else ")")
         for name, c in row["sets"].items()
     ]
     return ", ".join(cells)
@@ -392,6 +415,9 @@ def with_seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy_seed_std": float(np.std([c["accuracy"] for c in cells], ddof=1)),
                 "macro_f1": float(np.mean([c["macro_f1"] for c in cells])),
                 "agreement": float(np.mean([c["agreement"] for c in cells])),
+                "agreement_batch_calibrated": float(np.mean([c["agreement_batch_calibrated"] for c in cells]))
+                if all(c.get("agreement_batch_calibrated") is not None for c in cells)
+                else None,
                 "n": cells[0]["n"],
             }
         spread = members[0].get("spread", "seeds")
@@ -406,7 +432,8 @@ def _cell(c: dict[str, Any]) -> str:
     spread = c.get("accuracy_seed_std")
     acc = f"{c['accuracy']:.1f}" + (f" +- {spread:.1f}" if spread is not None else "")
     agree = "-" if c.get("agreement") is None else f"{c['agreement']:.1f}"
-    return f"{acc} / {c['macro_f1']:.1f} / {agree}"
+    calibrated = c.get("agreement_batch_calibrated")
+    return f"{acc} / {c['macro_f1']:.1f} / {agree}" + ("" if calibrated is None else f" ({calibrated:.1f})")
 
 
 def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
@@ -417,12 +444,12 @@ def _cells(row: dict[str, Any], names: list[str]) -> list[str]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The bench table in Markdown (per set: accuracy / macro-F1 / agreement with the teacher, x 100,
-    means over the ruler's wordings; training seconds)."""
+    """The bench table in Markdown (per set: accuracy / macro-F1 / agreement with the teacher and, in
+    brackets, with its batch-calibrated labels, x 100, means over the ruler's wordings; training seconds)."""
     names = list(rows[0]["sets"])
     head = (
         ["model", "samples"]
-        + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1 / agree" for n in names]
+        + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1 / agree (calibrated teacher)" for n in names]
         + ["train s"]
     )
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -434,7 +461,8 @@ def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
     """The bench table on the terminal."""
     names = list(rows[0]["sets"])
     table = Table(
-        title="compeff bench distill: accuracy / macro-F1 / agreement with the teacher (x 100, mean over wordings)"
+        title="compeff bench distill: accuracy / macro-F1 / agreement with the teacher (in brackets: with its "
+        "batch-calibrated labels) (x 100, mean over wordings)"
     )
     for col in ["model", "samples", *names, "train s"]:
         table.add_column(col, justify="left" if col == "model" else "right")
