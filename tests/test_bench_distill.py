@@ -158,17 +158,21 @@ def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path
     sets = {"toy": data}
     recipe = load_recipe(None, [f"run.dir={tmp_path}", "eval.chat_template=false", "eval.k_shot=0"])
     cache = tmp_path / "eval" / "teacher.json"
-    teacher = score_model(str(tiny_lm), sets, recipe, cache)
+    teacher = score_model(str(tiny_lm), sets, recipe, cache, need_calibrated=True)
     calibrated = teacher["toy"]["batch_calibrated_preds"]
     assert set(calibrated) == set(teacher["toy"]["preds"]) and all(
         len(p) == len(texts) for p in calibrated.values()
     )
     made = cache.stat().st_mtime_ns
     assert score_model(str(tiny_lm), sets, recipe, cache) == teacher and cache.stat().st_mtime_ns == made
-    stored = json.loads(cache.read_text())  # a cache written before the calibrated labels: scored again
+    stored = json.loads(cache.read_text())  # a cache written before the calibrated labels
     del stored["sets"]["toy"]["batch_calibrated_preds"]
     cache.write_text(json.dumps(stored))
-    assert score_model(str(tiny_lm), sets, recipe, cache)["toy"]["batch_calibrated_preds"] == calibrated
+    assert score_model(str(tiny_lm), sets, recipe, cache) == stored["sets"]  # a student's: reused as it is
+    again = score_model(
+        str(tiny_lm), sets, recipe, cache, need_calibrated=True
+    )  # the teacher's: scored again
+    assert again["toy"]["batch_calibrated_preds"] == calibrated
     student = {"toy": {"preds": {w: [1 - p for p in preds] for w, preds in teacher["toy"]["preds"].items()}}}
     cells = summarise_row(student, sets, teacher)["toy"]
     assert cells["agreement"] == 0.0  # every label flipped

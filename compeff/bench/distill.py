@@ -80,11 +80,14 @@ def train(recipe: Recipe, stage_name: str) -> dict[str, Any]:
         return run_sft_stage(recipe, force=True, progress=False, stage_name=stage_name)
 
 
-def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -> dict[str, Any]:
+def score_model(
+    model: str, sets: dict[str, Any], recipe: Recipe, cache: Path, need_calibrated: bool = False
+) -> dict[str, Any]:
     """Every wording's labels of one model on every set (the ruler of ``compeff eval``, the recipe's
-    eval settings), and its batch-calibrated labels (the reference of a student's agreement with the
-    teacher the chain teaches); reused from ``cache`` when the weights, sets and settings are the same
-    and the cache holds both."""
+    eval settings), and its batch-calibrated labels (the teacher's are the reference of a student's
+    agreement with the teacher the chain teaches); reused from ``cache`` when the weights, sets and
+    settings are the same (with ``need_calibrated``, the teacher's, only when the cache holds both: a
+    cache written before them is scored again once)."""
     from compeff.evaluate.eval_stage import eval_wordings
     from compeff.evaluate.ruler import run_wording
 
@@ -101,7 +104,8 @@ def score_model(model: str, sets: dict[str, Any], recipe: Recipe, cache: Path) -
     )
     if cache.exists():
         kept = json.loads(cache.read_text(encoding="utf-8"))
-        if kept.get("key") == key and all("batch_calibrated_preds" in r for r in kept["sets"].values()):
+        complete = all("batch_calibrated_preds" in r for r in kept.get("sets", {}).values())
+        if kept.get("key") == key and (complete or not need_calibrated):
             return kept["sets"]
     scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
     results: dict[str, Any] = {}
@@ -358,7 +362,8 @@ def run_distill_bench(
         )
     teacher: dict[str, Any] | None = None
     for row in rows:  # the teacher first: every later row's agreement is read against its labels
-        scored = score_model(row["model"], sets, recipe, root / "eval" / eval_cache_name(row))
+        cache = root / "eval" / eval_cache_name(row)
+        scored = score_model(row["model"], sets, recipe, cache, need_calibrated=teacher is None)
         row["sets"] = summarise_row(scored, sets, teacher)
         if teacher is None:
             teacher = scored
