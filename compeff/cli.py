@@ -538,7 +538,8 @@ def bench_distill(
 ) -> None:
     """Teacher, student before training and after SFT on selected / random / all samples, KD / GKD on the
     selected set, and the gold-label ceiling, side by side: accuracy, macro-F1 and agreement with the
-    teacher over the ruler's wordings."""
+    teacher over the ruler's wordings, and in brackets agreement with the teacher's labels
+    batch-calibrated on the test texts (the teacher a batch-calibrated chain teaches, estimated)."""
     from compeff.bench.distill import run_distill_bench
 
     guarded(

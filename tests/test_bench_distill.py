@@ -49,12 +49,37 @@ def test_table_shows_agreement_and_folds_seeds():
     )
 
 
+def test_seed_means_fold_the_calibrated_agreement_only_when_every_member_has_it():
+    from compeff.bench.distill import with_seed_means
+
+    def member(k, calibrated):
+        cell = {"accuracy": 50.0, "macro_f1": 40.0, "agreement": 70.0, "agreement_batch_calibrated": calibrated,
+                "n": 10}  # fmt: skip
+        return {"row": f"SFT (seed {k})", "group": "SFT", "samples": 4, "train_s": 1.0, "sets": {"a": cell}}
+
+    both = with_seed_means([member(1, 40.0), member(2, 45.0)])[0]["sets"]["a"]
+    assert both["agreement_batch_calibrated"] == 42.5
+    assert "/ 70.0 (42.5) |" in markdown_table(with_seed_means([member(1, 40.0), member(2, 45.0)]))
+    one_missing = with_seed_means([member(1, 40.0), member(2, None)])[0]["sets"]["a"]
+    assert one_missing["agreement_batch_calibrated"] is None  # no mean of one seed passed off as of two
+    assert (
+        markdown_table(with_seed_means([member(1, 40.0), member(2, None)]))
+        .splitlines()[-1]
+        .endswith("/ 40.0 / 70.0 | 1 |")
+    )
+
+
 def test_a_scored_row_is_printed_in_one_line_before_the_table():
     from compeff.bench.distill import row_line
 
     row = {"row": "SFT", "sets": {"imdb:test": {"accuracy": 55.0, "agreement": 60.25},
                                   "tweeteval_sentiment:test": {"accuracy": 30.0, "agreement": None}}}  # fmt: skip
     assert row_line(row) == "imdb:test 55.0 (agree 60.2), tweeteval_sentiment:test 30.0"
+    row["sets"]["imdb:test"]["agreement_batch_calibrated"] = 51.0
+    row["sets"]["tweeteval_sentiment:test"]["batch_calibrated"] = {"accuracy": 37.04, "macro_f1": 30.0}
+    assert row_line(row) == (
+        "imdb:test 55.0 (agree 60.2, calibrated 51.0), tweeteval_sentiment:test 30.0 (batch-calibrated 37.0)"
+    )
 
 
 def test_unknown_loss_or_subset_is_one_line_and_exit_2(tmp_path):
@@ -173,6 +198,15 @@ def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path
         str(tiny_lm), sets, recipe, cache, need_calibrated=True
     )  # the teacher's: scored again
     assert again["toy"]["batch_calibrated_preds"] == calibrated
+    rewritten = json.loads(cache.read_text())  # and written back: the next bench reads it as it is
+    assert rewritten["sets"]["toy"]["batch_calibrated_preds"] == calibrated
+    made = cache.stat().st_mtime_ns
+    assert score_model(str(tiny_lm), sets, recipe, cache, need_calibrated=True) == again
+    assert cache.stat().st_mtime_ns == made
+    rewritten["calibration"] = 0  # labels of an older calibration arithmetic: scored again
+    cache.write_text(json.dumps(rewritten))
+    score_model(str(tiny_lm), sets, recipe, cache, need_calibrated=True)
+    assert json.loads(cache.read_text())["calibration"] != 0
     student = {"toy": {"preds": {w: [1 - p for p in preds] for w, preds in teacher["toy"]["preds"].items()}}}
     cells = summarise_row(student, sets, teacher)["toy"]
     assert cells["agreement"] == 0.0  # every label flipped
@@ -180,6 +214,21 @@ def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path
     assert expected > 0  # calibration moved some of the teacher's labels away from its plain ones
     assert cells["agreement_batch_calibrated"] == pytest.approx(100 * expected)
     assert set(cells["wordings"]) == set(calibrated)
-    assert summarise_row(teacher, sets, None)["toy"]["agreement_batch_calibrated"] is None
-    table = markdown_table([{"row": "student", "samples": 3, "train_s": 1.0, "sets": {"toy": cells}}])
-    assert f"/ 0.0 ({100 * expected:.1f})" in table and "(calibrated teacher)" in table
+    own = summarise_row(teacher, sets, None)["toy"]
+    assert own["agreement_batch_calibrated"] is None
+    truth = data.labels  # the teacher row also scores its own calibrated labels
+    own_acc = np.mean([np.mean([p == t for p, t in zip(preds, truth)]) for preds in calibrated.values()])
+    assert own["batch_calibrated"]["accuracy"] == pytest.approx(100 * own_acc)
+    assert cells["batch_calibrated"] is None  # a student's row does not
+    from compeff.bench.distill import with_calibrated_teacher
+
+    rows = with_calibrated_teacher(
+        [
+            {"row": "teacher", "samples": None, "train_s": None, "sets": {"toy": own}},
+            {"row": "student", "samples": 3, "train_s": 1.0, "sets": {"toy": cells}},
+        ]  # fmt: skip
+    )
+    assert [r["row"] for r in rows] == ["teacher", "teacher, batch-calibrated on the test texts", "student"]
+    table = markdown_table(rows)
+    assert f"/ 0.0 ({100 * expected:.1f})" in table and "agree teacher (calibrated)" in table
+    assert f"| teacher, batch-calibrated on the test texts | - | {100 * own_acc:.1f} / " in table

@@ -1,11 +1,15 @@
 """``compeff bench distill``: what SFT on the teacher's distillation set does to the LLM student.
 
 The recipe's synthesis chain (enumerate ... sample) runs in a run folder of the bench's own, with
-``generate.n_samples`` answers; then the student is fine-tuned three times, on the difficulty-selected
-share (``compeff sample``'s output), on a random subset of the same size and on every sample; the teacher,
-the student before SFT and the three trained students are scored with the same k-shot label-word prompts
-on TweetEval and IMDb test subsets. Rows: models; columns: accuracy and macro-F1 per set, training
-seconds. Each model's scores are kept in ``eval/<row>.json`` and reused when the bench is run again.
+``generate.n_samples`` answers; then the student is fine-tuned on the difficulty-selected share
+(``compeff sample``'s output), on a random subset of the same size and on every sample (and, as asked,
+with KD, on fractions, with several seeds, on true labels); the teacher, the student before training and
+every trained student are scored by the ruler of ``compeff eval`` (its zero-shot wordings) on TweetEval
+and IMDb test subsets. Rows: models; columns per set: accuracy / macro-F1 / agreement with the teacher
+and, in brackets, agreement with the teacher's labels batch-calibrated on the test texts (the teacher a
+chain with ``generate.batch_calibrate`` teaches, estimated); training seconds. A row of its own gives the
+calibrated teacher's accuracy. Each model's labels are kept in ``eval/<name>.json`` and reused when the
+bench is run again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from compeff.top_logprobs import FIELD
 from compeff.train.logit_kd import LABEL_FIELD
 
 CONFIDENCE = "teacher_confidence"
+# bumped when the arithmetic of ``WordingRun.batch_calibrated_preds`` changes: a teacher cache with
+# another version is scored again
+CALIBRATION_VERSION = 1
 
 CHAIN = ["enumerate", "cluster", "tasks", "generate", "score", "sample"]
 SUBSETS = ("selected", "random", "all")
@@ -102,11 +109,21 @@ def score_model(
             "seed": recipe.run.seed,
         }
     )
+    old_preds: dict[str, Any] = {}
     if cache.exists():
         kept = json.loads(cache.read_text(encoding="utf-8"))
-        complete = all("batch_calibrated_preds" in r for r in kept.get("sets", {}).values())
+        complete = kept.get("calibration") == CALIBRATION_VERSION and all(
+            "batch_calibrated_preds" in r for r in kept.get("sets", {}).values()
+        )
         if kept.get("key") == key and (complete or not need_calibrated):
             return kept["sets"]
+        if kept.get("key") == key:
+            old_preds = {name: r["preds"] for name, r in kept.get("sets", {}).items()}
+            Console().print(
+                f"bench distill: {cache.name} has no batch-calibrated labels of this version: "
+                "scoring the teacher again once",
+                markup=False,
+            )
     scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
     results: dict[str, Any] = {}
     for name, data in sets.items():
@@ -123,9 +140,26 @@ def score_model(
             "seconds": round(time.perf_counter() - started, 1),
         }
     del scorer
+    for name, preds in old_preds.items():
+        if name in results:
+            changed, total = changed_labels(preds, results[name]["preds"])
+            if changed:
+                Console().print(
+                    f"bench distill: {name}: {changed} of {total} labels differ from the cache's "
+                    "(the scorer is not bit-stable here: batch sizes, threads or library versions)",
+                    markup=False,
+                )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, json.dumps({"key": key, "model": model, "sets": results}).encode())
+    kept_json = {"key": key, "calibration": CALIBRATION_VERSION, "model": model, "sets": results}
+    atomic_write_bytes(cache, json.dumps(kept_json).encode())
     return results
+
+
+def changed_labels(old: dict[str, list[int]], new: dict[str, list[int]]) -> tuple[int, int]:
+    """How many labels of the wordings both hold differ between two scorings of one model, and of how
+    many."""
+    pairs = [(a, b) for w in old.keys() & new.keys() for a, b in zip(old[w], new[w], strict=True)]
+    return sum(a != b for a, b in pairs), len(pairs)
 
 
 def summarise_row(
@@ -145,6 +179,13 @@ def summarise_row(
             kept = teacher[name].get("batch_calibrated_preds") or {}
             calibrated = {(w, None): p for w, p in kept.items() if p is not None} or None
         r = summarise_runs(data, runs, reference, calibrated)
+        own = {w: p for w, p in (scored[name].get("batch_calibrated_preds") or {}).items() if p is not None}
+        if teacher is None and own:  # the model itself batch-calibrated: its accuracy (the teacher row)
+            own_runs = [WordingRun.from_preds(w, None, p, n_labels) for w, p in own.items()]
+            c = summarise_runs(data, own_runs)
+            own_scores = {"accuracy": 100 * c["accuracy"], "macro_f1": 100 * c["macro_f1"]}
+        else:
+            own_scores = None
         out[name] = {
             "accuracy": 100 * r["accuracy"],
             "accuracy_std": 100 * r["accuracy_std"],
@@ -154,6 +195,7 @@ def summarise_row(
             if "agreement_batch_calibrated" in r
             else None,
             "n": r["n"],
+            "batch_calibrated": own_scores,
             "wordings": {
                 w: {
                     k: e[k]
@@ -368,7 +410,7 @@ def run_distill_bench(
         if teacher is None:
             teacher = scored
         Console().print(f"bench distill: {row['row']}: {row_line(row)}", markup=False)
-    table_rows = with_seed_means(rows)
+    table_rows = with_calibrated_teacher(with_seed_means(rows))
     print_table(table_rows, recipe)
     result = {"rows": rows, "table": table_rows, "teacher_label_quality": quality}
     (root / "distill_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -376,11 +418,34 @@ def run_distill_bench(
     return table_rows
 
 
+def with_calibrated_teacher(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows with, after the first (the teacher), a row for the teacher's own labels
+    batch-calibrated on the test texts, when they were kept: what the bracketed agreement is read
+    against, and how good it is."""
+    if not rows or not all(c.get("batch_calibrated") for c in rows[0]["sets"].values()):
+        return rows
+    sets = {
+        name: {**c["batch_calibrated"], "agreement": None, "n": c["n"]} for name, c in rows[0]["sets"].items()
+    }
+    row = {
+        "row": "teacher, batch-calibrated on the test texts",
+        "samples": None,
+        "train_s": None,
+        "sets": sets,
+    }
+    return [rows[0], row, *rows[1:]]
+
+
 def row_line(row: dict[str, Any]) -> str:
     """One scored row in a line (accuracy / agreement per set), printed as it is done: a long bench shows
     its rows before the table at the end."""
     cells = [
         f"{name} {c['accuracy']:.1f}"
+        + (
+            ""
+            if not c.get("batch_calibrated")
+            else f" (batch-calibrated {c['batch_calibrated']['accuracy']:.1f})"
+        )
         + ("" if c["agreement"] is None else f" (agree {c['agreement']:.1f}")
         + (
             ""
@@ -454,7 +519,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     names = list(rows[0]["sets"])
     head = (
         ["model", "samples"]
-        + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1 / agree (calibrated teacher)" for n in names]
+        + [f"{n} ({rows[0]['sets'][n]['n']}) acc / F1 / agree teacher (calibrated)" for n in names]
         + ["train s"]
     )
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -467,7 +532,7 @@ def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
     names = list(rows[0]["sets"])
     table = Table(
         title="compeff bench distill: accuracy / macro-F1 / agreement with the teacher (in brackets: with its "
-        "batch-calibrated labels) (x 100, mean over wordings)"
+        "labels batch-calibrated on the test texts) (x 100, mean over wordings)"
     )
     for col in ["model", "samples", *names, "train s"]:
         table.add_column(col, justify="left" if col == "model" else "right")
