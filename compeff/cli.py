@@ -562,6 +562,42 @@ def bench_distill(
     )
 
 
+@bench_app.command("cut")
+def bench_cut(
+    recipe: Path = typer.Option(
+        Path("recipes/quickstart.yaml"), "--recipe", help="Recipe (student, eval, sft)."
+    ),
+    cut: list[str] = typer.Option(
+        ["recipe", "closest"],
+        "--cut",
+        help="Layers to keep: 0-7,28-29 style, recipe (student.keep_layers) or closest (the block cut that "
+        "moves the residual stream least) (repeatable).",
+    ),
+    train_texts: int = typer.Option(
+        200, "--train", help="Labelled training texts per split (IMDb, TweetEval)."
+    ),
+    tweeteval: int = typer.Option(200, "--tweeteval", help="TweetEval test tweets scored (stratified)."),
+    imdb: int = typer.Option(200, "--imdb", help="IMDb test reviews scored (stratified)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Run folder root (run cut-bench there)."),
+) -> None:
+    """Each way of cutting the student, before and after SFT on true labels (its gold-label ceiling), with
+    how far the cut moves the residual stream: accuracy, macro-F1 and agreement with the teacher."""
+    from compeff.bench.cut import run_cut_bench
+
+    guarded(
+        lambda: run_cut_bench(
+            recipe_path=recipe,
+            cuts=tuple(cut),
+            train_texts=train_texts,
+            tweeteval=tweeteval,
+            imdb=imdb,
+            out_dir=out,
+            overrides=list(set_ or []),
+        )
+    )
+
+
 @bench_app.command("teacher")
 def bench_teacher(
     concurrency: list[int] = typer.Option(

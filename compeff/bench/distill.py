@@ -527,11 +527,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict[str, Any]], recipe: Recipe) -> None:
-    """The bench table on the terminal."""
+def print_table(rows: list[dict[str, Any]], recipe: Recipe, title: str | None = None) -> None:
+    """The bench table on the terminal (``compeff bench cut`` prints its rows with its own title)."""
     names = list(rows[0]["sets"])
     table = Table(
-        title="compeff bench distill: accuracy / macro-F1 / agreement with the teacher (in brackets: with its "
+        title=title
+        or "compeff bench distill: accuracy / macro-F1 / agreement with the teacher (in brackets: with its "
         "labels batch-calibrated on the test texts) (x 100, mean over wordings)"
     )
     for col in ["model", "samples", *names, "train s"]:

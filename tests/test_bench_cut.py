@@ -1,0 +1,109 @@
+"""compeff bench cut and compeff.layer_cut: angular distances between depths, the block cut they choose,
+and the bench that trains each cut on true labels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from compeff.bench.cut import cut_label, gold_chat_rows, parse_cut, run_cut_bench
+from compeff.cli import app
+from compeff.config import ConfigError
+from compeff.layer_cut import angular_distances, closest_block_cut, cut_distance, dropped_blocks
+
+
+def test_angular_distance_matches_a_hand_computation_and_ignores_left_padding(tiny_lm):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    short, long = "a fine film", "a long and slow film that never ends, with a dull cast and a worse plot"
+    together = angular_distances(str(tiny_lm), [short, long], batch_size=2)
+    alone = (angular_distances(str(tiny_lm), [short]) + angular_distances(str(tiny_lm), [long])) / 2
+    assert together.shape == (3, 3) and np.allclose(together, alone, atol=1e-5)  # padding moves nothing
+    assert np.allclose(np.diag(together), 0, atol=1e-3) and np.allclose(np.tril(together, -1), 0)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    with torch.no_grad():
+        states = model(**tok(long, return_tensors="pt"), output_hidden_states=True).hidden_states
+    a, b = states[0][0, -1], states[2][0, -1]
+    by_hand = math.acos(float(torch.nn.functional.cosine_similarity(a, b, dim=0))) / math.pi
+    assert angular_distances(str(tiny_lm), [long])[0, 2] == pytest.approx(by_hand, abs=1e-5)
+
+
+def test_the_closest_block_cut_drops_the_block_whose_ends_are_nearest():
+    d = np.full((7, 7), 0.5)  # 6 layers
+    d[2, 5], d[0, 3], d[3, 6] = 0.1, 0.2, 0.1  # two blocks of 3 tie at 0.1: the first wins
+    assert closest_block_cut(d, 3) == [0, 1, 5]
+    assert closest_block_cut(d, 6) == list(range(6))  # nothing dropped
+    with pytest.raises(ValueError):
+        closest_block_cut(d, 0)
+    assert dropped_blocks([0, 1, 5], 6) == [(2, 5)]
+    assert dropped_blocks([1, 3], 6) == [(0, 1), (2, 3), (4, 6)]
+    d[0, 1], d[2, 3], d[4, 6] = 0.05, 0.07, 0.3
+    assert cut_distance(d, [1, 3]) == pytest.approx(0.42) and cut_distance(d, list(range(6))) == 0.0
+
+
+def test_cut_specs_parse_and_print_back_and_bad_ones_are_one_error():
+    assert parse_cut("0-7,28-29", 30) == [0, 1, 2, 3, 4, 5, 6, 7, 28, 29]
+    assert cut_label(parse_cut("9, 0,3,6", 30)) == "0,3,6,9"
+    assert cut_label([0, 1, 2, 5, 6, 9]) == "0-2,5-6,9"
+    for bad in ("0-30", "a-b", "", "1,1", "3-1"):
+        with pytest.raises(ConfigError):
+            parse_cut(bad, 30)
+
+
+def test_the_ceiling_set_asks_true_labels_in_the_seed_polarity_wordings():
+    from compeff.evaluate.eval_stage import load_eval_set
+    from compeff.synth.seed_tasks import SEED_TASKS
+
+    rows = gold_chat_rows(6, 120, 42, None)
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    reviews = load_eval_set("imdb:train", 6, 42, None)
+    for row, text, label in zip(rows[:6], reviews.texts, reviews.labels, strict=True):
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert answer == reviews.label_names[label] and text[:120] in user
+        assert len(text) <= 120 or text[:121] not in user  # cut to max_chars
+    wordings = {w.split("{text}")[0].replace("{labels_or}", "negative, neutral or positive")
+                for w in SEED_TASKS["polarity3"]["wordings"]}  # fmt: skip
+    assert all(any(r["messages"][0]["content"].startswith(w) for w in wordings) for r in rows[6:])
+    assert {r["messages"][1]["content"] for r in rows[6:]} <= {"negative", "neutral", "positive"}
+
+
+def test_bench_cut_trains_each_cut_on_true_labels_and_reuses_it(tmp_path, tiny_lm):
+    sets = [f"student.model={tiny_lm}", f"teacher.model={tiny_lm}", "student.keep_layers=[0]",
+            "sft.max_steps=2", "sft.per_device_batch_size=2", "eval.max_length=128", "generate.max_chars=80"]  # fmt: skip
+    sets.append("data.user_texts=[imdb:unsupervised]")
+    args = dict(recipe_path=None, cuts=("recipe", "closest", "0-1"), train_texts=3, tweeteval=6, imdb=4, out_dir=tmp_path,
+                overrides=sets)  # fmt: skip
+    rows = run_cut_bench(**args)
+    root = tmp_path / "cut-bench"
+    kept = json.loads((root / "cut_bench.json").read_text())
+    distances = np.array(kept["distances"])
+    closest = closest_block_cut(distances, 1)
+    cuts = [[0]] + ([closest] if closest != [0] else []) + [[0, 1]]
+    assert [r["row"].split(" (")[0] for r in rows[1::2]] == [f"{len(c)} layers {cut_label(c)}" for c in cuts]
+    assert rows[0]["row"] == "teacher" and len(rows) == 1 + 2 * len(cuts)
+    assert [r["distance"] for r in rows[1::2]] == [cut_distance(distances, c) for c in cuts]
+    assert rows[-1]["distance"] == 0.0 and rows[-1]["sets"]["imdb:test"]["n"] == 4
+    gold = [json.loads(line) for line in (root / "sets" / "gold-cut.jsonl").read_text().splitlines()]
+    assert len(gold) == 6 and all(r["samples"] == 6 for r in rows[2::2])
+    for c in cuts:
+        assert (root / f"sft-cut-{cut_label(c).replace(',', '_')}" / "model" / "config.json").is_file()
+    assert "| teacher | - |" in (root / "cut_bench.md").read_text()
+    manifest = root / "sft-cut-0" / "manifest.json"
+    made = manifest.stat().st_mtime_ns
+    run_cut_bench(**args)  # a second run reuses the trained cuts and their scores
+    assert manifest.stat().st_mtime_ns == made
+
+
+def test_a_bad_cut_is_one_line_and_exit_2(tmp_path, tiny_lm):
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["bench", "cut", "--recipe", str(recipe), "--cut", "0-5", "--out", str(tmp_path),
+                                      "--set", f"student.model={tiny_lm}"])  # fmt: skip
+    assert result.exit_code == 2 and "need distinct layers of 0..1" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cut-bench" / "eval").exists()
