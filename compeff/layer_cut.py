@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,9 @@ def angular_distances(
     model_path: str, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
 ) -> np.ndarray:
     """Mean angular distance (0 = same direction, 1 = opposite) between the hidden states entering
-    depths ``a`` and ``b`` (``a <= b``; depth ``L`` is after the last layer, before the final norm) at each
-    text's last token: an ``(L + 1, L + 1)`` upper-triangular array."""
+    depths ``a`` and ``b`` (``a <= b``; depth ``L`` is after the last layer) at each
+    text's last token: an ``(L + 1, L + 1)`` upper-triangular array. Depth ``L`` is the last layer's
+    output before the final norm, so every depth is the same residual stream."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,6 +35,32 @@ def angular_distances(
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     depth = model.config.num_hidden_layers
     total = np.zeros((depth + 1, depth + 1))
+    # transformers' last hidden state is after the final norm; depth L is the last layer's own output
+    last_layer_out: list[Any] = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda _module, _inputs, out: last_layer_out.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        total = _summed_distances(model, tokenizer, texts, max_length, batch_size, last_layer_out, total)
+    finally:
+        hook.remove()
+    distances = np.triu(total / len(texts))
+    np.fill_diagonal(distances, 0.0)  # a depth against itself: 0, not arccos's rounding noise near 1
+    return distances
+
+
+def _summed_distances(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    last_layer_out: list[Any],
+    total: np.ndarray,
+) -> np.ndarray:
+    """The angular distances of every depth pair, summed over ``texts`` (batched forward passes)."""
+    import torch
+
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(
@@ -43,11 +71,13 @@ def angular_distances(
                 max_length=max_length,
             )
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding: not shifted
+            last_layer_out.clear()
             states = model(**batch, position_ids=positions, output_hidden_states=True).hidden_states
-            last = torch.nn.functional.normalize(torch.stack([h[:, -1].float() for h in states]), dim=-1)
+            states = (*states[:-1], last_layer_out[-1])
+            last = torch.nn.functional.normalize(torch.stack([h[:, -1].double() for h in states]), dim=-1)
             cosine = torch.einsum("atd,btd->abt", last, last).clamp(-1.0, 1.0)
             total += (torch.arccos(cosine) / math.pi).sum(-1).numpy()
-    return np.triu(total / len(texts))
+    return total
 
 
 def dropped_blocks(keep_layers: Sequence[int], depth: int) -> list[tuple[int, int]]:

@@ -17,22 +17,37 @@ from compeff.config import ConfigError
 from compeff.layer_cut import angular_distances, closest_block_cut, cut_distance, dropped_blocks
 
 
-def test_angular_distance_matches_a_hand_computation_and_ignores_left_padding(tiny_lm):
+def test_angular_distance_matches_a_hand_computation_and_ignores_left_padding(tmp_path, tiny_lm):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    short, long = "a fine film", "a long and slow film that never ends, with a dull cast and a worse plot"
-    together = angular_distances(str(tiny_lm), [short, long], batch_size=2)
-    alone = (angular_distances(str(tiny_lm), [short]) + angular_distances(str(tiny_lm), [long])) / 2
-    assert together.shape == (3, 3) and np.allclose(together, alone, atol=1e-5)  # padding moves nothing
-    assert np.allclose(np.diag(together), 0, atol=1e-3) and np.allclose(np.tril(together, -1), 0)
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    with torch.no_grad():  # a final norm that turns the stream, as trained models' do
+        model.model.norm.weight.copy_(torch.linspace(0.1, 3.0, model.model.norm.weight.numel()))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    path = str(tmp_path / "m")
+    short, long = "a fine film", "a long and slow film that never ends, with a dull cast and a worse plot"
+    together = angular_distances(path, [short, long], batch_size=2)
+    alone = (angular_distances(path, [short]) + angular_distances(path, [long])) / 2
+    assert together.shape == (3, 3) and np.allclose(together, alone, atol=1e-5)  # padding moves nothing
+    assert np.all(np.diag(together) == 0) and np.allclose(np.tril(together, -1), 0)
+    out = []
+    model.model.layers[-1].register_forward_hook(
+        lambda m, i, o: out.append(o[0] if isinstance(o, tuple) else o)
+    )
     with torch.no_grad():
         states = model(**tok(long, return_tensors="pt"), output_hidden_states=True).hidden_states
-    a, b = states[0][0, -1], states[2][0, -1]
-    by_hand = math.acos(float(torch.nn.functional.cosine_similarity(a, b, dim=0))) / math.pi
-    assert angular_distances(str(tiny_lm), [long])[0, 2] == pytest.approx(by_hand, abs=1e-5)
+
+    def by_hand(a, b):
+        return math.acos(float(torch.nn.functional.cosine_similarity(a[0, -1], b[0, -1], dim=0))) / math.pi
+
+    d = angular_distances(path, [long])
+    assert d[0, 1] == pytest.approx(by_hand(states[0], states[1]), abs=1e-5)
+    # the deepest depth is the last layer's output, not transformers' final (normed) hidden state
+    assert d[0, 2] == pytest.approx(by_hand(states[0], out[0]), abs=1e-5)
+    assert abs(by_hand(states[0], states[2]) - by_hand(states[0], out[0])) > 1e-3
 
 
 def test_the_closest_block_cut_drops_the_block_whose_ends_are_nearest():
