@@ -157,7 +157,7 @@ def run_cut_bench(
             "sets": summarise_row(teacher_scored, sets, None),
         }
     ]
-    console.print(f"bench cut: teacher: {row_line(rows[0])}", markup=False)
+    console.print(f"bench cut: teacher: {row_line(rows[0])}", markup=False, soft_wrap=True)
     for layers in layer_lists:
         label = cut_label(layers)
         tag = label.replace(",", "_")
@@ -168,14 +168,14 @@ def run_cut_bench(
         name = f"{len(layers)} layers {label} (distance {distance:.3f})"
         rows.append({"row": f"{name}: before training", "samples": None, "train_s": None,
                      "sets": summarise_row(scored, sets, teacher_scored), "layers": layers, "distance": distance})  # fmt: skip
-        console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False)
+        console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False, soft_wrap=True)
         stage = f"sft-cut-{tag}"
         manifest = train(trained, stage)
         scored = score_model(str(root / stage / "model"), sets, recipe, root / "eval" / f"{stage}.json")
         rows.append({"row": f"{name}: true labels", "samples": manifest.get("samples"),
                      "train_s": manifest.get("train_runtime_s"), "sets": summarise_row(scored, sets, teacher_scored),
                      "layers": layers, "distance": distance})  # fmt: skip
-        console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False)
+        console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False, soft_wrap=True)
     title = (
         "compeff bench cut: each cut before and after SFT on true labels: accuracy / macro-F1 / agreement "
         "with the teacher (x 100, mean over wordings)"

@@ -409,7 +409,7 @@ def run_distill_bench(
         row["sets"] = summarise_row(scored, sets, teacher)
         if teacher is None:
             teacher = scored
-        Console().print(f"bench distill: {row['row']}: {row_line(row)}", markup=False)
+        Console().print(f"bench distill: {row['row']}: {row_line(row)}", markup=False, soft_wrap=True)
     table_rows = with_calibrated_teacher(with_seed_means(rows))
     print_table(table_rows, recipe)
     result = {"rows": rows, "table": table_rows, "teacher_label_quality": quality}
