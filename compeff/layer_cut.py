@@ -30,6 +30,7 @@ def angular_distances(
         raise ValueError("angular distances need at least one text")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"  # the last position is every row's last token
+    tokenizer.truncation_side = "left"  # and a long text keeps its end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()

@@ -110,10 +110,11 @@ def test_bench_cut_trains_each_cut_on_true_labels_and_reuses_it(tmp_path, tiny_l
     for c in cuts:
         assert (root / f"sft-cut-{cut_label(c).replace(',', '_')}" / "model" / "config.json").is_file()
     assert "| teacher | - |" in (root / "cut_bench.md").read_text()
-    manifest = root / "sft-cut-0" / "manifest.json"
-    made = manifest.stat().st_mtime_ns
+    kept_files = [root / "sft-cut-0" / "manifest.json", root / "eval" / "sft-cut-0.json",
+                  root / "eval" / "before-0.json", root / "eval" / "teacher.json"]  # fmt: skip
+    made = [f.stat().st_mtime_ns for f in kept_files]
     run_cut_bench(**args)  # a second run reuses the trained cuts and their scores
-    assert manifest.stat().st_mtime_ns == made
+    assert [f.stat().st_mtime_ns for f in kept_files] == made
 
 
 def test_a_bad_cut_is_one_line_and_exit_2(tmp_path, tiny_lm):
@@ -122,3 +123,10 @@ def test_a_bad_cut_is_one_line_and_exit_2(tmp_path, tiny_lm):
                                       "--set", f"student.model={tiny_lm}"])  # fmt: skip
     assert result.exit_code == 2 and "need distinct layers of 0..1" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "cut-bench" / "eval").exists()
+    result = CliRunner().invoke(app, ["bench", "cut", "--recipe", str(recipe), "--cut", "closest", "--out",
+                                      str(tmp_path), "--set", f"student.model={tiny_lm}"])  # fmt: skip
+    assert result.exit_code == 2 and "keeps 10 layers" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        app, ["bench", "cut", "--recipe", str(recipe), "--imdb", "0", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "--imdb must be at least 1" in result.output

@@ -6,8 +6,9 @@ measures how far the cut moves the residual stream (``compeff.layer_cut``) and i
 ceiling**: the cut fine-tuned on labelled training texts (IMDb train reviews, TweetEval validation
 tweets; never test data) with their true labels, asked in the seed polarity wordings, as the chain's
 closed-task samples are. The teacher, each cut before and after training are scored by the ruler of
-``compeff eval`` on TweetEval and IMDb test subsets, with agreement with the teacher. No teacher call:
-minutes per cut, where ``bench distill`` needs the whole chain. Each model's labels are kept in
+``compeff eval`` on TweetEval and IMDb test subsets, with agreement with the teacher. The teacher writes nothing (it is only scored, locally):
+minutes per cut, where ``bench distill`` needs the whole chain (with ``student.heal.steps`` set every cut
+is healed first, at its cost, and its first row says "healed, before SFT"). Each model's labels are kept in
 ``eval/<name>.json`` and each training stage in the bench's run folder, reused when run again.
 """
 
@@ -87,6 +88,11 @@ def resolve_cuts(specs: list[str], recipe: Recipe, depth: int) -> list[list[int]
     out: list[list[int] | str] = []
     for spec in specs:
         if spec == "closest":
+            n_keep = closest_size(recipe, depth)
+            if n_keep > depth:
+                raise ConfigError(
+                    f"bench cut: --cut closest keeps {n_keep} layers (student.keep_layers) of a model with {depth}"
+                )
             layers: list[int] | str = spec
         elif spec == "recipe":
             if not recipe.student.keep_layers:
@@ -99,11 +105,15 @@ def resolve_cuts(specs: list[str], recipe: Recipe, depth: int) -> list[list[int]
     return out
 
 
+def closest_size(recipe: Recipe, depth: int) -> int:
+    """Layers the ``closest`` cut keeps: as many as ``student.keep_layers``, else a third of the model."""
+    return len(recipe.student.keep_layers or []) or max(1, depth // 3)
+
+
 def closest_layers(recipe: Recipe, distances: np.ndarray) -> list[int]:
-    """The ``closest`` cut: the block cut, with as many layers as ``student.keep_layers`` (else a third of
-    the model), that moves the residual stream least."""
+    """The ``closest`` cut: the block cut of ``closest_size`` layers that moves the residual stream least."""
     depth = distances.shape[0] - 1
-    return closest_block_cut(distances, len(recipe.student.keep_layers or []) or max(1, depth // 3))
+    return closest_block_cut(distances, closest_size(recipe, depth))
 
 
 def run_cut_bench(
@@ -121,7 +131,9 @@ def run_cut_bench(
 
     if train_texts < 1 or not cuts:
         raise ConfigError("bench cut: --train must be at least 1 and at least one --cut given")
-    base = [f"run.dir={out_dir}", "run.name=cut-bench", "sft.loss=sft", *(overrides or [])]
+    if tweeteval < 1 or imdb < 1:
+        raise ConfigError("bench cut: --tweeteval and --imdb must be at least 1")
+    base = [f"run.dir={out_dir}", "run.name=cut-bench", *(overrides or []), "sft.loss=sft"]
     recipe = load_recipe(recipe_path, base)
     root = recipe.run_dir
     console = Console()
@@ -148,7 +160,9 @@ def run_cut_bench(
         ),  # fmt: skip
         "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
     }
-    teacher_scored = score_model(recipe.teacher.model, sets, recipe, root / "eval" / "teacher.json")
+    teacher_scored = score_model(
+        recipe.teacher.model, sets, recipe, root / "eval" / "teacher.json", need_calibrated=True
+    )
     rows = [
         {
             "row": "teacher",
@@ -166,7 +180,8 @@ def run_cut_bench(
         before = student_model(trained.student, trained.data, progress=False)
         scored = score_model(before, sets, recipe, root / "eval" / f"before-{tag}.json")
         name = f"{len(layers)} layers {label} (distance {distance:.3f})"
-        rows.append({"row": f"{name}: before training", "samples": None, "train_s": None,
+        before_label = "healed, before SFT" if trained.student.heal.steps else "before training"
+        rows.append({"row": f"{name}: {before_label}", "samples": None, "train_s": None,
                      "sets": summarise_row(scored, sets, teacher_scored), "layers": layers, "distance": distance})  # fmt: skip
         console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False, soft_wrap=True)
         stage = f"sft-cut-{tag}"
@@ -178,7 +193,8 @@ def run_cut_bench(
         console.print(f"bench cut: {rows[-1]['row']}: {row_line(rows[-1])}", markup=False, soft_wrap=True)
     title = (
         "compeff bench cut: each cut before and after SFT on true labels: accuracy / macro-F1 / agreement "
-        "with the teacher (x 100, mean over wordings)"
+        "with the teacher (in brackets: with its labels batch-calibrated on the test texts) (x 100, mean over "
+        "wordings)"
     )
     print_table(rows, recipe, title=title)
     result = {"rows": rows, "distances": distances.tolist(), "train_texts_per_set": train_texts}
