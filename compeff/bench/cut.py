@@ -155,10 +155,8 @@ def run_cut_bench(
     if not gold_path.exists() or gold_path.read_text(encoding="utf-8") != text:
         atomic_write_bytes(gold_path, text.encode("utf-8"))
     sets = {
-        "tweeteval_sentiment:test": load_eval_set(
-            "tweeteval_sentiment:test", tweeteval, recipe.run.seed, recipe.data.dir
-        ),  # fmt: skip
-        "imdb:test": load_eval_set("imdb:test", imdb, recipe.run.seed, recipe.data.dir),
+        name: load_eval_set(name, limit, recipe.run.seed, recipe.data.dir)
+        for name, limit in zip(TEST_SETS, (tweeteval, imdb), strict=True)
     }
     teacher_scored = score_model(
         recipe.teacher.model, sets, recipe, root / "eval" / "teacher.json", need_calibrated=True
