@@ -167,7 +167,7 @@ def test_a_trained_model_is_scored_once_whatever_its_row_is_called():
     assert eval_cache_name({"row": "student before training"}) == "student-before-training.json"
 
 
-def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path, tiny_lm):
+def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path, tiny_lm, capsys):
     """The bench scores the teacher once with its batch-calibrated labels kept beside its plain ones (an
     older cache without them is scored again), and every row's agreement is read against both."""
     import numpy as np
@@ -185,11 +185,14 @@ def test_rows_agree_with_the_teachers_plain_and_batch_calibrated_labels(tmp_path
     cache = tmp_path / "eval" / "teacher.json"
     teacher = score_model(str(tiny_lm), sets, recipe, cache, need_calibrated=True)
     calibrated = teacher["toy"]["batch_calibrated_preds"]
+    runs = len(teacher["toy"]["preds"])  # progress while it scores: one count per set and wording
+    assert f"scoring teacher (set x wording): {runs}/{runs} done" in capsys.readouterr().err
     assert set(calibrated) == set(teacher["toy"]["preds"]) and all(
         len(p) == len(texts) for p in calibrated.values()
     )
     made = cache.stat().st_mtime_ns
     assert score_model(str(tiny_lm), sets, recipe, cache) == teacher and cache.stat().st_mtime_ns == made
+    assert "scoring" not in capsys.readouterr().err  # reused: nothing scored
     stored = json.loads(cache.read_text())  # a cache written before the calibrated labels
     del stored["sets"]["toy"]["batch_calibrated_preds"]
     cache.write_text(json.dumps(stored))

@@ -30,6 +30,7 @@ from compeff.evaluate.eval_stage import load_eval_set
 from compeff.fingerprints import fingerprint_obj
 from compeff.models import student_model
 from compeff.pipeline import run_pipeline
+from compeff.progress import Tracker
 from compeff.runs import StageConflict, atomic_write_bytes, iter_jsonl, weights_fingerprint
 from compeff.top_logprobs import FIELD
 from compeff.train.logit_kd import LABEL_FIELD
@@ -126,19 +127,21 @@ def score_model(
             )
     scorer = HFLabelScorer(model, None, s.device, s.chat_template, s.max_length, s.batch_size)
     results: dict[str, Any] = {}
-    for name, data in sets.items():
-        started = time.perf_counter()
-        runs, calibrated = {}, {}
-        for wording in wordings:
-            seed = s.seeds[0] if wording.k_shot else None
-            run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars)
-            runs[wording.name] = run.preds
-            calibrated[wording.name] = run.batch_calibrated_preds()
-        results[name] = {
-            "preds": runs,
-            "batch_calibrated_preds": calibrated,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+    with Tracker(f"scoring {cache.stem} (set x wording)", total=len(sets) * len(wordings)) as tracker:
+        for name, data in sets.items():
+            started = time.perf_counter()
+            runs, calibrated = {}, {}
+            for wording in wordings:
+                seed = s.seeds[0] if wording.k_shot else None
+                run = run_wording(scorer, data, wording, seed, s.k_shot, s.max_chars)
+                runs[wording.name] = run.preds
+                calibrated[wording.name] = run.batch_calibrated_preds()
+                tracker.advance(1)
+            results[name] = {
+                "preds": runs,
+                "batch_calibrated_preds": calibrated,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
     del scorer
     for name, preds in old_preds.items():
         if name in results:
