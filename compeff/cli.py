@@ -570,7 +570,7 @@ def bench_cut(
     cut: list[str] = typer.Option(
         ["recipe", "closest"],
         "--cut",
-        help="Layers to keep: 0-7,28-29 style, recipe (student.keep_layers) or closest (the block cut that "
+        help="Layers to keep: 0-7,28-29 style, recipe (student.keep_layers, or the closest cut of student.cut_layers) or closest (the block cut that "
         "moves the residual stream least) (repeatable).",
     ),
     train_texts: int = typer.Option(

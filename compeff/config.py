@@ -281,7 +281,7 @@ class HealSettings(Section):
         0,
         ge=0,
         le=1_000_000,
-        description="Optimizer steps of healing; 0: the cut student is used as cut. Needs student.keep_layers.",
+        description="Optimizer steps of healing; 0: the cut student is used as cut. Needs student.keep_layers or student.cut_layers.",
     )
     learning_rate: float = Field(
         2e-4, gt=0, le=1.0, description="Peak learning rate (AdamW, 5% warm-up, linear decay)."
@@ -321,6 +321,13 @@ class StudentSettings(Section):
         description="Cut the student from `model`: keep these decoder layers (with the embeddings, final norm "
         "and head), e.g. every third of SmolLM2's 30; built once into $COMPEFF_HOME with a card naming its origin.",
     )
+    cut_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Cut the student from `model` to this many decoder layers, dropping the one block whose "
+        "removal moves the residual stream least on 64 of data.user_texts (Gromov et al. 2024's angular "
+        "distance; `compeff bench cut` measures cuts); instead of keep_layers. Measured once into $COMPEFF_HOME.",
+    )
     heal: HealSettings = Field(
         default_factory=HealSettings,
         description="Heal the cut student on user texts by KL to the model it was cut from (off by default).",
@@ -333,8 +340,15 @@ class StudentSettings(Section):
 
     @model_validator(mode="after")
     def _heal_needs_a_cut(self) -> StudentSettings:
-        if self.heal.steps and not self.keep_layers:
-            raise ValueError("student.heal.steps > 0 heals a cut student: set student.keep_layers too")
+        if self.keep_layers and self.cut_layers:
+            raise ValueError(
+                "set keep_layers (the layers) or cut_layers (how many), not both; to replace a recipe's keep_layers, "
+                "also set student.keep_layers=null"
+            )
+        if self.heal.steps and not (self.keep_layers or self.cut_layers):
+            raise ValueError(
+                "student.heal.steps > 0 heals a cut student: set student.keep_layers or student.cut_layers too"
+            )
         return self
 
 
@@ -731,7 +745,7 @@ class EvalSettings(Section):
     compare: list[Literal["teacher", "student"]] = Field(
         default_factory=list,
         description="Also evaluate these local models (hf backend) in the same harness, side by side: "
-        "'teacher' (teacher.model) and 'student' (the student before sft, pruned if student.keep_layers).",
+        "'teacher' (teacher.model) and 'student' (the student before sft, pruned if student.keep_layers or student.cut_layers).",
     )
     backend: Literal["hf", "openai"] = Field(
         "hf",

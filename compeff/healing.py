@@ -103,7 +103,7 @@ def build_lock(target: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"student.heal: another process is building {target.name}; waiting for it")
+            console.print(f"another process is building {target.name}; waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

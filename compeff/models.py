@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from compeff.llm_models import pruned_decoder, smollm2_path
 
@@ -208,17 +208,102 @@ def resolve_model(name: str) -> str:
 
 
 _HEALED: dict[tuple[str, str, str | None], str] = {}  # (cut, heal settings, data section) -> healed copy
+CUT_TEXTS = 64  # user texts a cut's angular distances are measured on (seeded draw, each cut to CUT_CHARS)
+CUT_SEED = 42
+CUT_CHARS = 600
+CUT_MAX_LENGTH = 256  # tokens per text
+DISTANCES_VERSION = 1  # of the measurement (compeff.layer_cut): a new one measures again
+_DISTANCES: dict[tuple[str, str], Any] = {}  # (model, data section) -> distances, once per process
+
+
+def user_text_distances(model: str, data=None) -> Any:
+    """Angular distances between the depths of ``model`` (:func:`compeff.layer_cut.angular_distances`)
+    on ``CUT_TEXTS`` of the run's user texts (``data.user_texts``; a seeded draw, no labels read),
+    measured once per model and texts and kept in $COMPEFF_HOME/pruned; what ``student.cut_layers`` and
+    ``compeff bench cut`` choose a cut by."""
+    import hashlib
+    import json
+
+    from compeff.data import DataError, select_user_texts
+    from compeff.fingerprints import weights_fingerprint
+    from compeff.healing import build_lock
+    from compeff.layer_cut import angular_distances
+    from compeff.llm_models import compeff_home
+    from compeff.runs import atomic_write_bytes
+
+    if data is None or not data.user_texts:
+        raise DataError("student.cut_layers: no user texts to measure the cut on (set data.user_texts)")
+    memo = (model, data.model_dump_json())
+    if memo in _DISTANCES:  # stages ask several times per command
+        return _DISTANCES[memo]
+    path = resolve_model(model)
+    rows, _ = select_user_texts(list(data.user_texts), CUT_TEXTS, CUT_SEED, data.text_field, data.dir)
+    texts = [r["text"][:CUT_CHARS] for r in rows if r["text"].strip()]
+    if not texts:
+        raise DataError("student.cut_layers: data.user_texts gave no text to measure the cut on")
+    how = [DISTANCES_VERSION, CUT_MAX_LENGTH, weights_fingerprint(path), texts]
+    digest = hashlib.sha256(json.dumps(how).encode()).hexdigest()[:16]
+    cache = compeff_home() / "pruned" / f"distances-{Path(path).name}-{digest}.json"
+    with build_lock(cache):  # other ranks and runs wait, then read what the first one measured
+        distances = _kept_distances(cache)
+        if distances is None:
+            distances = angular_distances(path, texts, max_length=CUT_MAX_LENGTH)
+            kept = {"version": DISTANCES_VERSION, "model": model, "texts": len(texts), "max_length": CUT_MAX_LENGTH,
+                    "distances": distances.tolist()}  # fmt: skip
+            atomic_write_bytes(cache, (json.dumps(kept) + "\n").encode("utf-8"))
+    distances.setflags(write=False)
+    _DISTANCES[memo] = distances
+    return distances
+
+
+def _kept_distances(cache: Path) -> Any:
+    """Distances kept by an earlier measurement of this version, or None (missing or unreadable: measure)."""
+    import json
+
+    import numpy as np
+
+    try:
+        kept = json.loads(cache.read_text(encoding="utf-8"))
+        if kept.get("version") != DISTANCES_VERSION:
+            return None
+        return np.asarray(kept["distances"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def student_layers(settings, data=None) -> list[int] | None:
+    """The decoder layers a cut student keeps: ``student.keep_layers`` as given, or, for
+    ``student.cut_layers: n``, the ``n`` layers left when the one block whose removal moves the residual
+    stream least on the user texts is dropped (Gromov et al. 2024); None for the whole model."""
+    if getattr(settings, "keep_layers", None):
+        return list(settings.keep_layers)
+    n_keep = getattr(settings, "cut_layers", None)
+    if not n_keep:
+        return None
+    from transformers import AutoConfig
+
+    from compeff.data import DataError
+    from compeff.layer_cut import closest_block_cut
+
+    depth = getattr(AutoConfig.from_pretrained(resolve_model(settings.model)), "num_hidden_layers", None)
+    if depth is not None and n_keep > depth:  # before the measurement: a wrong size costs nothing
+        raise DataError(f"student.cut_layers {n_keep}: {settings.model} has {depth} layers")
+    if n_keep == depth:
+        return None  # nothing to drop: the whole model
+    return closest_block_cut(user_text_distances(settings.model, data), n_keep)
 
 
 def student_model(settings, data=None, progress: bool = True, healed: bool = True) -> str:
     """The student a recipe names (``student.model``), or the pruned copy of it that
-    ``student.keep_layers`` asks for, healed on user texts when ``student.heal.steps`` > 0 (each built
-    once into $COMPEFF_HOME). ``data`` (the recipe's data section) gives the healing texts when
+    ``student.keep_layers`` or ``student.cut_layers`` asks for (:func:`student_layers`), healed on user
+    texts when ``student.heal.steps`` > 0 (each built once into $COMPEFF_HOME). ``data`` (the recipe's
+    data section) gives the texts a ``cut_layers`` cut is chosen on and the healing texts when
     ``student.heal.texts`` is unset; ``healed=False`` gives the cut before healing (same tokenizer)."""
-    if not getattr(settings, "keep_layers", None):
+    layers = student_layers(settings, data)
+    if not layers:
         return settings.model
     base = resolve_model(settings.model)
-    pruned = pruned_decoder(settings.model, base, list(settings.keep_layers))
+    pruned = pruned_decoder(settings.model, base, layers)
     heal = getattr(settings, "heal", None)
     if heal is None or not heal.steps or not healed:
         return str(pruned)

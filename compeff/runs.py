@@ -282,12 +282,19 @@ def _file_contains(path: Path, needle: bytes) -> bool:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace a file's bytes in one step, durable once this returns (written, fsynced, renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    import tempfile
+
+    # a temp name of its own: two processes writing the same file never share or remove each other's
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compeff.bench.cut import cut_label, gold_chat_rows, parse_cut, run_cut_bench
+from compeff.bench.cut import cut_label, cut_overrides, gold_chat_rows, parse_cut, run_cut_bench
 from compeff.cli import app
 from compeff.config import ConfigError
 from compeff.layer_cut import angular_distances, closest_block_cut, cut_distance, dropped_blocks
@@ -130,3 +130,41 @@ def test_a_bad_cut_is_one_line_and_exit_2(tmp_path, tiny_lm):
         app, ["bench", "cut", "--recipe", str(recipe), "--imdb", "0", "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "--imdb must be at least 1" in result.output
+
+
+def test_cut_layers_keeps_the_block_cut_that_moves_the_stream_least_measured_once(tmp_path, compeff_home):
+    """``student.cut_layers: n`` builds the student ``closest_block_cut`` picks from the angular
+    distances on the run's user texts; the distances are kept in $COMPEFF_HOME and read back, and a
+    cut larger than the model or both ways of cutting at once are one line and exit 2."""
+    from compeff import models
+    from compeff.config import load_recipe
+    from compeff.data import DataError, select_user_texts
+    from compeff.models import build_tiny_chat_model, student_model
+
+    deep = build_tiny_chat_model(tmp_path / "deep", layers=6, seed=3)
+    sets = [f"student.model={deep}", "student.cut_layers=3", "data.user_texts=[imdb:unsupervised]"]
+    recipe = load_recipe(None, sets)
+    rows, _ = select_user_texts(["imdb:unsupervised"], models.CUT_TEXTS, models.CUT_SEED)
+    distances = angular_distances(str(deep), [r["text"][: models.CUT_CHARS] for r in rows])
+    expected = closest_block_cut(distances, 3)
+    cut = Path(student_model(recipe.student, recipe.data))
+    assert json.loads((cut / "compeff_pruned.json").read_text())["keep_layers"] == expected
+    kept = list((compeff_home / "pruned").glob(f"distances-{deep.name}-*.json"))
+    assert len(kept) == 1 and np.allclose(json.loads(kept[0].read_text())["distances"], distances)
+    made = kept[0].stat().st_mtime_ns
+    models._DISTANCES.clear()  # a new process reads the kept distances and builds the same cut
+    assert Path(student_model(recipe.student, recipe.data)) == cut and kept[0].stat().st_mtime_ns == made
+    fixed = load_recipe(None, [f"student.model={deep}", f"student.keep_layers={expected}"])
+    assert Path(student_model(fixed.student, fixed.data)) == cut  # the same cut as listing its layers
+    too_many = load_recipe(None, [*sets[:1], "student.cut_layers=7", *sets[2:]])
+    with pytest.raises(DataError, match="student.cut_layers 7: .* has 6 layers"):
+        student_model(too_many.student, too_many.data)
+    with pytest.raises(ConfigError, match="keep_layers .* or cut_layers .*, not both"):
+        load_recipe(None, [*sets, "student.keep_layers=[0, 1]"])
+    trained = load_recipe(None, cut_overrides(sets, tmp_path / "gold.jsonl", expected))  # bench cut's rows
+    assert trained.student.keep_layers == expected and trained.student.cut_layers is None
+    quickstart = str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+    result = CliRunner().invoke(app, ["bench", "cut", "--recipe", quickstart, "--cut", "recipe", "--out", str(tmp_path),
+                                      "--set", f"student.model={deep}", "--set", "student.keep_layers=null",
+                                      "--set", "student.cut_layers=9"])  # fmt: skip
+    assert result.exit_code == 2 and "keeps 9 layers" in result.output and "Traceback" not in result.output

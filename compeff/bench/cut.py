@@ -1,7 +1,8 @@
 """``compeff bench cut``: what each way of cutting the student can learn, before any teacher is asked.
 
 For every cut (a list of the student model's decoder layers to keep, ``recipe`` for the recipe's
-``student.keep_layers``, ``closest`` for the block Gromov et al.'s angular distance would drop), the bench
+``student.keep_layers``, or the closest cut of ``student.cut_layers``; ``closest`` for the block Gromov et
+al.'s angular distance would drop, on the user texts ``student.cut_layers`` reads), the bench
 measures how far the cut moves the residual stream (``compeff.layer_cut``) and its **gold-label
 ceiling**: the cut fine-tuned on labelled training texts (IMDb train reviews, TweetEval validation
 tweets; never test data) with their true labels, asked in the seed polarity wordings, as the chain's
@@ -23,16 +24,14 @@ from rich.console import Console
 
 from compeff.bench.distill import markdown_table, print_table, row_line, score_model, summarise_row, train
 from compeff.config import ConfigError, Recipe, load_recipe
-from compeff.data import select_user_texts
 from compeff.evaluate.eval_stage import load_eval_set
-from compeff.layer_cut import angular_distances, closest_block_cut, cut_distance
-from compeff.models import resolve_model, student_model
+from compeff.layer_cut import closest_block_cut, cut_distance
+from compeff.models import CUT_TEXTS, resolve_model, student_model, user_text_distances
 from compeff.runs import atomic_write_bytes
 from compeff.synth.seed_tasks import SEED_TASKS, fill
 
 TRAIN_SETS = ("imdb:train", "tweeteval_sentiment:validation")
 TEST_SETS = ("tweeteval_sentiment:test", "imdb:test")
-DISTANCE_TEXTS = 64
 
 
 def parse_cut(spec: str, depth: int) -> list[int]:
@@ -83,20 +82,24 @@ def gold_chat_rows(train: int, max_chars: int, seed: int, data_dir: str | None) 
 
 
 def resolve_cuts(specs: list[str], recipe: Recipe, depth: int) -> list[list[int] | str]:
-    """The cuts asked for, in order, each once: a layer list (``recipe`` is ``student.keep_layers``), or
-    ``closest``, chosen once the distances are known. Bad specs fail here, before any model runs."""
+    """The cuts asked for, in order, each once: a layer list (``recipe`` is ``student.keep_layers``, or
+    ``closest`` when the recipe sets ``student.cut_layers``), or ``closest``, chosen once the distances are
+    known. Bad specs fail here, before any model runs."""
     out: list[list[int] | str] = []
     for spec in specs:
-        if spec == "closest":
+        if spec == "closest" or (spec == "recipe" and recipe.student.cut_layers):
             n_keep = closest_size(recipe, depth)
             if n_keep > depth:
                 raise ConfigError(
-                    f"bench cut: --cut closest keeps {n_keep} layers (student.keep_layers) of a model with {depth}"
+                    f"bench cut: --cut {spec} keeps {n_keep} layers (student.keep_layers or cut_layers) of a "
+                    f"model with {depth}"
                 )
-            layers: list[int] | str = spec
+            layers: list[int] | str = "closest"
         elif spec == "recipe":
             if not recipe.student.keep_layers:
-                raise ConfigError("bench cut: --cut recipe: the recipe sets no student.keep_layers")
+                raise ConfigError(
+                    "bench cut: --cut recipe: the recipe sets no student.keep_layers or cut_layers"
+                )
             layers = parse_cut(",".join(map(str, recipe.student.keep_layers)), depth)
         else:
             layers = parse_cut(spec, depth)
@@ -105,9 +108,16 @@ def resolve_cuts(specs: list[str], recipe: Recipe, depth: int) -> list[list[int]
     return out
 
 
+def cut_overrides(base: list[str], gold: Path, layers: list[int]) -> list[str]:
+    """The recipe overrides that train one cut on the ceiling's set: its layers listed, in place of the
+    recipe's ``keep_layers`` or ``cut_layers``."""
+    return [*base, f"sft.input={gold}", "student.cut_layers=null", f"student.keep_layers={layers}"]
+
+
 def closest_size(recipe: Recipe, depth: int) -> int:
-    """Layers the ``closest`` cut keeps: as many as ``student.keep_layers``, else a third of the model."""
-    return len(recipe.student.keep_layers or []) or max(1, depth // 3)
+    """Layers the ``closest`` cut keeps: ``student.cut_layers``, or as many as ``student.keep_layers``,
+    else a third of the model."""
+    return recipe.student.cut_layers or len(recipe.student.keep_layers or []) or max(1, depth // 3)
 
 
 def closest_layers(recipe: Recipe, distances: np.ndarray) -> list[int]:
@@ -139,10 +149,11 @@ def run_cut_bench(
     console = Console()
     model_path = resolve_model(recipe.student.model)
     asked = resolve_cuts(list(cuts), recipe, AutoConfig.from_pretrained(model_path).num_hidden_layers)
-    texts, _ = select_user_texts(recipe.data.user_texts, DISTANCE_TEXTS, recipe.run.seed,
-                                 recipe.data.text_field, recipe.data.dir)  # fmt: skip
-    console.print(f"bench cut: angular distances of {recipe.student.model} on {len(texts)} user texts")
-    distances = angular_distances(model_path, [t["text"][: recipe.generate.max_chars] for t in texts])
+    console.print(
+        f"bench cut: angular distances of {recipe.student.model} on up to {CUT_TEXTS} user texts (kept "
+        "in $COMPEFF_HOME once measured)"
+    )
+    distances = user_text_distances(recipe.student.model, recipe.data)  # what student.cut_layers reads
     layer_lists: list[list[int]] = []
     for layers in asked:
         chosen = closest_layers(recipe, distances) if layers == "closest" else layers
@@ -173,7 +184,7 @@ def run_cut_bench(
     for layers in layer_lists:
         label = cut_label(layers)
         tag = label.replace(",", "_")
-        trained = load_recipe(recipe_path, [*base, f"sft.input={gold_path}", f"student.keep_layers={layers}"])
+        trained = load_recipe(recipe_path, cut_overrides(base, gold_path, layers))
         distance = cut_distance(distances, layers)
         before = student_model(trained.student, trained.data, progress=False)
         scored = score_model(before, sets, recipe, root / "eval" / f"before-{tag}.json")

@@ -97,7 +97,7 @@ def check_served_vocabulary(recipe: Recipe, tokenizer: Any) -> tuple[str, bool]:
         if served.fingerprint != student:
             raise top_logprobs.VocabularyMismatch(
                 f"generate.teacher_top_logprobs: the served teacher's tokenizer ({t.model} at {url}: "
-                f"{served.fingerprint}) is not the student's ({student_model(recipe.student, healed=False)}: {student}), "
+                f"{served.fingerprint}) is not the student's ({student_model(recipe.student, recipe.data, healed=False)}: {student}), "
                 "so sft.loss: kd could not use its log-probabilities; use a student of the teacher's family "
                 "or drop generate.teacher_top_logprobs"
             )
@@ -119,7 +119,9 @@ def logprob_capture(recipe: Recipe) -> tuple[Callable[[TeacherResult], dict[str,
     k = recipe.generate.teacher_top_logprobs
     served = recipe.teacher.backend == "openai"
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(student_model(recipe.student, healed=False) if served else recipe.teacher.model)
+        resolve_model(
+            student_model(recipe.student, recipe.data, healed=False) if served else recipe.teacher.model
+        )
     )
     if served:
         vocab, ask_ids = check_served_vocabulary(recipe, tokenizer)
