@@ -168,3 +168,17 @@ def test_cut_layers_keeps_the_block_cut_that_moves_the_stream_least_measured_onc
                                       "--set", f"student.model={deep}", "--set", "student.keep_layers=null",
                                       "--set", "student.cut_layers=9"])  # fmt: skip
     assert result.exit_code == 2 and "keeps 9 layers" in result.output and "Traceback" not in result.output
+
+
+def test_an_unset_cut_layers_leaves_the_sft_fingerprint_of_older_run_folders_alone():
+    """SFT stages are fingerprinted by the student settings: ``cut_layers`` (added later) counts only
+    when set, so a run folder trained before it existed resumes instead of conflicting."""
+    from compeff.config import load_recipe
+    from compeff.train.sft import student_config
+
+    listed = load_recipe(None, ["student.keep_layers=[0, 1]"]).student
+    assert "cut_layers" not in student_config(listed)
+    assert student_config(listed) == {k: v for k, v in listed.model_dump(exclude={"heal": {"device"}}).items()
+                                      if k != "cut_layers"}  # fmt: skip
+    chosen = load_recipe(None, ["student.cut_layers=2"]).student
+    assert student_config(chosen)["cut_layers"] == 2

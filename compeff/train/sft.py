@@ -33,6 +33,15 @@ class SftCheckError(DataError):
     """A pre-training check failed; the message says which samples and which setting helps."""
 
 
+def student_config(student: Any) -> dict[str, Any]:
+    """The student settings an SFT stage is fingerprinted by. ``cut_layers``, a key added after run
+    folders existed, is left out while unset, so those folders resume instead of conflicting."""
+    config = student.model_dump(exclude={"heal": {"device"}})
+    if config.get("cut_layers") is None:
+        config.pop("cut_layers", None)
+    return config
+
+
 def sft_input(recipe: Recipe) -> Path:
     """The chat set to train on: ``sft.input`` or the run's sample output."""
     return upstream_data(recipe.run_dir, recipe.sft.input, "sample", "retained set", "sft.input")
@@ -307,7 +316,7 @@ def run_sft_stage(
             )
     dtype = training_dtype(s.bf16, cuda)
     bf16 = dtype == torch.bfloat16
-    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": recipe.student.model_dump(exclude={"heal": {"device"}}), "seed": recipe.run.seed}  # fmt: skip
+    config = {"sft": s.model_dump(exclude={"logging_steps", "save_steps"}), "student": student_config(recipe.student), "seed": recipe.run.seed}  # fmt: skip
     config["student_weights"] = weights_fingerprint(path)  # the cut or healed copy trained from
     if gkd_teacher:
         config["teacher"] = weights_fingerprint(gkd_teacher)
