@@ -15,7 +15,6 @@ two CPU cores).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -24,7 +23,6 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +30,8 @@ from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, weights_fingerprint
 from compeff.llm_models import publish_build
 from compeff.loading import pick_device, pick_dtype
-from compeff.progress import Tracker, console
+from compeff.progress import Tracker
+from compeff.runs import build_lock
 
 if TYPE_CHECKING:
     from compeff.config import HealSettings
@@ -87,27 +86,6 @@ def heal_device(device: str) -> str:
         # a launcher that gives each rank one GPU (CUDA_VISIBLE_DEVICES) shows it as cuda:0
         return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return pick_device(device)
-
-
-@contextlib.contextmanager
-def build_lock(target: Path) -> Iterator[None]:
-    """Hold ``<target>.lock`` while building ``target``: a second process (another rank, another run)
-    waits here and then finds the finished copy instead of building it again. The lock dies with its
-    holder, so a killed build never blocks the next one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    fd = os.open(target.parent / f"{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"another process is building {target.name}; waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _kl_per_token(student: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, int]:

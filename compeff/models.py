@@ -226,10 +226,9 @@ def user_text_distances(model: str, data=None) -> Any:
 
     from compeff.data import DataError, select_user_texts
     from compeff.fingerprints import weights_fingerprint
-    from compeff.healing import build_lock
     from compeff.layer_cut import angular_distances
     from compeff.llm_models import compeff_home
-    from compeff.runs import atomic_write_bytes
+    from compeff.runs import atomic_write_bytes, build_lock
 
     if data is None or not data.user_texts:
         raise DataError("student.cut_layers: no user texts to measure the cut on (set data.user_texts)")

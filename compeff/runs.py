@@ -30,6 +30,7 @@ from typing import Any
 from compeff import top_logprobs
 from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, fingerprint_path, weights_fingerprint
+from compeff.progress import console
 
 __all__ = ["fingerprint_obj", "fingerprint_path", "weights_fingerprint"]
 
@@ -278,6 +279,27 @@ def _file_contains(path: Path, needle: bytes) -> bool:
         return False
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         return mapped.find(needle) != -1
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` while building ``target``: a second process (another rank, another run)
+    waits here and then finds the finished copy instead of building it again. The lock dies with its
+    holder, so a killed build never blocks the next one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(target.parent / f"{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"another process is building {target.name}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
