@@ -1,7 +1,8 @@
 """One progress display for long work: items done/total, rate, ETA and failures so far.
 
 In a terminal it is a live rich bar on stderr; elsewhere (CI, log files) a plain line every tenth of
-the work or every 30 seconds, so long runs still say where they are.
+the work or every 30 seconds, so long runs still say where they are, and a last line with the totals
+and the time taken when the work ends between two marks.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Tracker:
         self.failed = 0
         self._start = time.monotonic()
         self._last_line = self._start
+        self._shown = done  # items counted when the last plain line was printed
         self._next_mark = self._mark_step()
         self._progress: Progress | None = None
         self._task = None
@@ -92,13 +94,20 @@ class Tracker:
         if self.done + self.failed >= self._next_mark or now - self._last_line > 30:
             self._next_mark = self.done + self.failed + max(1, (self.total or 0) // 10)
             self._last_line = now
-            total = f"/{self.total}" if self.total else ""
-            print(
-                f"{self.description}: {self.done + self.failed}{total} done, {self.failed} failed, {self.rate():.1f}/s",
-                file=sys.stderr,
-                flush=True,
-            )
+            self._print_line()
+
+    def _print_line(self, suffix: str = "") -> None:
+        self._shown = self.done + self.failed
+        total = f"/{self.total}" if self.total else ""
+        print(
+            f"{self.description}: {self._shown}{total} done, {self.failed} failed, {self.rate():.1f}/s{suffix}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+        elif self.enabled and self.done + self.failed != self._shown:
+            # the work ended between two marks: say where it ended and how long it took
+            self._print_line(f", {time.monotonic() - self._start:.0f} s")
