@@ -23,7 +23,7 @@ from compeff import top_logprobs
 from compeff.config import Recipe
 from compeff.data import DataError, select_user_texts, source_inputs
 from compeff.evaluate.classification import calibrate
-from compeff.models import resolve_model, student_model
+from compeff.models import resolve_model
 from compeff.progress import console
 from compeff.runs import Stage, iter_jsonl, read_manifest
 from compeff.shards import (
@@ -97,7 +97,7 @@ def check_served_vocabulary(recipe: Recipe, tokenizer: Any) -> tuple[str, bool]:
         if served.fingerprint != student:
             raise top_logprobs.VocabularyMismatch(
                 f"generate.teacher_top_logprobs: the served teacher's tokenizer ({t.model} at {url}: "
-                f"{served.fingerprint}) is not the student's ({student_model(recipe.student, recipe.data, healed=False)}: {student}), "
+                f"{served.fingerprint}) is not the student's ({recipe.student.model}: {student}), "
                 "so sft.loss: kd could not use its log-probabilities; use a student of the teacher's family "
                 "or drop generate.teacher_top_logprobs"
             )
@@ -118,10 +118,9 @@ def logprob_capture(recipe: Recipe) -> tuple[Callable[[TeacherResult], dict[str,
 
     k = recipe.generate.teacher_top_logprobs
     served = recipe.teacher.backend == "openai"
+    # a pruned or healed student keeps its base model's tokenizer: read it there, without building the cut
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(
-            student_model(recipe.student, recipe.data, healed=False) if served else recipe.teacher.model
-        )
+        resolve_model(recipe.student.model if served else recipe.teacher.model)
     )
     if served:
         vocab, ask_ids = check_served_vocabulary(recipe, tokenizer)
