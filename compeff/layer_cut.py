@@ -17,14 +17,22 @@ import numpy as np
 
 
 def angular_distances(
-    model_path: str, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
+    model_path: str,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
 ) -> np.ndarray:
     """Mean angular distance (0 = same direction, 1 = opposite) between the hidden states entering
     depths ``a`` and ``b`` (``a <= b``; depth ``L`` is after the last layer) at each
     text's last token: an ``(L + 1, L + 1)`` upper-triangular array. Depth ``L`` is the last layer's
-    output before the final norm, so every depth is the same residual stream."""
+    output before the final norm, so every depth is the same residual stream. Runs on a GPU when one is
+    visible (``device: auto``), in float32 either way, so the cut chosen does not depend on the machine's
+    precision."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compeff.loading import pick_device
 
     if not texts:
         raise ValueError("angular distances need at least one text")
@@ -33,7 +41,8 @@ def angular_distances(
     tokenizer.truncation_side = "left"  # and a long text keeps its end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = model.to(pick_device(device)).eval()
     depth = model.config.num_hidden_layers
     total = np.zeros((depth + 1, depth + 1))
     # transformers' last hidden state is after the final norm; depth L is the last layer's own output
@@ -71,13 +80,14 @@ def _summed_distances(
                 truncation=True,
                 max_length=max_length,
             )
+            batch = batch.to(model.device)
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding: not shifted
             last_layer_out.clear()
             states = model(**batch, position_ids=positions, output_hidden_states=True).hidden_states
             states = (*states[:-1], last_layer_out[-1])
             last = torch.nn.functional.normalize(torch.stack([h[:, -1].double() for h in states]), dim=-1)
             cosine = torch.einsum("atd,btd->abt", last, last).clamp(-1.0, 1.0)
-            total += (torch.arccos(cosine) / math.pi).sum(-1).numpy()
+            total += (torch.arccos(cosine) / math.pi).sum(-1).cpu().numpy()
     return total
 
 
