@@ -106,6 +106,27 @@ def smollm2_path() -> Path:
     return publish_build(tmp, target)
 
 
+def decoder_depth(base: str, base_path: str) -> int:
+    """How many decoder layers ``base`` has, read from its config; one clear error when it is not a
+    decoder-only causal LM, the only kind ``student.keep_layers`` and ``student.cut_layers`` can cut (an
+    encoder or an encoder-decoder would otherwise fail deep inside transformers)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base_path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"student {base}: no model config can be read at {base_path} ({exc})") from None
+    kinds = list(getattr(config, "architectures", None) or [])
+    depth = getattr(config, "num_hidden_layers", None)
+    causal = any(kind.endswith("ForCausalLM") for kind in kinds) and not config.is_encoder_decoder
+    if not causal or not isinstance(depth, int):
+        raise DataError(
+            f"student.keep_layers / student.cut_layers cut the layers of a decoder-only causal LM; {base} is "
+            f"{', '.join(kinds) or config.model_type} (use a whole student, or kd.students[].layers for encoders)"
+        )
+    return depth
+
+
 def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path | None = None) -> Path:
     """A decoder with only ``keep_layers`` of ``base`` (loaded from ``base_path``; plus its embeddings,
     final norm and head), saved as an ordinary model folder with a card naming its origin; built once
@@ -119,6 +140,7 @@ def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    decoder_depth(base, base_path)  # a model of another kind: one line, before loading its weights
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     layers = model.model.layers
     bad = [i for i in keep_layers if not 0 <= i < len(layers)]

@@ -279,13 +279,12 @@ def student_layers(settings, data=None) -> list[int] | None:
     n_keep = getattr(settings, "cut_layers", None)
     if not n_keep:
         return None
-    from transformers import AutoConfig
-
     from compeff.data import DataError
     from compeff.layer_cut import closest_block_cut
+    from compeff.llm_models import decoder_depth
 
-    depth = getattr(AutoConfig.from_pretrained(resolve_model(settings.model)), "num_hidden_layers", None)
-    if depth is not None and n_keep > depth:  # before the measurement: a wrong size costs nothing
+    depth = decoder_depth(settings.model, resolve_model(settings.model))
+    if n_keep > depth:  # before the measurement: a wrong size costs nothing
         raise DataError(f"student.cut_layers {n_keep}: {settings.model} has {depth} layers")
     if n_keep == depth:
         return None  # nothing to drop: the whole model

@@ -182,3 +182,24 @@ def test_an_unset_cut_layers_leaves_the_sft_fingerprint_of_older_run_folders_alo
                                       if k != "cut_layers"}  # fmt: skip
     chosen = load_recipe(None, ["student.cut_layers=2"]).student
     assert student_config(chosen)["cut_layers"] == 2
+
+
+def test_cutting_an_encoder_is_one_line_before_any_weights_load(tmp_path, compeff_home):
+    """keep_layers and cut_layers cut decoder-only causal LMs: an encoder named as the student is refused
+    with one line naming what it is, from its config alone (no weights, no measurement)."""
+    from transformers import BertConfig
+
+    from compeff.config import load_recipe
+    from compeff.data import DataError
+    from compeff.models import student_model
+
+    encoder = tmp_path / "encoder"
+    config = BertConfig(hidden_size=8, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16)
+    config.architectures = ["BertForMaskedLM"]
+    config.save_pretrained(encoder)  # a config only: a check that loaded weights would fail otherwise
+    built = sorted((compeff_home / "pruned").glob("*"))
+    for way in ("student.cut_layers=2", "student.keep_layers=[0, 3]"):
+        recipe = load_recipe(None, [f"student.model={encoder}", way, "data.user_texts=[imdb:unsupervised]"])
+        with pytest.raises(DataError, match="decoder-only causal LM; .* is BertForMaskedLM"):
+            student_model(recipe.student, recipe.data)
+    assert sorted((compeff_home / "pruned").glob("*")) == built  # nothing measured, nothing built
