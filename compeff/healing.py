@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from compeff.data import DataError
 from compeff.fingerprints import fingerprint_obj, weights_fingerprint
 from compeff.llm_models import publish_build
-from compeff.loading import pick_device, pick_dtype
+from compeff.loading import local_device, pick_dtype
 from compeff.progress import Tracker
 from compeff.runs import build_lock
 
@@ -78,14 +77,8 @@ def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
 
 
 def heal_device(device: str) -> str:
-    """Where healing runs: ``auto`` is this process's own GPU under torchrun/accelerate (LOCAL_RANK), a
-    GPU when one is visible, else the CPU; anything else as given."""
-    import torch
-
-    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        # a launcher that gives each rank one GPU (CUDA_VISIBLE_DEVICES) shows it as cuda:0
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    return pick_device(device)
+    """Where healing runs (:func:`compeff.loading.local_device`)."""
+    return local_device(device)
 
 
 def _kl_per_token(student: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, int]:

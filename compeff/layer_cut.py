@@ -26,13 +26,13 @@ def angular_distances(
     """Mean angular distance (0 = same direction, 1 = opposite) between the hidden states entering
     depths ``a`` and ``b`` (``a <= b``; depth ``L`` is after the last layer) at each
     text's last token: an ``(L + 1, L + 1)`` upper-triangular array. Depth ``L`` is the last layer's
-    output before the final norm, so every depth is the same residual stream. Runs on a GPU when one is
-    visible (``device: auto``), in float32 either way, so the cut chosen does not depend on the machine's
-    precision."""
+    output before the final norm, so every depth is the same residual stream. Runs on this process's GPU when
+    one is visible (``device: auto``), in float32 either way (GPU and CPU kernels still differ in the last
+    digits, so only a near tie between two blocks could be chosen differently)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compeff.loading import pick_device
+    from compeff.loading import local_device
 
     if not texts:
         raise ValueError("angular distances need at least one text")
@@ -42,7 +42,7 @@ def angular_distances(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = model.to(pick_device(device)).eval()
+    model = model.to(local_device(device)).eval()
     depth = model.config.num_hidden_layers
     total = np.zeros((depth + 1, depth + 1))
     # transformers' last hidden state is after the final norm; depth L is the last layer's own output
@@ -54,6 +54,9 @@ def angular_distances(
         total = _summed_distances(model, tokenizer, texts, max_length, batch_size, last_layer_out, total)
     finally:
         hook.remove()
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # a vLLM engine or trainer later in this process sees the memory free
     distances = np.triu(total / len(texts))
     np.fill_diagonal(distances, 0.0)  # a depth against itself: 0, not arccos's rounding noise near 1
     return distances

@@ -107,24 +107,32 @@ def smollm2_path() -> Path:
 
 
 def decoder_depth(base: str, base_path: str) -> int:
-    """How many decoder layers ``base`` has, read from its config; one clear error when it is not a
-    decoder-only causal LM, the only kind ``student.keep_layers`` and ``student.cut_layers`` can cut (an
-    encoder or an encoder-decoder would otherwise fail deep inside transformers)."""
-    from transformers import AutoConfig
+    """How many decoder layers ``base`` has, from its config and an empty (meta-device) copy of its
+    causal-LM class: the cut keeps ``model.model.layers``, the layout of Llama, Qwen, Mistral, Gemma's text
+    models, Phi-3 and SmolLM. Any other model (an encoder, an encoder-decoder, GPT-2's ``transformer.h``)
+    is one clear error before weights load, not a failure deep inside transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as exc:
         raise DataError(f"student {base}: no model config can be read at {base_path} ({exc})") from None
-    kinds = list(getattr(config, "architectures", None) or [])
-    depth = getattr(config, "num_hidden_layers", None)
-    causal = any(kind.endswith("ForCausalLM") for kind in kinds) and not config.is_encoder_decoder
-    if not causal or not isinstance(depth, int):
+    layers = None
+    try:
+        with torch.device("meta"):
+            empty = AutoModelForCausalLM.from_config(config)
+        layers = getattr(getattr(empty, "model", None), "layers", None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass  # no causal-LM class for this config (an encoder-decoder, an unknown type)
+    if not isinstance(layers, torch.nn.ModuleList):
+        kind = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
         raise DataError(
-            f"student.keep_layers / student.cut_layers cut the layers of a decoder-only causal LM; {base} is "
-            f"{', '.join(kinds) or config.model_type} (use a whole student, or kd.students[].layers for encoders)"
+            f"student.keep_layers / student.cut_layers cut a decoder whose layers sit at model.model.layers "
+            f"(Llama, Qwen, Mistral, Gemma text, Phi-3, SmolLM); {base} is {kind} (use a whole student, a "
+            "multimodal model's text-only checkpoint, or kd.students[].layers for encoders)"
         )
-    return depth
+    return len(layers)
 
 
 def pruned_decoder(base: str, base_path: str, keep_layers: list[int], out: Path | None = None) -> Path:

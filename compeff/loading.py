@@ -33,6 +33,19 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def local_device(device: str = "auto") -> str:
+    """Where one process's own work runs: ``auto`` is this rank's GPU under torchrun/accelerate
+    (LOCAL_RANK), a GPU when one is visible, else the CPU; anything else as given."""
+    import os
+
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # a launcher that gives each rank one GPU (CUDA_VISIBLE_DEVICES) shows it as cuda:0
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return pick_device(device)
+
+
 def pick_dtype(dtype: str, device: str) -> Any:
     """'auto' -> bfloat16 on a GPU that supports it, float32 otherwise; other names are torch dtypes."""
     import torch

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from compeff.llm_models import pruned_decoder, smollm2_path
+from compeff.llm_models import decoder_depth, pruned_decoder, smollm2_path
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -281,7 +281,6 @@ def student_layers(settings, data=None) -> list[int] | None:
         return None
     from compeff.data import DataError
     from compeff.layer_cut import closest_block_cut
-    from compeff.llm_models import decoder_depth
 
     depth = decoder_depth(settings.model, resolve_model(settings.model))
     if n_keep > depth:  # before the measurement: a wrong size costs nothing

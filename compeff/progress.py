@@ -105,9 +105,10 @@ class Tracker:
             flush=True,
         )
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
-        elif self.enabled and self.done + self.failed != self._shown:
-            # the work ended between two marks: say where it ended and how long it took
-            self._print_line(f", {time.monotonic() - self._start:.0f} s")
+        elif self.enabled and (self.done + self.failed != self._shown or exc_type is not None):
+            # the work ended between two marks, or was stopped: say where and after how long
+            how = "stopped after" if exc_type is not None else "took"
+            self._print_line(f", {how} {time.monotonic() - self._start:.1f} s")

@@ -200,6 +200,16 @@ def test_cutting_an_encoder_is_one_line_before_any_weights_load(tmp_path, compef
     built = sorted((compeff_home / "pruned").glob("*"))
     for way in ("student.cut_layers=2", "student.keep_layers=[0, 3]"):
         recipe = load_recipe(None, [f"student.model={encoder}", way, "data.user_texts=[imdb:unsupervised]"])
-        with pytest.raises(DataError, match="decoder-only causal LM; .* is BertForMaskedLM"):
+        with pytest.raises(DataError, match=r"model\.model\.layers .*; .* is BertForMaskedLM"):
             student_model(recipe.student, recipe.data)
     assert sorted((compeff_home / "pruned").glob("*")) == built  # nothing measured, nothing built
+    # a decoder is known by its layout, not by a name: a config saved without "architectures" is cut
+    from transformers import LlamaConfig
+
+    from compeff.llm_models import decoder_depth
+
+    bare = tmp_path / "bare"
+    LlamaConfig(
+        hidden_size=8, num_hidden_layers=5, num_attention_heads=2, intermediate_size=16
+    ).save_pretrained(bare)
+    assert decoder_depth("bare", str(bare)) == 5

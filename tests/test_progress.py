@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from rich.console import Console
+
+import compeff.progress
 from compeff.progress import Tracker
+
+
+@pytest.fixture(autouse=True)
+def plain_console(monkeypatch):
+    """Plain lines, as in a log file, even where the environment forces a terminal (FORCE_COLOR)."""
+    monkeypatch.setattr(compeff.progress, "console", Console(stderr=True, force_terminal=False))
 
 
 def test_plain_lines_end_with_the_totals(capsys):
@@ -14,7 +24,7 @@ def test_plain_lines_end_with_the_totals(capsys):
     # a line at every 2 items (a tenth of 25), then one for where the work ended, with its time
     assert lines[0].startswith("score: 2/25 done, 0 failed")
     assert lines[-2].startswith("score: 24/25 done, 0 failed")
-    assert lines[-1].startswith("score: 25/25 done, 1 failed") and lines[-1].endswith(" s")
+    assert lines[-1].startswith("score: 25/25 done, 1 failed") and ", took " in lines[-1]
 
 
 def test_no_last_line_when_the_last_mark_said_it(capsys):
@@ -29,3 +39,11 @@ def test_disabled_tracker_prints_nothing(capsys):
     with Tracker("quiet", total=5, enabled=False) as tracker:
         tracker.advance(ok=3)
     assert capsys.readouterr().err == ""
+
+
+def test_a_stopped_run_says_where_it_stopped(capsys):
+    with pytest.raises(KeyboardInterrupt), Tracker("generate", total=100) as tracker:
+        tracker.advance(ok=10)  # a mark: printed
+        raise KeyboardInterrupt
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("generate: 10/100 done, 0 failed") and ", stopped after " in lines[-1]

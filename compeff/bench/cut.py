@@ -26,7 +26,7 @@ from compeff.bench.distill import markdown_table, print_table, row_line, score_m
 from compeff.config import ConfigError, Recipe, load_recipe
 from compeff.evaluate.eval_stage import load_eval_set
 from compeff.layer_cut import closest_block_cut, cut_distance
-from compeff.models import CUT_TEXTS, resolve_model, student_model, user_text_distances
+from compeff.models import CUT_TEXTS, decoder_depth, resolve_model, student_model, user_text_distances
 from compeff.runs import atomic_write_bytes
 from compeff.synth.seed_tasks import SEED_TASKS, fill
 
@@ -137,8 +137,6 @@ def run_cut_bench(
 ) -> list[dict[str, Any]]:
     """Score the teacher and every cut before and after training on true labels; print and keep the
     table (``cut_bench.md``, ``cut_bench.json`` in the run folder ``cut-bench``)."""
-    from transformers import AutoConfig
-
     if train_texts < 1 or not cuts:
         raise ConfigError("bench cut: --train must be at least 1 and at least one --cut given")
     if tweeteval < 1 or imdb < 1:
@@ -148,7 +146,7 @@ def run_cut_bench(
     root = recipe.run_dir
     console = Console()
     model_path = resolve_model(recipe.student.model)
-    asked = resolve_cuts(list(cuts), recipe, AutoConfig.from_pretrained(model_path).num_hidden_layers)
+    asked = resolve_cuts(list(cuts), recipe, decoder_depth(recipe.student.model, model_path))
     console.print(
         f"bench cut: angular distances of {recipe.student.model} on up to {CUT_TEXTS} user texts (kept "
         "in $COMPEFF_HOME once measured)"
