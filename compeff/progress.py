@@ -108,7 +108,7 @@ class Tracker:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
-        elif self.enabled and (self.done + self.failed != self._shown or exc_type is not None):
-            # the work ended between two marks, or was stopped: say where and after how long
-            how = "stopped after" if exc_type is not None else "took"
-            self._print_line(f", {how} {time.monotonic() - self._start:.1f} s")
+        elif self.enabled and exc_type is None and self.done + self.failed != self._shown:
+            # the work ended between two marks: say where and how long it took. A run stopped by an
+            # error prints nothing more: its error is the one line the user reads
+            self._print_line(f", took {time.monotonic() - self._start:.1f} s")
