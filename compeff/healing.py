@@ -76,11 +76,6 @@ def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     return order[n_held:], order[:n_held]
 
 
-def heal_device(device: str) -> str:
-    """Where healing runs (:func:`compeff.loading.local_device`)."""
-    return local_device(device)
-
-
 def _kl_per_token(student: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     """Summed KL(teacher || student) over the next-token distributions of the real tokens, and their count."""
     import torch
@@ -137,7 +132,7 @@ def _heal(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = heal_device(settings.device)
+    device = local_device(settings.device)  # this rank's GPU, a visible GPU, or the CPU
     tokenizer = AutoTokenizer.from_pretrained(pruned)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
